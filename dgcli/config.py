@@ -1,0 +1,252 @@
+"""Model and sampler configuration, read from a checkpoint's config.json and generation_config.json.
+
+`ModelConfig` is the text half of `DiffusionGemmaConfig` (transformers 5.23.0): the vision tower is not
+used by dg. It accepts both forms of the per-layer attention shape: the released checkpoint's
+`global_head_dim` / `num_global_key_value_heads`, and `per_layer_config` as `save_pretrained` writes it.
+`SamplerSettings` holds the sampler knobs under the reference's names; precedence is
+explicit argument > generation_config.json > the reference's built-in defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+
+SLIDING, FULL = "sliding_attention", "full_attention"
+
+# Fields without which the architecture is unknowable: a config.json lacking one is refused rather
+# than silently filled with a default that would only fail later as a shape mismatch.
+REQUIRED_TEXT_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "num_experts",
+    "top_k_experts",
+    "moe_intermediate_size",
+)
+
+DEFAULT_ROPE = {
+    SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
+    FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
+}
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int  # H
+    intermediate_size: int  # dense MLP and self-conditioning MLP width
+    num_hidden_layers: int
+    num_attention_heads: int  # the same on every layer
+    num_experts: int  # E
+    top_k_experts: int  # experts per token
+    moe_intermediate_size: int  # width of one routed expert
+    layer_types: list[str]  # "sliding_attention" | "full_attention" per layer
+    layer_head_dim: list[int]  # per layer: 256 sliding / 512 full on the real model
+    layer_kv_heads: list[int]  # per layer: 8 sliding / 2 full on the real model
+    sliding_window: int = 512  # W: a sliding query sees keys in (q-W, q]
+    rms_norm_eps: float = 1e-6
+    rope_parameters: dict = field(default_factory=lambda: json.loads(json.dumps(DEFAULT_ROPE)))
+    final_logit_softcapping: float = 30.0  # a class attribute in the reference: never in config.json
+    max_position_embeddings: int = 131_072
+    hidden_activation: str = "gelu_pytorch_tanh"
+    canvas_length: int = 256  # L: tokens per diffusion block
+    pad_token_id: int | None = 0
+    bos_token_id: int | None = 2
+    eos_token_id: list[int] = field(default_factory=lambda: [1])
+
+    def is_sliding(self, i: int) -> bool:
+        return self.layer_types[i] == SLIDING
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        """Build from a config.json dict (top level with `text_config`, or a bare text config)."""
+        top = d
+        text = d.get("text_config", d)
+        if not isinstance(text, dict):
+            raise ConfigError("config.json: 'text_config' must be an object")
+        missing = [k for k in REQUIRED_TEXT_FIELDS if text.get(k) is None]
+        if missing:
+            raise ConfigError(f"config.json is missing required field(s): {', '.join(missing)}")
+        for k in REQUIRED_TEXT_FIELDS:
+            if not isinstance(text[k], int) or text[k] <= 0:
+                raise ConfigError(f"config.json: '{k}' must be a positive integer, got {text[k]!r}")
+        n = text["num_hidden_layers"]
+        if text.get("use_bidirectional_attention") == "all":
+            raise ConfigError("config.json: use_bidirectional_attention='all' is not a DiffusionGemma text model")
+
+        layer_types = text.get("layer_types")
+        if layer_types is None:  # the reference's default: every 6th layer is full
+            layer_types = [SLIDING if (i + 1) % 6 else FULL for i in range(n)]
+        layer_types = list(layer_types)
+        if len(layer_types) != n:
+            raise ConfigError(
+                f"config.json: 'layer_types' has {len(layer_types)} entries but num_hidden_layers is {n}"
+            )
+        bad = sorted({t for t in layer_types if t not in (SLIDING, FULL)})
+        if bad:
+            raise ConfigError(f"config.json: unknown entry in 'layer_types': {bad[0]!r}")
+        layer_types[-1] = FULL  # the reference forces the last layer to full attention
+
+        head_dim, kv_heads = text["head_dim"], text["num_key_value_heads"]
+        layer_head_dim = [head_dim] * n
+        layer_kv_heads = [kv_heads] * n
+        per_layer = text.get("per_layer_config")
+        if per_layer is not None:
+            if "global_head_dim" in text or "num_global_key_value_heads" in text:
+                raise ConfigError(
+                    "config.json has both 'per_layer_config' and 'global_head_dim'/'num_global_key_value_heads'"
+                )
+            for key, over in per_layer.items():
+                try:
+                    i = int(key)
+                except ValueError:
+                    raise ConfigError(f"config.json: per_layer_config key {key!r} is not a layer index") from None
+                if not 0 <= i < n:
+                    raise ConfigError(f"config.json: per_layer_config names layer {i}, but there are {n} layers")
+                layer_head_dim[i] = over.get("head_dim", head_dim)
+                layer_kv_heads[i] = over.get("num_key_value_heads", kv_heads)
+        else:
+            global_head_dim = text.get("global_head_dim", 512)
+            global_kv = text.get("num_global_key_value_heads") or kv_heads
+            for i, t in enumerate(layer_types):
+                if t == FULL:
+                    layer_head_dim[i], layer_kv_heads[i] = global_head_dim, global_kv
+        heads = text["num_attention_heads"]
+        for i, kv in enumerate(layer_kv_heads):
+            if not isinstance(kv, int) or kv <= 0 or heads % kv:
+                raise ConfigError(
+                    f"config.json: layer {i} has {kv!r} key/value heads, which does not divide "
+                    f"num_attention_heads={heads}"
+                )
+        if text["top_k_experts"] > text["num_experts"]:
+            raise ConfigError(
+                f"config.json: top_k_experts={text['top_k_experts']} exceeds num_experts={text['num_experts']}"
+            )
+        if text.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+            raise ConfigError(f"config.json: hidden_activation {text['hidden_activation']!r} is not supported")
+
+        rope = text.get("rope_parameters") or DEFAULT_ROPE
+        for t in set(layer_types):
+            if t not in rope or "rope_theta" not in rope[t]:
+                raise ConfigError(f"config.json: rope_parameters has no 'rope_theta' for {t}")
+            if rope[t].get("rope_type", "default") not in ("default", "proportional"):
+                raise ConfigError(f"config.json: rope_type {rope[t]['rope_type']!r} is not supported")
+
+        eos = top.get("eos_token_id", text.get("eos_token_id", 1))
+        return cls(
+            vocab_size=text["vocab_size"],
+            hidden_size=text["hidden_size"],
+            intermediate_size=text["intermediate_size"],
+            num_hidden_layers=n,
+            num_attention_heads=heads,
+            num_experts=text["num_experts"],
+            top_k_experts=text["top_k_experts"],
+            moe_intermediate_size=text["moe_intermediate_size"],
+            layer_types=layer_types,
+            layer_head_dim=layer_head_dim,
+            layer_kv_heads=layer_kv_heads,
+            sliding_window=text.get("sliding_window", 512),
+            rms_norm_eps=text.get("rms_norm_eps", 1e-6),
+            rope_parameters=rope,
+            max_position_embeddings=text.get("max_position_embeddings", 131_072),
+            canvas_length=top.get("canvas_length") or 256,
+            pad_token_id=text.get("pad_token_id", 0),
+            bos_token_id=text.get("bos_token_id", 2),
+            eos_token_id=_id_list(eos),
+        )
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "ModelConfig":
+        return cls.from_dict(read_json(path))
+
+
+@dataclass
+class SamplerSettings:
+    """The reference's generation knobs (DiffusionGemmaGenerationConfig), with its global defaults."""
+
+    max_new_tokens: int = 256
+    max_denoising_steps: int = 48
+    entropy_bound: float = 0.1
+    t_min: float = 0.4
+    t_max: float = 0.8
+    stability_threshold: int = 1
+    confidence_threshold: float = 0.005
+    eos_token_id: list[int] | None = None
+    pad_token_id: int | None = None
+    seed: int | None = None
+
+    def replace(self, **overrides) -> "SamplerSettings":
+        """A copy with the given fields changed; None means "keep", unknown names are an error."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise ConfigError(f"unknown sampler setting(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        kept = {k: v for k, v in overrides.items() if v is not None}
+        if "eos_token_id" in kept:
+            kept["eos_token_id"] = _id_list(kept["eos_token_id"])
+        out = dataclasses.replace(self, **kept)
+        out.validate()
+        return out
+
+    def validate(self) -> None:
+        def bad(name, why):
+            raise ConfigError(f"{name} {why}, got {getattr(self, name)!r}")
+
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
+            bad("max_new_tokens", "must be a positive integer")
+        if not isinstance(self.max_denoising_steps, int) or self.max_denoising_steps <= 0:
+            bad("max_denoising_steps", "must be a positive integer")
+        if not self.entropy_bound > 0:
+            bad("entropy_bound", "must be > 0")
+        if not self.t_min >= 0:
+            bad("t_min", "must be >= 0")
+        if not self.t_max > self.t_min:
+            bad("t_max", f"must be greater than t_min={self.t_min}")
+        if not isinstance(self.stability_threshold, int) or self.stability_threshold < 0:
+            bad("stability_threshold", "must be an integer >= 0")
+        if not self.confidence_threshold > 0:
+            bad("confidence_threshold", "must be > 0")
+
+    @classmethod
+    def from_generation_config(cls, d: dict) -> "SamplerSettings":
+        """Defaults from a generation_config.json dict; null or absent fields keep the reference defaults."""
+        s = cls()
+        kw = {k: d.get(k) for k in ("max_new_tokens", "max_denoising_steps", "t_min", "t_max",
+                                    "stability_threshold", "confidence_threshold", "eos_token_id",
+                                    "pad_token_id")}
+        sampler = d.get("sampler_config")
+        if isinstance(sampler, dict):
+            kw["entropy_bound"] = sampler.get("entropy_bound")
+        try:
+            return s.replace(**kw)
+        except ConfigError as e:
+            raise ConfigError(f"generation_config.json: {e}") from None
+
+
+def _id_list(v) -> list[int] | None:
+    if v is None:
+        return None
+    return [int(x) for x in v] if isinstance(v, (list, tuple)) else [int(v)]
+
+
+def read_json(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path.name} not found in {path.parent}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path} must contain a JSON object")
+    return d

@@ -1,0 +1,23 @@
+"""The one exception type dg raises for problems a user can fix.
+
+Its message is a single line meant for a person (what went wrong, and how to fix it). The CLI prints
+it as `error: <message>` and exits non-zero; anything else is a bug and keeps its traceback.
+"""
+
+
+class DgError(Exception):
+    """A user-facing error: bad input, missing or broken files, not enough memory."""
+
+    exit_code = 1
+
+
+class ModelNotFoundError(DgError):
+    """A model name resolved to nothing on this machine."""
+
+
+class CheckpointError(DgError):
+    """A checkpoint on disk is missing files, has wrong tensors, or is corrupt."""
+
+
+class ConfigError(DgError):
+    """config.json or generation_config.json is missing a field or contradicts itself."""

@@ -1,0 +1,361 @@
+"""DiffusionGemma (google/diffusiongemma-26B-A4B-it), text only, in plain PyTorch.
+
+One set of weights run in two modes (reference: transformers 5.23.0 `models/diffusion_gemma`):
+- encoder mode: causal over new tokens + the cache; writes K/V into the cache (prompt prefill and
+  the commit of a finished canvas);
+- decoder mode: bidirectional over the canvas + the whole cache, never writing it; the input is the
+  canvas embedding mixed with a self-conditioning signal from the previous step's logits.
+Architecture notes (what a re-implementation gets wrong, see shared/docs/model.md §6):
+- sliding layers (head_dim 256, 8 kv heads, default RoPE θ=1e4) and full layers (head_dim 512,
+  2 kv heads, K=V: V is the weightless-RMSNormed raw k_proj output, "proportional" RoPE θ=1e6 with
+  only the first 25% of frequency pairs non-zero); attention scaling 1.0, q/k RMSNorm instead;
+- every layer runs a dense GeGLU MLP and a routed MoE (128 experts, top-8) in parallel; the router
+  reads the un-normed residual; the whole residual is multiplied by `layer_scalar` at the end;
+- RMSNorm multiplies by w (not 1+w); the embedding scale sqrt(H) is rounded to the weight dtype;
+- tied LM head with a final tanh softcap of 30, computed in the model dtype then cast to fp32.
+Module and parameter names mirror the official safetensors keys, so loading is a direct match.
+Shapes: B batch, T tokens, L canvas, H hidden, Hq query heads, Hk kv heads, D head dim, E experts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import KVCache
+from .config import FULL, SLIDING, ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm in fp32, `x * (mean(x²)+eps)^-0.5 * w`; some norms have no weight."""
+
+    def __init__(self, dim: int, eps: float, with_scale: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.pow(h.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)  # pow, as the reference
+        if self.weight is not None:
+            h = h * self.weight.float()
+        return h.type_as(x)
+
+
+def rope_inv_freq(config: ModelConfig, layer_type: str, head_dim: int) -> torch.Tensor:
+    """Inverse frequencies [D/2] in fp32. "proportional": only the first partial·D/2 pairs rotate,
+    with the exponent divided by the full head dim; the rest have frequency 0 (identity)."""
+    p = config.rope_parameters[layer_type]
+    base = p["rope_theta"]
+    if p.get("rope_type", "default") == "proportional":
+        n_rot = int(p.get("partial_rotary_factor", 1.0) * head_dim // 2)
+        arange = torch.arange(0, 2 * n_rot, 2, dtype=torch.int64, device="cpu").float()
+        inv = torch.cat([1.0 / (base ** (arange / head_dim)), torch.zeros(head_dim // 2 - n_rot, device="cpu")])
+        return inv / p.get("factor", 1.0)
+    dim = int(head_dim * p.get("partial_rotary_factor", 1.0))
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float, device="cpu") / dim))
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """cos, sin [T, D] for absolute positions [T] (non-interleaved: dim i pairs with i+D/2)."""
+    f = positions[:, None].float() * inv_freq.to(positions.device)[None, :]
+    emb = torch.cat([f, f], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, T, Hx, D); cos/sin: (T, D)
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, i: int):
+        super().__init__()
+        H, Hq = config.hidden_size, config.num_attention_heads
+        self.head_dim = D = config.layer_head_dim[i]
+        self.kv_heads = Hk = config.layer_kv_heads[i]
+        self.sliding = config.is_sliding(i)
+        self.window = config.sliding_window
+        self.q_proj = nn.Linear(H, Hq * D, bias=False)
+        self.k_proj = nn.Linear(H, Hk * D, bias=False)
+        # Full layers have no v_proj: V is the raw k_proj output, normed without weight (K=V).
+        self.v_proj = nn.Linear(H, Hk * D, bias=False) if self.sliding else None
+        self.o_proj = nn.Linear(Hq * D, H, bias=False)
+        self.q_norm = RMSNorm(D, config.rms_norm_eps)
+        self.k_norm = RMSNorm(D, config.rms_norm_eps)
+        self.v_norm = RMSNorm(D, config.rms_norm_eps, with_scale=False)
+
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        B, T, _ = x.shape
+        D = self.head_dim
+        q = apply_rope(self.q_norm(self.q_proj(x).view(B, T, -1, D)), cos, sin)
+        k_raw = self.k_proj(x).view(B, T, -1, D)
+        v = self.v_proj(x).view(B, T, -1, D) if self.v_proj is not None else k_raw
+        k = apply_rope(self.k_norm(k_raw), cos, sin)
+        v = self.v_norm(v)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, Hx, T, D)
+
+    def forward(self, x, cos, sin, cache: KVCache, i: int, encode: bool, kv_only: bool = False):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x, cos, sin)
+        if encode:
+            n_cached = cache.cached(i)
+            k, v = cache.append(i, k, v)
+            if kv_only:  # the last encoder layer's output is never used, only its K/V
+                return None
+            mask = self.encoder_mask(T, n_cached, x.device)
+        else:
+            ck, cv = cache.get(i)
+            if ck is not None:  # canvas attends to the whole cache and itself, no mask
+                k, v = torch.cat([ck, k], dim=-2), torch.cat([cv, v], dim=-2)
+            mask = None
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, enable_gqa=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def encoder_mask(self, T: int, n_cached: int, device) -> torch.Tensor:
+        """Bool [T, n_cached+T]: causal, and on sliding layers key k is visible to q iff q-W < k <= q."""
+        q_pos = torch.arange(T, device=device)[:, None] + n_cached
+        k_pos = torch.arange(n_cached + T, device=device)[None, :]
+        mask = k_pos <= q_pos
+        if self.sliding:
+            mask &= k_pos > q_pos - self.window
+        return mask
+
+
+class MLP(nn.Module):
+    """GeGLU MLP (tanh GELU): the dense branch of every layer, and the self-conditioning MLP."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """Expert router: weightless norm -> scale·H^-½ -> project -> softmax -> top-k -> renormalise -> per-expert scale."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        H, E = config.hidden_size, config.num_experts
+        self.top_k = config.top_k_experts
+        self.root_size = H**-0.5
+        self.norm = RMSNorm(H, config.rms_norm_eps, with_scale=False)
+        self.proj = nn.Linear(H, E, bias=False)
+        self.scale = nn.Parameter(torch.ones(H))
+        self.per_expert_scale = nn.Parameter(torch.ones(E))
+
+    def forward(self, x: torch.Tensor):
+        h = self.norm(x) * self.scale * self.root_size
+        probs = F.softmax(self.proj(h), dim=-1, dtype=torch.float32)  # (T, E)
+        weights, index = torch.topk(probs, k=self.top_k, dim=-1)  # (T, A)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights * self.per_expert_scale[index], index
+
+
+class Experts(nn.Module):
+    """Routed experts as fused 3-D tensors, as stored: gate_up [E, 2I, H] (gate rows first), down [E, H, I].
+
+    Reference implementation: tokens sorted by expert, one matmul pair per expert that has tokens.
+    `quant.QuantExperts` replaces this module with the same forward signature.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        E, H, I = config.num_experts, config.hidden_size, config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
+        self.down_proj = nn.Parameter(torch.empty(E, H, I))
+
+    def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        # x: (T, H); index, weights: (T, A)
+        A = index.shape[1]
+        flat = index.reshape(-1)
+        order = flat.argsort(stable=True)
+        token = order // A
+        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
+        xs = x[token]  # (T·A, H), grouped by expert
+        ys = torch.empty_like(xs)
+        start = 0
+        for e, c in enumerate(counts):
+            if c:
+                seg = slice(start, start + c)
+                gate, up = F.linear(xs[seg], self.gate_up_proj[e]).chunk(2, dim=-1)
+                ys[seg] = F.linear(F.gelu(gate, approximate="tanh") * up, self.down_proj[e])
+                start += c
+        ys = ys * weights.reshape(-1)[order, None]
+        out = torch.zeros_like(x)
+        return out.index_add_(0, token, ys.to(x.dtype))
+
+
+class Layer(nn.Module):
+    def __init__(self, config: ModelConfig, i: int):
+        super().__init__()
+        H, eps = config.hidden_size, config.rms_norm_eps
+        self.self_attn = Attention(config, i)
+        self.mlp = MLP(H, config.intermediate_size)
+        self.router = Router(config)
+        self.experts = Experts(config)
+        self.input_layernorm = RMSNorm(H, eps)
+        self.post_attention_layernorm = RMSNorm(H, eps)
+        self.pre_feedforward_layernorm = RMSNorm(H, eps)  # dense branch in
+        self.post_feedforward_layernorm_1 = RMSNorm(H, eps)  # dense branch out
+        self.pre_feedforward_layernorm_2 = RMSNorm(H, eps)  # experts in
+        self.post_feedforward_layernorm_2 = RMSNorm(H, eps)  # experts out
+        self.post_feedforward_layernorm = RMSNorm(H, eps)  # both branches, summed
+        self.register_buffer("layer_scalar", torch.ones(1))  # the decoder's copy
+
+    def forward(self, x, cos, sin, cache, i, encode, scalar, kv_only=False):
+        h = self.self_attn(self.input_layernorm(x), cos, sin, cache, i, encode, kv_only)
+        if kv_only:
+            return None
+        x = x + self.post_attention_layernorm(h)
+        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x)))
+        flat = x.reshape(-1, x.shape[-1])
+        weights, index = self.router(flat)  # routes on the raw residual
+        moe = self.experts(self.pre_feedforward_layernorm_2(flat), index, weights)
+        moe = self.post_feedforward_layernorm_2(moe.reshape(x.shape))
+        x = x + self.post_feedforward_layernorm(dense + moe)
+        return x * scalar
+
+
+class Embedding(nn.Module):
+    """The tied embedding: input lookup (scaled by sqrt(H) rounded to the weight dtype), LM head, and
+    the self-conditioning soft embedding. A quantized replacement implements the same three methods."""
+
+    def __init__(self, vocab: int, hidden: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab, hidden))
+        self.scale = hidden**0.5
+
+    def embed_scale(self) -> torch.Tensor:
+        return torch.tensor(self.scale).to(self.weight.dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight) * self.embed_scale()
+
+    def soft(self, probs: torch.Tensor) -> torch.Tensor:
+        """probs (B, L, V) in the weight dtype -> (B, L, H), scaled like a lookup."""
+        return torch.matmul(probs, self.weight) * self.embed_scale()
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.weight)
+
+
+class SelfConditioning(nn.Module):
+    """Mixes the previous step's soft prediction into the canvas embedding: post_norm(e + MLP(pre_norm(soft)))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        H, eps = config.hidden_size, config.rms_norm_eps
+        self.pre_norm = RMSNorm(H, eps)
+        self.post_norm = RMSNorm(H, eps, with_scale=False)
+        self.gate_proj = nn.Linear(H, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(H, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, H, bias=False)
+
+    def forward(self, embeds: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+        n = self.pre_norm(soft)
+        signal = self.down_proj(F.gelu(self.gate_proj(n), approximate="tanh") * self.up_proj(n))
+        return self.post_norm(embeds + signal)
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Layer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_conditioning = SelfConditioning(config)
+
+
+class ScalarHolder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("layer_scalar", torch.ones(1))
+
+
+class EncoderText(nn.Module):
+    """The encoder shares every weight with the decoder except `layer_scalar`, stored once per side."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(ScalarHolder() for _ in range(config.num_hidden_layers))
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.language_model = EncoderText(config)
+
+
+class Inner(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+
+
+class DiffusionGemma(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Inner(config)
+        D = {t: config.layer_head_dim[config.layer_types.index(t)] for t in set(config.layer_types)}
+        self.inv_freq = {t: rope_inv_freq(config, t, D[t]) for t in (SLIDING, FULL) if t in D}
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.decoder.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.decoder.embed_tokens.weight.device
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.config)
+
+    def _rope(self, start: int, T: int, dtype):
+        pos = torch.arange(start, start + T, device=self.device)
+        return {t: rope_cos_sin(f, pos, dtype) for t, f in self.inv_freq.items()}
+
+    @torch.inference_mode()
+    def encode(self, ids: torch.Tensor, cache: KVCache) -> None:
+        """Encoder mode: run ids (B, T) causally at positions cache.length.. and append their K/V."""
+        dec = self.model.decoder
+        x = dec.embed_tokens(ids)
+        rope = self._rope(cache.length, ids.shape[1], x.dtype)
+        scalars = self.model.encoder.language_model.layers
+        last = len(dec.layers) - 1
+        for i, layer in enumerate(dec.layers):
+            cos, sin = rope[self.config.layer_types[i]]
+            x = layer(x, cos, sin, cache, i, True, scalars[i].layer_scalar, kv_only=i == last)
+        cache.length += ids.shape[1]
+
+    @torch.inference_mode()
+    def decode(self, canvas: torch.Tensor, cache: KVCache, sc_logits: torch.Tensor | None = None) -> torch.Tensor:
+        """Decoder mode: canvas (B, L) at positions cache.length.. -> softcapped logits (B, L, V), fp32.
+
+        sc_logits: the previous step's processed logits (in the model dtype), or None on a canvas's
+        first step (a zero self-conditioning signal). The cache is only read.
+        """
+        dec = self.model.decoder
+        emb = dec.embed_tokens
+        x = emb(canvas)
+        if sc_logits is None:
+            soft = torch.zeros_like(x)
+        else:
+            soft = emb.soft(F.softmax(sc_logits, dim=-1, dtype=torch.float32).to(self.dtype))
+        x = dec.self_conditioning(x, soft)
+        rope = self._rope(cache.length, canvas.shape[1], x.dtype)
+        for i, layer in enumerate(dec.layers):
+            cos, sin = rope[self.config.layer_types[i]]
+            x = layer(x, cos, sin, cache, i, False, layer.layer_scalar)
+        logits = emb.head(dec.norm(x)).float()
+        cap = self.config.final_logit_softcapping
+        return torch.tanh(logits / cap) * cap
