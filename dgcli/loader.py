@@ -79,7 +79,9 @@ def read_state_dict(path: Path, expected: dict[str, torch.Size], device: torch.d
                 t = f.get_tensor(key)
             except (SafetensorError, OSError, RuntimeError) as e:
                 raise CheckpointError(f"{shard} is corrupt or truncated at '{key}' ({_first_line(e)})") from None
-            tensors[key] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+            # Always a fresh copy: tensors read from a shard can sit at unaligned addresses, which
+            # sends CPU kernels down other (differently rounded) paths than the reference's.
+            tensors[key] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype, copy=True)
     missing = [k for k in expected if k not in tensors]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""

@@ -101,28 +101,40 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, cache: KVCache, i: int, encode: bool, kv_only: bool = False):
         B, T, _ = x.shape
         q, k, v = self.qkv(x, cos, sin)
+        causal, mask = False, None
         if encode:
             n_cached = cache.cached(i)
             k, v = cache.append(i, k, v)
             if kv_only:  # the last encoder layer's output is never used, only its K/V
                 return None
-            mask = self.encoder_mask(T, n_cached, x.device)
+            causal, mask = self.encoder_mask(T, n_cached, x.device)
         else:
             ck, cv = cache.get(i)
             if ck is not None:  # canvas attends to the whole cache and itself, no mask
                 k, v = torch.cat([ck, k], dim=-2), torch.cat([cv, v], dim=-2)
-            mask = None
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, enable_gqa=True)
+        y = self.attend(q, k, v, mask, causal)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
-    def encoder_mask(self, T: int, n_cached: int, device) -> torch.Tensor:
-        """Bool [T, n_cached+T]: causal, and on sliding layers key k is visible to q iff q-W < k <= q."""
+    def attend(self, q, k, v, mask, causal):
+        # The same SDPA call as the reference makes, so results agree bit for bit: grouped-query
+        # attention inside SDPA only without a mask and for head_dim <= 256, else repeated K/V.
+        groups = q.shape[1] // k.shape[1]
+        gqa = groups > 1 and mask is None and k.shape[-1] <= 256
+        if groups > 1 and not gqa:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=1.0, enable_gqa=gqa)
+
+    def encoder_mask(self, T: int, n_cached: int, device) -> tuple[bool, torch.Tensor | None]:
+        """(is_causal, bool mask [T, n_cached+T]): causal; on sliding layers key k is visible to q iff
+        q-W < k <= q. Like the reference, a plain causal flag when no cache and no window applies."""
+        if n_cached == 0 and (T == 1 or not self.sliding or T < self.window):
+            return T > 1, None
         q_pos = torch.arange(T, device=device)[:, None] + n_cached
         k_pos = torch.arange(n_cached + T, device=device)[None, :]
         mask = k_pos <= q_pos
         if self.sliding:
             mask &= k_pos > q_pos - self.window
-        return mask
+        return False, mask
 
 
 class MLP(nn.Module):
@@ -162,8 +174,10 @@ class Router(nn.Module):
 class Experts(nn.Module):
     """Routed experts as fused 3-D tensors, as stored: gate_up [E, 2I, H] (gate rows first), down [E, H, I].
 
-    Reference implementation: tokens sorted by expert, one matmul pair per expert that has tokens.
-    `quant.QuantExperts` replaces this module with the same forward signature.
+    Reference implementation, the same arithmetic as the reference's default ("grouped_mm"):
+    (token, slot) pairs sorted by expert, one grouped matmul per projection, routing weights applied
+    per pair, then summed over the slots in fp32. `quant.QuantExperts` replaces this module with
+    the same forward signature.
     """
 
     def __init__(self, config: ModelConfig):
@@ -174,23 +188,30 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         # x: (T, H); index, weights: (T, A)
+        T, H = x.shape
         A = index.shape[1]
-        flat = index.reshape(-1)
-        order = flat.argsort(stable=True)
-        token = order // A
-        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
-        xs = x[token]  # (T·A, H), grouped by expert
-        ys = torch.empty_like(xs)
-        start = 0
-        for e, c in enumerate(counts):
-            if c:
-                seg = slice(start, start + c)
-                gate, up = F.linear(xs[seg], self.gate_up_proj[e]).chunk(2, dim=-1)
-                ys[seg] = F.linear(F.gelu(gate, approximate="tanh") * up, self.down_proj[e])
-                start += c
-        ys = ys * weights.reshape(-1)[order, None]
-        out = torch.zeros_like(x)
-        return out.index_add_(0, token, ys.to(x.dtype))
+        expert, perm = torch.sort(index.reshape(-1))  # (T·A,) grouped by expert
+        offsets = torch.cumsum(torch.bincount(expert, minlength=self.gate_up_proj.shape[0]), 0, dtype=torch.int32)
+        gate_up = grouped_mm(x[perm // A], self.gate_up_proj.transpose(-2, -1), offsets)
+        gate, up = gate_up.chunk(2, dim=-1)
+        y = grouped_mm(F.gelu(gate, approximate="tanh") * up, self.down_proj.transpose(-2, -1), offsets)
+        y = y * weights.reshape(-1)[perm].unsqueeze(-1)
+        inverse = torch.empty_like(perm)
+        inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+        return y[inverse].view(T, A, H).sum(dim=1).to(x.dtype)
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Rows of x (sorted by group, group g ending at offsets[g]) times w[g] (G, K, N) -> (rows, N)."""
+    if hasattr(F, "grouped_mm") and (x.device.type == "cpu" or w.dtype == torch.bfloat16):
+        return F.grouped_mm(x.to(w.dtype), w, offs=offsets)
+    out = x.new_empty(x.shape[0], w.shape[-1])
+    start = 0
+    for g, end in enumerate(offsets.tolist()):  # fallback: one matmul per non-empty group
+        if end > start:
+            torch.mm(x[start:end], w[g], out=out[start:end])
+        start = end
+    return out
 
 
 class Layer(nn.Module):

@@ -1,0 +1,181 @@
+"""What the dg commands share: option types, the error formatter and exit codes, prompt and flag helpers.
+
+Exit codes: 0 success, 1 a runtime failure (DgError), 2 bad usage, 130 Ctrl-C, 141 a closed pipe.
+Known errors print one line, `error: ...`, on stderr; DG_DEBUG=1 shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from typing import Annotated, Optional
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from . import store
+from .errors import DgError
+
+
+class BadUsage(DgError):
+    """A flag or prompt the user has to change (exit code 2)."""
+
+    exit_code = 2
+
+
+def debug() -> bool:
+    return os.environ.get("DG_DEBUG", "") not in ("", "0")
+
+
+def error(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+
+
+class DgGroup(TyperGroup):
+    """The app's root command: turns known exceptions into one line and an exit code."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False,
+                              **extra)
+            code = rv if isinstance(rv, int) else 0
+        except click.exceptions.NoArgsIsHelpError as e:
+            e.show()
+            code = 0
+        except click.UsageError as e:
+            if debug():
+                raise
+            hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+            error(e.format_message() + hint)
+            code = e.exit_code
+        except click.ClickException as e:
+            error(e.format_message())
+            code = e.exit_code
+        except click.Abort as e:
+            code = 130 if isinstance(e.__context__, KeyboardInterrupt) else 1
+            if code == 1:
+                error("aborted")
+        except KeyboardInterrupt:
+            code = 130
+        except BrokenPipeError:
+            # The reader went away (`dg run ... | head`): stop quietly, as the Python docs recommend.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            code = 141
+        except DgError as e:
+            if debug():
+                raise
+            error(str(e))
+            code = e.exit_code
+        except ValueError as e:
+            if debug() or not str(e).startswith("empty prompt"):
+                raise
+            error(str(e))
+            code = 2
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+# ---- shared options ---------------------------------------------------------------------------------
+
+def _check_device(value: str | None) -> str | None:
+    if value is not None and not re.fullmatch(r"cpu|cuda(:\d+)?|mps|xpu(:\d+)?", value):
+        raise typer.BadParameter("expected cpu, cuda, cuda:N or mps")
+    return value
+
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", metavar="NAME",
+                                       help="HF repo id, checkpoint or quantized directory, or 'tiny'.")]
+MaxTokensOpt = Annotated[Optional[int], typer.Option("--max-tokens", min=1, help="Most tokens to generate.")]
+StepsOpt = Annotated[Optional[int], typer.Option("--steps", min=1, help="Most denoising steps per block.")]
+EntropyBoundOpt = Annotated[Optional[float], typer.Option(
+    "--entropy-bound", help="Entropy (nats) a step may accept; higher = more tokens per step, less care.")]
+TMinOpt = Annotated[Optional[float], typer.Option("--t-min", help="Temperature at the last step of a block.")]
+TMaxOpt = Annotated[Optional[float], typer.Option("--t-max", help="Temperature at the first step of a block.")]
+TemperatureOpt = Annotated[Optional[float], typer.Option(
+    "--temperature", "-t", help="Shorthand: --t-max T --t-min T/2 (cannot be combined with them).")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", min=0, help="Seed: the same seed repeats a run.")]
+SystemOpt = Annotated[Optional[str], typer.Option("--system", "-s", help="System prompt.")]
+ThinkOpt = Annotated[bool, typer.Option("--think", help="Turn the thinking channel on.")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", callback=_check_device,
+                                                  help="cpu, cuda, cuda:N (default: cuda if present).")]
+DtypeOpt = Annotated[Optional[str], typer.Option(
+    "--dtype", click_type=click.Choice(["bfloat16", "float16", "float32"]),
+    help="Weight dtype (default: the checkpoint's; float32 on CPU).")]
+NoiseOpt = Annotated[str, typer.Option("--noise", click_type=click.Choice(["text", "dots", "draft"]),
+                                       help="Canvas: draw noise as dimmed tokens, as dots, or as the draft.")]
+
+
+def sampling(max_tokens=None, steps=None, entropy_bound=None, t_min=None, t_max=None, temperature=None,
+             seed=None) -> dict:
+    """Engine settings (reference names) from the flags that were given."""
+    if temperature is not None:
+        if t_min is not None or t_max is not None:
+            raise BadUsage("--temperature sets --t-min and --t-max; give either it or them")
+        if temperature <= 0:
+            raise BadUsage("--temperature must be > 0")
+        t_max, t_min = temperature, temperature / 2
+    if entropy_bound is not None and entropy_bound <= 0:
+        raise BadUsage("--entropy-bound must be > 0")
+    s = dict(max_new_tokens=max_tokens, max_denoising_steps=steps, entropy_bound=entropy_bound, t_min=t_min,
+             t_max=t_max, seed=seed)
+    return {k: v for k, v in s.items() if v is not None}
+
+
+def check_settings(model, settings: dict) -> None:
+    """Validate flags against the model's own defaults (e.g. --t-max below its t_min): bad usage."""
+    from .errors import ConfigError
+    from .generate import sampler_settings
+
+    try:
+        sampler_settings(model, **settings)
+    except ConfigError as e:
+        raise BadUsage(str(e)) from None
+
+
+def read_prompt(argument: str | None, stdin=None) -> str:
+    """The argument, the text piped on stdin, or both (argument, a blank line, then the piped text)."""
+    stdin = stdin or sys.stdin
+    piped = None
+    if stdin is not None and not stdin.isatty():
+        piped = stdin.read().rstrip("\n")
+    parts = [p for p in (argument, piped) if p and p.strip()]
+    if not parts:
+        raise BadUsage("empty prompt: give it as an argument or pipe it on stdin")
+    return "\n\n".join(parts)
+
+
+def load(name: str, device: str | None = None, dtype: str | None = None, quiet: bool = False):
+    """(model, tokenizer), with a spinner on a terminal's stderr while the weights load."""
+    import dgcli
+    from rich.console import Console
+
+    err = Console(stderr=True)
+    try:
+        if err.is_terminal and not quiet:
+            with err.status(f"loading {name}", spinner="dots"):
+                return dgcli.load(name, device=device, dtype=dtype)
+        return dgcli.load(name, device=device, dtype=dtype)
+    except (RuntimeError, AssertionError) as e:
+        if device is None or debug():
+            raise
+        raise DgError(f"cannot use device '{device}': {str(e).strip().splitlines()[0] if str(e) else e}") from None
+
+
+def parse_size(text: str) -> int:
+    """'18GB' -> 18e9, '18GiB' -> 18·2^30, plain numbers are bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)(b?)\s*", text.lower())
+    if not m or (m.group(3) and not m.group(2)):
+        raise BadUsage(f"cannot read '{text}' as a size (examples: 18GB, 24GiB, 16000MB)")
+    num, unit, binary = float(m.group(1)), m.group(2), m.group(3)
+    power = " kmgt".index(unit) if unit else 0
+    return int(num * (1024 if binary else 1000) ** power)
+
+
+def resolve_name(positional: str | None, option: str | None) -> str:
+    if positional and option and positional != option:
+        raise BadUsage(f"two models named: '{positional}' and --model '{option}'")
+    return positional or option or store.DEFAULT_MODEL
