@@ -91,6 +91,20 @@ def format_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
+def consume(events, views) -> DoneEvent | None:
+    """Feed every event to every view; close the generator whatever happens (that cancels it)."""
+    done = None
+    try:
+        for ev in events:
+            for v in views:
+                v.update(ev)
+            if isinstance(ev, DoneEvent):
+                done = ev
+    finally:
+        events.close()
+    return done
+
+
 class PlainView:
     """Committed text only, written to a file (stdout) as each block commits; a newline at the end."""
 

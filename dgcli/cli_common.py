@@ -1,6 +1,6 @@
 """What the dg commands share: option types, the error formatter and exit codes, prompt and flag helpers.
 
-Exit codes: 0 success, 1 a runtime failure (DgError), 2 bad usage, 130 Ctrl-C, 141 a closed pipe.
+Exit codes: 0 success, 1 a runtime failure (DgError), 2 bad usage, 130 Ctrl-C, 141 a closed pipe (dg run).
 Known errors print one line, `error: ...`, on stderr; DG_DEBUG=1 shows the traceback instead.
 """
 
@@ -9,11 +9,16 @@ from __future__ import annotations
 import os
 import re
 import sys
-from typing import Annotated, Optional
+from contextlib import contextmanager
+from typing import Annotated, Literal, Optional
 
-import click
 import typer
 from typer.core import TyperGroup
+
+try:  # typer >= 0.20 carries its own copy of click: its exceptions are the ones raised
+    from typer._click import exceptions as cx
+except ImportError:  # pragma: no cover
+    from click import exceptions as cx
 
 from . import store
 from .errors import DgError
@@ -30,7 +35,7 @@ def debug() -> bool:
 
 
 def error(message: str) -> None:
-    click.echo(f"error: {message}", err=True)
+    typer.echo(f"error: {message}", err=True)
 
 
 class DgGroup(TyperGroup):
@@ -41,29 +46,24 @@ class DgGroup(TyperGroup):
             rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False,
                               **extra)
             code = rv if isinstance(rv, int) else 0
-        except click.exceptions.NoArgsIsHelpError as e:
+        except cx.NoArgsIsHelpError as e:
             e.show()
             code = 0
-        except click.UsageError as e:
+        except cx.UsageError as e:
             if debug():
                 raise
             hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
             error(e.format_message() + hint)
             code = e.exit_code
-        except click.ClickException as e:
+        except cx.ClickException as e:
             error(e.format_message())
             code = e.exit_code
-        except click.Abort as e:
+        except typer.Abort as e:
             code = 130 if isinstance(e.__context__, KeyboardInterrupt) else 1
             if code == 1:
                 error("aborted")
         except KeyboardInterrupt:
             code = 130
-        except BrokenPipeError:
-            # The reader went away (`dg run ... | head`): stop quietly, as the Python docs recommend.
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-            code = 141
         except DgError as e:
             if debug():
                 raise
@@ -77,6 +77,20 @@ class DgGroup(TyperGroup):
         if standalone_mode:
             sys.exit(code)
         return code
+
+
+@contextmanager
+def quiet_closed_pipe():
+    """The reader went away (`dg run ... | head`): stop quietly with 141 (128 + SIGPIPE), pointing
+    stdout at /dev/null so the interpreter's last flush cannot fail either (as the Python docs advise)."""
+    try:
+        yield
+    except BrokenPipeError:
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (AttributeError, OSError, ValueError):  # stdout is not a real file (tests)
+            pass
+        raise typer.Exit(141) from None
 
 
 # ---- shared options ---------------------------------------------------------------------------------
@@ -102,10 +116,10 @@ SystemOpt = Annotated[Optional[str], typer.Option("--system", "-s", help="System
 ThinkOpt = Annotated[bool, typer.Option("--think", help="Turn the thinking channel on.")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", callback=_check_device,
                                                   help="cpu, cuda, cuda:N (default: cuda if present).")]
-DtypeOpt = Annotated[Optional[str], typer.Option(
-    "--dtype", click_type=click.Choice(["bfloat16", "float16", "float32"]),
+DtypeOpt = Annotated[Optional[Literal["bfloat16", "float16", "float32"]], typer.Option(
+    "--dtype",
     help="Weight dtype (default: the checkpoint's; float32 on CPU).")]
-NoiseOpt = Annotated[str, typer.Option("--noise", click_type=click.Choice(["text", "dots", "draft"]),
+NoiseOpt = Annotated[Literal["text", "dots", "draft"], typer.Option("--noise",
                                        help="Canvas: draw noise as dimmed tokens, as dots, or as the draft.")]
 
 

@@ -338,6 +338,13 @@ class DiffusionGemma(nn.Module):
     def device(self) -> torch.device:
         return self.model.decoder.embed_tokens.weight.device
 
+    def parameter_counts(self) -> dict[str, int]:
+        """Text parameters in total, and active per token (all but the unrouted experts' share)."""
+        total = sum(p.numel() for p in self.parameters())
+        experts = sum(p.numel() for n, p in self.named_parameters() if ".experts." in n)
+        c = self.config
+        return {"total": total, "active": total - experts + experts * c.top_k_experts // c.num_experts}
+
     def new_cache(self) -> KVCache:
         return KVCache(self.config)
 

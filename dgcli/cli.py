@@ -1,0 +1,287 @@
+"""The `dg` command line: one Typer app, thin commands over dgcli's library functions.
+
+Each command checks its flags, calls one library function (load + stream_generate, store.pull,
+store.list_models, ...), and prints. Errors and exit codes are handled once, in cli_common.DgGroup.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Annotated, Literal, Optional
+
+import typer
+
+from . import __version__, store
+from .canvas_view import CanvasView, PlainView, TokenPieces, consume, format_bytes, format_stats
+from .cli_common import (BadUsage, DeviceOpt, DgGroup, DtypeOpt, EntropyBoundOpt, MaxTokensOpt, ModelOpt,
+                         NoiseOpt, SeedOpt, StepsOpt, SystemOpt, TemperatureOpt, ThinkOpt, TMaxOpt, TMinOpt,
+                         check_settings, load, parse_size, quiet_closed_pipe, read_prompt, resolve_name,
+                         sampling)
+from .errors import DgError
+from .generate import stream_generate
+
+app = typer.Typer(
+    cls=DgGroup, name="dg", no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help="dg: run DiffusionGemma locally, with the denoising canvas live in your terminal.",
+)
+
+
+def example(*lines: str) -> str:
+    return "Examples:\n\n\b\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"dg {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(version: Annotated[bool, typer.Option("--version", "-V", callback=_version, is_eager=True,
+                                               help="Print the version and exit.")] = False):
+    """dg: run DiffusionGemma locally, with the denoising canvas live in your terminal."""
+
+
+def use_canvas(stream, no_canvas: bool = False) -> bool:
+    return (not no_canvas and stream.isatty() and not os.environ.get("NO_COLOR")
+            and os.environ.get("TERM") != "dumb")
+
+
+@app.command(epilog=example('dg run "Write a haiku about rain"', 'cat notes.md | dg run "Summarize:" > summary.txt',
+                            'dg run -m tiny --json --seed 1 "hi" | jq .tokens_per_second'))
+def run(
+    prompt: Annotated[Optional[str], typer.Argument(help="The prompt; text piped on stdin is appended.")] = None,
+    model: ModelOpt = store.DEFAULT_MODEL,
+    max_tokens: MaxTokensOpt = None, steps: StepsOpt = None, entropy_bound: EntropyBoundOpt = None,
+    t_min: TMinOpt = None, t_max: TMaxOpt = None, temperature: TemperatureOpt = None, seed: SeedOpt = None,
+    system: SystemOpt = None, think: ThinkOpt = False,
+    raw: Annotated[bool, typer.Option("--raw", help="Send the prompt as it is, without the chat template.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: text, counts, timings, settings.")] = False,
+    canvas: Annotated[bool, typer.Option("--canvas", help="Draw the live canvas on stderr (if it is a terminal).")] = False,
+    noise: NoiseOpt = "text",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print a stats line on stderr.")] = False,
+    device: DeviceOpt = None, dtype: DtypeOpt = None,
+):
+    """Answer one prompt and print the answer: only the answer goes to stdout.
+
+    --temperature T sets the schedule's t_max=T and t_min=T/2 (the sampler cools from t_max to t_min
+    over a block's steps).
+    """
+    settings = sampling(max_tokens, steps, entropy_bound, t_min, t_max, temperature, seed)
+    if raw and system:
+        raise BadUsage("--system needs the chat template; it cannot be combined with --raw")
+    text = read_prompt(prompt)
+    m, tok = load(model, device, dtype)
+    check_settings(m, settings)
+    events = stream_generate(m, tok, text, raw=raw, system=system, think=think, **settings)
+    with quiet_closed_pipe(), ExitStack() as stack:
+        views = [stack.enter_context(v) for v in run_views(tok, canvas, noise, as_json)]
+        done = consume(events, views)
+        if as_json:
+            sys.stdout.write(json.dumps({"model": model, **done.to_dict()}) + "\n")
+            sys.stdout.flush()
+    if verbose:
+        typer.echo(format_stats(done), err=True)
+
+
+def run_views(tok, canvas: bool, noise: str, as_json: bool) -> list:
+    """Plain text on stdout; with --canvas the canvas on stderr, drawing the answer in place when
+    stdout is the same terminal. --json: nothing until the end."""
+    if not (canvas and use_canvas(sys.stderr)):
+        return [] if as_json else [PlainView(sys.stdout)]
+    from rich.console import Console
+
+    inline = sys.stdout.isatty() and not as_json
+    view = CanvasView(Console(stderr=True), TokenPieces(tok), noise=noise, show_text=inline)
+    return [view] if inline or as_json else [view, PlainView(sys.stdout)]
+
+
+@app.command(epilog=example("dg chat", "dg chat tiny", "dg chat -m ./my-quantized-model --think"))
+def chat(
+    name: Annotated[Optional[str], typer.Argument(metavar="[NAME]", help="Model (same as --model).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", metavar="NAME",
+                                                 help="HF repo id, checkpoint or quantized directory, or 'tiny'.")] = None,
+    max_tokens: MaxTokensOpt = None, steps: StepsOpt = None, entropy_bound: EntropyBoundOpt = None,
+    t_min: TMinOpt = None, t_max: TMaxOpt = None, temperature: TemperatureOpt = None, seed: SeedOpt = None,
+    system: SystemOpt = None, think: ThinkOpt = False,
+    no_canvas: Annotated[bool, typer.Option("--no-canvas", help="Stream plain text instead of the canvas.")] = False,
+    noise: NoiseOpt = "text",
+    fps: Annotated[float, typer.Option("--fps", min=1, max=60, help="Canvas frames per second.")] = 15.0,
+    device: DeviceOpt = None, dtype: DtypeOpt = None,
+):
+    """Chat in the terminal, watching each answer denoise on the live canvas.
+
+    Type /help inside for commands. Enter sends, Alt-Enter adds a line; Ctrl-C stops an answer.
+    """
+    from rich.console import Console
+
+    from .repl import ChatSession, Repl, line_reader, prompt_toolkit_reader
+
+    name = resolve_name(name, model)
+    settings = sampling(max_tokens, steps, entropy_bound, t_min, t_max, temperature, seed)
+    m, tok = load(name, device, dtype)
+    check_settings(m, settings)
+    session = ChatSession(m, tok, settings=settings, system=system, think=think)
+    interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    read = prompt_toolkit_reader() if interactive else line_reader(sys.stdin)
+    console = Console(highlight=False)
+    Repl(session, console, read, canvas=use_canvas(sys.stdout, no_canvas), noise=noise, fps=fps,
+         model_name=name).run()
+
+
+@app.command(epilog=example("dg pull", "dg pull google/diffusiongemma-26B-A4B-it", "dg pull tiny"))
+def pull(name: Annotated[str, typer.Argument(help="HF repo id, or 'tiny'.")] = store.DEFAULT_MODEL):
+    """Download a model into the Hugging Face cache (shared with other tools; resumes; uses HF_TOKEN)."""
+    path = store.pull(name)
+    try:
+        kind = json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        kind = None
+    if kind != store.MODEL_TYPE:
+        typer.echo(f"warning: {name} says model_type={kind!r}, not {store.MODEL_TYPE!r}; dg may not run it",
+                   err=True)
+    typer.echo(f"{name} is ready at {path}")
+
+
+@app.command("list", epilog=example("dg list", "dg list --json"))
+def list_(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False):
+    """List the models on this machine: name, kind, size on disk, where."""
+    entries = store.list_models()
+    if as_json:
+        typer.echo(json.dumps([e.to_dict() for e in entries], indent=2))
+        return
+    if not entries:
+        typer.echo(f"no models yet: `dg pull {store.DEFAULT_MODEL}`, or `dg pull tiny` to try dg without a GPU")
+        return
+    rows = [("NAME", "KIND", "SIZE", "WHERE")] + [
+        (e.name, e.kind, format_bytes(e.size), f"{e.path}{'  (' + e.note + ')' if e.note else ''}") for e in entries]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[3])
+
+
+@app.command(epilog=example("dg show tiny", "dg show google/diffusiongemma-26B-A4B-it --context 32768"))
+def show(
+    name: Annotated[str, typer.Argument(help="Model name.")] = store.DEFAULT_MODEL,
+    context: Annotated[int, typer.Option("--context", min=1, help="Tokens of context for the memory estimate.")] = 8192,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+):
+    """Show a model: architecture, quantization, estimated VRAM, sampler defaults, chat template."""
+    path = store.resolve(name)
+    info = {"name": name, **store.describe(path, context=context)}
+    info["estimated_vram_bytes"] = estimate_vram(path, info, context)
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    a, q = info["architecture"], info["quantization"]
+    lines = [
+        f"{name}  ({info['kind']})", f"  path          {path}",
+        f"  parameters    {info['parameters'] / 1e9:.2f}B" if info["parameters"] >= 1e8 else
+        f"  parameters    {info['parameters']:,}",
+        f"  layers        {a['layers']} ({a['full_attention_layers']} full attention, the rest sliding window "
+        f"{a['sliding_window']})",
+        f"  hidden        {a['hidden_size']}, {a['attention_heads']} heads, kv heads {a['kv_heads']}, "
+        f"head dims {a['head_dims']}",
+        f"  experts       {a['experts']} x {a['expert_size']}, {a['experts_per_token']} per token; "
+        f"dense MLP {a['dense_mlp_size']}",
+        f"  vocabulary    {a['vocab_size']}, canvas {a['canvas_length']} tokens, "
+        f"context up to {a['max_position_embeddings']}",
+        f"  quantization  {describe_quant(q)}",
+        f"  weights       {format_bytes(info['weight_bytes'])} on disk",
+        f"  est. VRAM     {format_bytes(info['estimated_vram_bytes'])} at {context} tokens of context "
+        f"(weights + KV cache {format_bytes(info['kv_cache_bytes'])})",
+        "  sampler       " + ", ".join(f"{k}={v}" for k, v in info["sampler_defaults"].items()),
+        f"  chat template {'yes' if info['chat_template'] else 'no (use --raw)'}",
+    ]
+    typer.echo("\n".join(lines))
+
+
+def describe_quant(manifest) -> str:
+    if not manifest:
+        return "none (16-bit weights)"
+    scheme = manifest.get("scheme") or (manifest.get("quantization") or {}).get("scheme") or "see dg_manifest.json"
+    version = manifest.get("format_version") or manifest.get("version")
+    return f"{scheme}" + (f" (format {version})" if version else "")
+
+
+def estimate_vram(path: Path, info: dict, context: int) -> int:
+    """quant.planner's estimate when it has one for this directory; else weights + KV cache."""
+    try:
+        from quant import planner
+
+        fn = getattr(planner, "estimate_for_dir", None)
+        if fn is not None:
+            est = fn(path, context=context) if "context" in fn.__code__.co_varnames else fn(path)
+            est = est.get("total_bytes", est.get("total")) if isinstance(est, dict) else getattr(est, "total_bytes", est)
+            if isinstance(est, (int, float)):
+                return int(est)
+    except ImportError:
+        pass
+    return info["weight_bytes"] + info["kv_cache_bytes"]
+
+
+@app.command(epilog=example("dg rm tiny", "dg rm google/diffusiongemma-26B-A4B-it --yes"))
+def rm(
+    name: Annotated[str, typer.Argument(help="A model `dg list` shows.")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
+):
+    """Delete a model dg manages (tiny, dg's models directory, or a repo in the HF cache)."""
+    entry = store.find_entry(name)
+    if not yes and not typer.confirm(f"delete {entry.name} ({format_bytes(entry.size)}) at {entry.root}?"):
+        raise DgError("nothing deleted")
+    store.remove(entry)
+    typer.echo(f"deleted {entry.name} ({format_bytes(entry.size)})")
+
+
+@app.command(epilog=example("dg quantize google/diffusiongemma-26B-A4B-it",
+                            "dg quantize ./ckpt ./ckpt-nf4 --scheme nf4 --budget 24GiB --context 65536"))
+def quantize(
+    src: Annotated[str, typer.Argument(help="Source model (name or directory).")],
+    out: Annotated[Optional[Path], typer.Argument(help="Output directory (default: dg's models directory).")] = None,
+    scheme: Annotated[Literal["int4", "nf4"], typer.Option("--scheme",
+                                        help="4-bit format of the experts.")] = "int4",
+    budget: Annotated[str, typer.Option("--budget", help="VRAM to fit: 18GB (10^9), 18GiB (2^30).")] = "18GB",
+    context: Annotated[int, typer.Option("--context", min=1, help="Context length the budget must hold.")] = 32768,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+):
+    """Write a 4-bit checkpoint that fits a VRAM budget (streams tensors: no GPU, bounded RAM)."""
+    budget_bytes = parse_size(budget)
+    src_path = store.resolve(src)
+    out = out or store.models_dir() / f"{Path(src.rstrip('/')).name}-{scheme}"
+    if out.exists() and not force:
+        raise DgError(f"{out} exists; pass --force to replace it")
+    try:
+        from quant.convert import quantize_checkpoint
+    except ImportError as e:
+        raise DgError(f"quantization is not available in this install ({e})") from None
+    result = quantize_checkpoint(src_path, out, scheme=scheme, budget_bytes=budget_bytes, context=context,
+                                 force=force)
+    typer.echo(f"wrote {result or out}")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+             epilog=example("dg bench --help", "dg bench -m tiny"))
+def bench(ctx: typer.Context):
+    """Measure speed (arguments are passed to the benchmark script)."""
+    try:
+        from dgcli import bench as b
+    except ImportError:
+        script = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
+        if not script.is_file():
+            raise DgError("benchmarks are not part of this install (no dgcli.bench, no scripts/bench.py)") from None
+        import runpy
+
+        sys.argv = [str(script), *ctx.args]
+        runpy.run_path(str(script), run_name="__main__")
+        return
+    code = b.main(list(ctx.args))
+    raise typer.Exit(code or 0)
+
+
+def main() -> None:
+    app(prog_name="dg")
