@@ -201,11 +201,19 @@ class Experts(nn.Module):
         return y[inverse].view(T, A, H).sum(dim=1).to(x.dtype)
 
 
+_grouped_mm_ok = True
+
+
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Rows of x (sorted by group, group g ending at offsets[g]) times w[g] (G, K, N) -> (rows, N)."""
-    if hasattr(F, "grouped_mm") and (x.device.type == "cpu" or w.dtype == torch.bfloat16):
-        return F.grouped_mm(x.to(w.dtype), w, offs=offsets)
-    out = x.new_empty(x.shape[0], w.shape[-1])
+    global _grouped_mm_ok
+    if _grouped_mm_ok and hasattr(F, "grouped_mm") and (x.device.type == "cpu" or w.dtype == torch.bfloat16):
+        try:
+            return F.grouped_mm(x.to(w.dtype), w, offs=offsets)
+        except RuntimeError:  # e.g. a GPU generation the fused kernel does not support
+            _grouped_mm_ok = False
+    out = x.new_empty(x.shape[0], w.shape[-1], dtype=w.dtype)
+    x = x.to(w.dtype)
     start = 0
     for g, end in enumerate(offsets.tolist()):  # fallback: one matmul per non-empty group
         if end > start:
