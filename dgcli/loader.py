@@ -81,7 +81,9 @@ def read_state_dict(path: Path, expected: dict[str, torch.Size], device: torch.d
                 raise CheckpointError(f"{shard} is corrupt or truncated at '{key}' ({_first_line(e)})") from None
             # Always a fresh copy: tensors read from a shard can sit at unaligned addresses, which
             # sends CPU kernels down other (differently rounded) paths than the reference's.
-            tensors[key] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype, copy=True)
+            # dg quantize output: packed .scales/.zeros keep their stored dtype (fp16/fp32), as int tensors do.
+            keep = not t.is_floating_point() or key.endswith((".scales", ".zeros"))
+            tensors[key] = t.to(device=device, dtype=t.dtype if keep else dtype, copy=True)
     missing = [k for k in expected if k not in tensors]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
@@ -96,11 +98,14 @@ def load_model(path: str | Path, device=None, dtype=None) -> DiffusionGemma:
     dtype = dtype or default_dtype(path, device)
     with torch.device("meta"):
         model = DiffusionGemma(config)
+    if (path / "dg_manifest.json").exists():  # dg quantize output: verify it, swap in packed modules
+        from quant.runtime import prepare_quantized
+        prepare_quantized(model, path)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     model.load_state_dict(read_state_dict(path, expected, device, dtype), assign=True, strict=True)
     model.sampler_defaults = load_sampler_defaults(path)
     model.source = str(path)
-    return model.eval()
+    return model.eval().requires_grad_(False)  # inference only: no autograd bookkeeping
 
 
 def load_sampler_defaults(path: Path) -> SamplerSettings:
