@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import KVCache
+from .cache import KVCache, StaticKVCache
 from .config import FULL, SLIDING, ModelConfig
 
 
@@ -101,17 +101,14 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, cache: KVCache, i: int, encode: bool, kv_only: bool = False):
         B, T, _ = x.shape
         q, k, v = self.qkv(x, cos, sin)
-        causal, mask = False, None
-        if encode:
-            n_cached = cache.cached(i)
-            k, v = cache.append(i, k, v)
+        window = self.window if self.sliding else None
+        if encode:  # the cache stores the new K/V and says what this pass attends to
+            k, v, causal, mask = cache.encode_kv(i, k, v, window)
             if kv_only:  # the last encoder layer's output is never used, only its K/V
                 return None
-            causal, mask = self.encoder_mask(T, n_cached, x.device)
-        else:
-            ck, cv = cache.get(i)
-            if ck is not None:  # canvas attends to the whole cache and itself, no mask
-                k, v = torch.cat([ck, k], dim=-2), torch.cat([cv, v], dim=-2)
+        else:  # the canvas attends to the cache and itself; the cache keeps nothing of it
+            k, v, mask = cache.decode_kv(i, k, v, window)
+            causal = False
         y = self.attend(q, k, v, mask, causal)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -123,18 +120,6 @@ class Attention(nn.Module):
         if groups > 1 and not gqa:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=1.0, enable_gqa=gqa)
-
-    def encoder_mask(self, T: int, n_cached: int, device) -> tuple[bool, torch.Tensor | None]:
-        """(is_causal, bool mask [T, n_cached+T]): causal; on sliding layers key k is visible to q iff
-        q-W < k <= q. Like the reference, a plain causal flag when no cache and no window applies."""
-        if n_cached == 0 and (T == 1 or not self.sliding or T < self.window):
-            return T > 1, None
-        q_pos = torch.arange(T, device=device)[:, None] + n_cached
-        k_pos = torch.arange(n_cached + T, device=device)[None, :]
-        mask = k_pos <= q_pos
-        if self.sliding:
-            mask &= k_pos > q_pos - self.window
-        return False, mask
 
 
 class MLP(nn.Module):
@@ -191,7 +176,9 @@ class Experts(nn.Module):
         T, H = x.shape
         A = index.shape[1]
         expert, perm = torch.sort(index.reshape(-1))  # (T·A,) grouped by expert
-        offsets = torch.cumsum(torch.bincount(expert, minlength=self.gate_up_proj.shape[0]), 0, dtype=torch.int32)
+        counts = torch.zeros(self.gate_up_proj.shape[0], dtype=torch.long, device=x.device)
+        counts.index_add_(0, expert, torch.ones_like(expert))  # unlike bincount, no host sync on a GPU
+        offsets = torch.cumsum(counts, 0, dtype=torch.int32)
         gate_up = grouped_mm(x[perm // A], self.gate_up_proj.transpose(-2, -1), offsets)
         gate, up = gate_up.chunk(2, dim=-1)
         y = grouped_mm(F.gelu(gate, approximate="tanh") * up, self.down_proj.transpose(-2, -1), offsets)
@@ -353,8 +340,12 @@ class DiffusionGemma(nn.Module):
         c = self.config
         return {"total": total, "active": total - experts + experts * c.top_k_experts // c.num_experts}
 
-    def new_cache(self) -> KVCache:
-        return KVCache(self.config)
+    def new_cache(self, static: bool = False, max_tokens: int | None = None) -> KVCache | StaticKVCache:
+        """The reference's cache, or (static=True) preallocated buffers for max_tokens that the
+        decoder writes its canvas into instead of concatenating (see dgcli/cache.py)."""
+        if not static:
+            return KVCache(self.config)
+        return StaticKVCache(self.config, max_tokens or self.config.max_position_embeddings, self.device, self.dtype)
 
     def _rope(self, start: int, T: int, dtype):
         pos = torch.arange(start, start + T, device=self.device)

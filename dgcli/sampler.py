@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from .cache import KVCache
+from .cache import KVCache, StaticKVCache
 from .config import SamplerSettings
 from .events import BlockEvent, DoneEvent, Event, PrefillEvent, StepEvent
 
@@ -96,7 +96,7 @@ def denoise(
     model,
     prompt_ids: list[int] | torch.Tensor,
     settings: SamplerSettings,
-    cache: KVCache | None = None,
+    cache: KVCache | StaticKVCache | None = None,
     logits_processor: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Iterator[Event]:
     """Generate after prompt_ids (tokens not yet in `cache`), yielding events (see dgcli/events.py)."""
@@ -105,7 +105,9 @@ def denoise(
     V, L = model.config.vocab_size, model.config.canvas_length
     N = settings.max_denoising_steps
     ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=device).reshape(1, -1)
-    cache = cache if cache is not None else model.new_cache()
+    if cache is None:  # preallocated on a GPU (no per-step concatenation); the reference's on the CPU
+        needed = ids.shape[1] + settings.max_new_tokens + model.config.canvas_length
+        cache = model.new_cache(static=device.type == "cuda", max_tokens=needed)
     if ids.shape[1] == 0 and cache.length == 0:
         raise ValueError("empty prompt: there is nothing to condition on")
     if device.type == "cuda":

@@ -40,11 +40,38 @@ def test_proportional_rope_leaves_unrotated_dims_alone(tiny):
     assert not torch.allclose(y[..., ~idx], x[..., ~idx])
 
 
-def test_encoder_mask_window(tiny):
-    attn = next(l.self_attn for l in tiny[0].model.decoder.layers if l.self_attn.sliding)
-    W = attn.window
-    causal, mask = attn.encoder_mask(4, W + 2, "cpu")  # 4 new tokens after W+2 cached ones
-    assert not causal and mask.shape == (4, W + 6)
-    q = W + 2  # the first new token's position
-    assert mask[0].nonzero().flatten().tolist() == list(range(q - W + 1, q + 1))
-    assert attn.encoder_mask(3, 0, "cpu") == (True, None)  # short first prefill: plain causal
+def test_encoder_window_mask():
+    from dgcli.cache import window_mask
+
+    W = 4
+    q = torch.arange(6, 10)  # 4 new tokens after 6 cached ones
+    mask = window_mask(q, torch.arange(10), W)
+    assert mask[0].nonzero().flatten().tolist() == [3, 4, 5, 6]  # q-W < k <= q
+    assert mask[3].nonzero().flatten().tolist() == [6, 7, 8, 9]
+    assert not window_mask(q, torch.tensor([-1, 7]), None)[3, 0]  # empty slots are never visible
+
+
+def test_static_cache_matches_the_reference_cache(tiny):
+    """Ring buffers for sliding layers and slack for the canvas give the reference's logits."""
+    model = tiny[0]
+    cfg = model.config
+    g = torch.Generator().manual_seed(0)
+    ref, static = model.new_cache(), model.new_cache(static=True, max_tokens=4096)
+    prompt = torch.randint(0, cfg.vocab_size, (1, cfg.sliding_window + 37), generator=g)  # > the ring
+    for c in (ref, static):
+        model.encode(prompt, c)
+    for block in range(3):
+        canvas = torch.randint(0, cfg.vocab_size, (1, cfg.canvas_length), generator=g)
+        a, b = model.decode(canvas, ref), model.decode(canvas, static)
+        # key order differs in the ring: rounding only (a wrong window or a leaked canvas is O(1))
+        assert (a - b).abs().max() < 1e-3 and (a - b).abs().mean() < 5e-5
+        sc = (a / 0.7).to(model.dtype)
+        assert (model.decode(canvas, ref, sc) - model.decode(canvas, static, sc)).abs().max() < 1e-3
+        committed = a.argmax(-1)
+        for c in (ref, static):
+            model.encode(committed, c)
+        short = torch.randint(0, cfg.vocab_size, (1, 5), generator=g)  # a short chat turn
+        for c in (ref, static):
+            model.encode(short, c)
+    assert ref.length == static.length
+    assert static.nbytes() < 10 * 2**20
