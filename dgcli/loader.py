@@ -9,13 +9,14 @@ Vision-tower tensors are skipped: dg is text only.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from .config import ModelConfig, SamplerSettings, read_json
-from .errors import CheckpointError
+from .errors import CheckpointError, DgError
 from .model import DiffusionGemma
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -56,38 +57,87 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def read_state_dict(path: Path, expected: dict[str, torch.Size], device: torch.device, dtype: torch.dtype):
-    """Read every expected tensor from the shards, checked by name and shape, onto device/dtype."""
-    tensors: dict[str, torch.Tensor] = {}
+def keeps_stored_dtype(key: str, is_float: bool) -> bool:
+    """Integer tensors and dg quantize's packed .scales/.zeros keep their stored dtype."""
+    return not is_float or key.endswith((".scales", ".zeros"))
+
+
+def index_shards(path: Path, expected: dict[str, torch.Size]) -> list[tuple[Path, list[str]]]:
+    """Check every shard's header against the model (names, shapes, nothing missing) before any
+    tensor is read; returns the keys to load per shard. Corrupt headers are caught here."""
+    plan, seen = [], set()
     for shard in shard_files(path):
         try:
-            f = safe_open(str(shard), framework="pt", device="cpu")
-            keys = list(f.keys())
+            with safe_open(str(shard), framework="pt", device="cpu") as f:
+                keys = [k for k in f.keys() if not k.startswith(SKIPPED_PREFIXES)]
+                for key in keys:
+                    if key not in expected:
+                        raise CheckpointError(
+                            f"{shard.name}: unexpected tensor '{key}' (not a DiffusionGemma text weight)"
+                        )
+                    shape = tuple(f.get_slice(key).get_shape())
+                    if shape != tuple(expected[key]):
+                        raise CheckpointError(
+                            f"{shard.name}: tensor '{key}' has shape {list(shape)}, expected {list(expected[key])}"
+                        )
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{shard} is corrupt or truncated ({_first_line(e)})") from None
-        for key in keys:
-            if key.startswith(SKIPPED_PREFIXES):
-                continue
-            if key not in expected:
-                raise CheckpointError(f"{shard.name}: unexpected tensor '{key}' (not a DiffusionGemma text weight)")
-            shape = tuple(f.get_slice(key).get_shape())
-            if shape != tuple(expected[key]):
-                raise CheckpointError(
-                    f"{shard.name}: tensor '{key}' has shape {list(shape)}, expected {list(expected[key])}"
-                )
-            try:
-                t = f.get_tensor(key)
-            except (SafetensorError, OSError, RuntimeError) as e:
-                raise CheckpointError(f"{shard} is corrupt or truncated at '{key}' ({_first_line(e)})") from None
-            # Always a fresh copy: tensors read from a shard can sit at unaligned addresses, which
-            # sends CPU kernels down other (differently rounded) paths than the reference's.
-            # dg quantize output: packed .scales/.zeros keep their stored dtype (fp16/fp32), as int tensors do.
-            keep = not t.is_floating_point() or key.endswith((".scales", ".zeros"))
-            tensors[key] = t.to(device=device, dtype=t.dtype if keep else dtype, copy=True)
-    missing = [k for k in expected if k not in tensors]
+        plan.append((shard, keys))
+        seen.update(keys)
+    missing = [k for k in expected if k not in seen]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise CheckpointError(f"{path} is missing tensor(s): {', '.join(missing[:3])}{more}")
+    return plan
+
+
+def weight_bytes(plan, dtype: torch.dtype) -> int:
+    """Bytes the weights will take once loaded in dtype."""
+    total = 0
+    for shard, keys in plan:
+        with safe_open(str(shard), framework="pt", device="cpu") as f:
+            for key in keys:
+                sl = f.get_slice(key)
+                numel = math.prod(sl.get_shape())
+                stored = sl.get_dtype()
+                is_float = stored.startswith(("F", "BF"))
+                size = SAFETENSORS_SIZES.get(stored, 4) if keeps_stored_dtype(key, is_float) else dtype.itemsize
+                total += numel * size
+    return total
+
+
+SAFETENSORS_SIZES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I16": 2, "I32": 4, "I64": 8,
+                     "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+HEADROOM = int(1.5e9)  # KV cache at a few thousand tokens, one canvas step's activations, CUDA context
+
+
+def check_fits(need: int, device: torch.device) -> None:
+    """Refuse early, with numbers, when the weights cannot fit in the GPU's free memory."""
+    if device.type != "cuda":
+        return
+    free, total = torch.cuda.mem_get_info(device)
+    if need + HEADROOM > free:
+        raise DgError(
+            f"this model needs about {(need + HEADROOM) / 1e9:.1f} GB of GPU memory ({need / 1e9:.1f} GB of weights), "
+            f"but {torch.cuda.get_device_name(device)} has {free / 1e9:.1f} of {total / 1e9:.1f} GB free; "
+            f"a 4-bit copy from `dg quantize` needs about 15 GB"
+        )
+
+
+def read_state_dict(plan, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Read the planned tensors one at a time from the memory-mapped shards onto device/dtype."""
+    tensors: dict[str, torch.Tensor] = {}
+    for shard, keys in plan:
+        with safe_open(str(shard), framework="pt", device="cpu") as f:
+            for key in keys:
+                try:
+                    t = f.get_tensor(key)
+                except (SafetensorError, OSError, RuntimeError) as e:
+                    raise CheckpointError(f"{shard} is corrupt or truncated at '{key}' ({_first_line(e)})") from None
+                keep = keeps_stored_dtype(key, t.is_floating_point())
+                # Always a fresh copy: tensors read from a shard can sit at unaligned addresses, which
+                # sends CPU kernels down other (differently rounded) paths than the reference's.
+                tensors[key] = t.to(device=device, dtype=t.dtype if keep else dtype, copy=True)
     return tensors
 
 
@@ -102,7 +152,9 @@ def load_model(path: str | Path, device=None, dtype=None) -> DiffusionGemma:
         from quant.runtime import prepare_quantized
         prepare_quantized(model, path)
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    model.load_state_dict(read_state_dict(path, expected, device, dtype), assign=True, strict=True)
+    plan = index_shards(path, expected)
+    check_fits(weight_bytes(plan, dtype), device)
+    model.load_state_dict(read_state_dict(plan, device, dtype), assign=True, strict=True)
     model.sampler_defaults = load_sampler_defaults(path)
     model.source = str(path)
     return model.eval().requires_grad_(False)  # inference only: no autograd bookkeeping

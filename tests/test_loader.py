@@ -116,3 +116,23 @@ def test_dtype_override(tiny_dir):
     m = load_model(tiny_dir, device="cpu", dtype=torch.bfloat16)
     assert m.dtype == torch.bfloat16
     assert m.model.decoder.layers[0].experts.gate_up_proj.dtype == torch.bfloat16
+
+
+def test_too_big_for_the_gpu_is_refused_with_numbers(tiny_dir, monkeypatch):
+    from dgcli import loader
+    from dgcli.errors import DgError
+
+    with torch.device("meta"):
+        from dgcli.config import ModelConfig
+        from dgcli.model import DiffusionGemma
+
+        model = DiffusionGemma(ModelConfig.from_file(tiny_dir / "config.json"))
+    plan = loader.index_shards(tiny_dir, {k: v.shape for k, v in model.state_dict().items()})
+    need = loader.weight_bytes(plan, torch.float32)
+    assert abs(need - (tiny_dir / "model.safetensors").stat().st_size) < 100_000  # fp32 as stored
+    assert loader.weight_bytes(plan, torch.bfloat16) < 0.6 * need
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(1e9), int(24e9)))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "FakeGPU 24GB")
+    with pytest.raises(DgError, match=r"needs about .* GB.*FakeGPU 24GB has 1.0 of 24.0 GB free.*dg quantize"):
+        loader.check_fits(int(50e9), torch.device("cuda"))
+    loader.check_fits(int(50e9), torch.device("cpu"))  # the CPU is not checked
