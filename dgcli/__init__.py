@@ -1,9 +1,20 @@
-"""dg: the local runner for DiffusionGemma. Python API: load, stream_generate, generate."""
+"""dg: the local runner for DiffusionGemma. Python API: load, stream_generate, generate.
+
+The API is imported lazily so that `dg --version`, `dg list` and `--help` start without torch.
+"""
 
 __version__ = "0.1.0"
 
-from .events import BlockEvent, DoneEvent, PrefillEvent, StepEvent  # noqa: E402
-from .generate import generate, load, stream_generate  # noqa: E402
+_API = {
+    "load": "api", "stream_generate": "api", "generate": "api", "prefill": "api",
+    "PrefillEvent": "events", "StepEvent": "events", "BlockEvent": "events", "DoneEvent": "events",
+}
+__all__ = [*_API, "__version__"]
 
-__all__ = ["load", "stream_generate", "generate", "PrefillEvent", "StepEvent", "BlockEvent", "DoneEvent",
-           "__version__"]
+
+def __getattr__(name):
+    if name in _API:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+    raise AttributeError(f"module 'dgcli' has no attribute {name!r}")

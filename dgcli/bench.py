@@ -146,7 +146,7 @@ def build_reference(tc: dict, device: torch.device, dtype: torch.dtype):
             model = DiffusionGemmaForBlockDiffusion(config)
     finally:
         torch.set_default_dtype(prev)
-    return model.to(device=device, dtype=dtype).eval()
+    return model.eval()  # no .to(dtype): that would round the RoPE inv_freq buffers, which stay fp32
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -203,7 +203,7 @@ class _Reference:
 
     @torch.inference_mode()
     def step(self, canvas, cache, sc):
-        # generate() builds the decoder mask once per block; do the same outside the timed step
+        # generate() builds the decoder mask once per block: build it on the first (warm-up) step, then reuse
         key = (id(cache), canvas.shape)
         if getattr(self, "_mask_key", None) != key:
             cur = cache.get_seq_length()
@@ -228,41 +228,56 @@ def _mean(xs):
     return sum(xs) / len(xs)
 
 
-def _phases(runner, prompt, canvas, steps: int, repeats: int, device) -> dict:
-    """Warm-up and timed prefill, denoising steps and commit; returns ms figures and logits of one step."""
+def _phases(runners: dict, prompt, canvas, steps: int, repeats: int, device) -> dict:
+    """Warm-up and timed prefill, denoising steps and commit for each runner -> {name: (report, logits)}.
+
+    With several runners every timed call alternates between them, so a load change on a shared
+    machine hits both sides alike. `logits` are those of each runner's first step (no self-conditioning).
+    """
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    cache, warm_prefill = _timed(lambda: runner.prefill(prompt), device)
-    prefill = [_timed(lambda: runner.prefill(prompt), device)[1] for _ in range(repeats)]
-    logits, warm_step = _timed(lambda: runner.step(canvas, cache, None), device)  # first step: no self-cond
-    first_logits = logits
-    step = []
+    names = list(runners)
+    t = {n: {"prefill": [], "step": [], "commit": []} for n in names}
+    warm, cache, first, logits = {n: {} for n in names}, {}, {}, {}
+    for n in names:
+        cache[n], warm[n]["prefill"] = _timed(lambda r=runners[n]: r.prefill(prompt), device)
+    for _ in range(repeats):
+        for n in names:
+            t[n]["prefill"].append(_timed(lambda r=runners[n]: r.prefill(prompt), device)[1])
+    for n in names:  # the first step of a canvas has no self-conditioning
+        first[n], warm[n]["step"] = _timed(lambda r=runners[n]: r.step(canvas, cache[n], None), device)
+        logits[n] = first[n]
     for _ in range(steps):
-        logits, ms = _timed(lambda sc=runner.sc(logits): runner.step(canvas, cache, sc), device)
-        step.append(ms)
-    commit, warm_commit = [], None
+        for n in names:
+            r = runners[n]
+            logits[n], ms = _timed(lambda r=r, sc=r.sc(logits[n]): r.step(canvas, cache[n], sc), device)
+            t[n]["step"].append(ms)
     for i in range(repeats + 1):
-        c = copy.deepcopy(cache)  # a commit appends to the cache: time each on a fresh copy
-        ms = _timed(lambda: runner.commit(canvas, c), device)[1]
-        if i == 0:
-            warm_commit = ms
-        else:
-            commit.append(ms)
-        del c
-    step_ms, commit_ms = _mean(step), _mean(commit)
+        for n in names:
+            c = copy.deepcopy(cache[n])  # a commit appends to the cache: time each on a fresh copy
+            ms = _timed(lambda r=runners[n], c=c: r.commit(canvas, c), device)[1]
+            if i == 0:
+                warm[n]["commit"] = ms
+            else:
+                t[n]["commit"].append(ms)
+            del c
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     L = canvas.shape[1]
-    out = {
-        "warmup_ms": {"prefill": warm_prefill, "step": warm_step, "commit": warm_commit},
-        "prefill_ms": _mean(prefill),
-        "prefill_tokens_per_s": prompt.shape[1] / _mean(prefill) * 1e3,
-        "step_ms": step_ms,
-        "commit_ms": commit_ms,
-        # min over repeats: robust to other processes on a shared machine
-        "min_ms": {"prefill": min(prefill), "step": min(step), "commit": min(commit)},
-        "tokens_per_s": {str(s): L / (s * step_ms + commit_ms) * 1e3 for s in STEPS_PER_BLOCK},
-        "peak_vram_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
-    }
-    return out, first_logits
+    out = {}
+    for n in names:
+        step_ms, commit_ms, prefill_ms = (_mean(t[n][k]) for k in ("step", "commit", "prefill"))
+        out[n] = ({
+            "warmup_ms": warm[n],
+            "prefill_ms": prefill_ms,
+            "prefill_tokens_per_s": prompt.shape[1] / prefill_ms * 1e3,
+            "step_ms": step_ms,
+            "commit_ms": commit_ms,
+            # min over repeats: robust to other processes on a shared machine
+            "min_ms": {k: min(v) for k, v in t[n].items()},
+            "tokens_per_s": {str(s): L / (s * step_ms + commit_ms) * 1e3 for s in STEPS_PER_BLOCK},
+            "peak_vram_mb": peak,  # of the whole measurement when several runners share it
+        }, first[n])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -360,15 +375,18 @@ def _param_bytes(model: nn.Module) -> int:
 def run_bench(config: str = "reduced", device: str | None = None, dtype: str | None = None, prompt_len: int = 512,
               steps: int = 8, repeats: int = 3, reference: bool = False, moe_only: bool = False,
               experts: str = "dense", layers: int | None = None, vocab: int | None = None,
-              canvas: int | None = None, threads: int | None = None, seed: int = 0) -> dict:
+              canvas: int | None = None, threads: int | None = None, seed: int = 0,
+              model: str | None = None) -> dict:
     """Run the benchmark and return its report (a JSON-serialisable dict).
 
     config: "full" (26B-A4B shape), "reduced" (same routing, narrow; for CPU) or "tiny" (tests).
+    model: instead of a random preset, load this model (a name for dgcli.store.resolve: `tiny`, a
+    checkpoint directory, a downloaded repo id, a `dg quantize` output) and time it as loaded.
     device: "cuda" / "cpu" (default: cuda if available). dtype: "bfloat16" / "float16" / "float32"
     (default: bf16 on CUDA, fp32 on CPU). steps: timed denoising steps; repeats: timed prefills and
     commits. reference: also time transformers on the same shapes and report our speedup.
     moe_only: only the int4 MoE kernel on one layer's experts at canvas-many tokens.
-    experts: "dense" (the model's own bf16 experts) or "int4" (packed, through kernels.moe_int4).
+    experts: "dense" (the model's own experts) or "int4" (random packed, through kernels.moe_int4).
     """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dt = getattr(torch, dtype, None) if dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
@@ -377,18 +395,44 @@ def run_bench(config: str = "reduced", device: str | None = None, dtype: str | N
     for name, v in (("prompt_len", prompt_len), ("steps", steps), ("repeats", repeats)):
         if v < 1:
             raise ValueError(f"{name} must be >= 1, got {v}")
-    tc = text_config(config, layers, vocab, canvas)
-    mc = ModelConfig.from_dict(tc)
     prev_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _run(tc, mc, dev, dt, config, prompt_len, steps, repeats, reference, moe_only, experts, seed)
+        if model is None:
+            tc = text_config(config, layers, vocab, canvas)
+            build = lambda mc: build_engine(mc, dev, dt, experts, seed)  # noqa: E731
+        else:
+            from . import store
+            from .loader import load_model
+
+            path = store.resolve(model)
+            mc = ModelConfig.from_file(path / "config.json")
+            tc, config, experts = config_dict(mc), str(path), "as loaded"
+            build = lambda mc: load_model(path, device=dev, dtype=dt)  # noqa: E731
+        mc = ModelConfig.from_dict(tc)
+        return _run(tc, mc, build, dev, dt, config, prompt_len, steps, repeats, reference, moe_only, experts, seed)
     finally:
         torch.set_num_threads(prev_threads)
 
 
-def _run(tc, mc, dev, dt, config, prompt_len, steps, repeats, reference, moe_only, experts, seed) -> dict:
+def config_dict(mc: ModelConfig) -> dict:
+    """A text-config dict (the released checkpoint's field names) describing `mc`, for presets and
+    for building the transformers reference of a loaded model."""
+    first = {t: mc.layer_types.index(t) for t in (S, F) if t in mc.layer_types}
+    s_i, f_i = first.get(S, 0), first.get(F, 0)
+    return dict(
+        vocab_size=mc.vocab_size, hidden_size=mc.hidden_size, intermediate_size=mc.intermediate_size,
+        num_hidden_layers=mc.num_hidden_layers, num_attention_heads=mc.num_attention_heads,
+        num_key_value_heads=mc.layer_kv_heads[s_i], head_dim=mc.layer_head_dim[s_i],
+        global_head_dim=mc.layer_head_dim[f_i], num_global_key_value_heads=mc.layer_kv_heads[f_i],
+        sliding_window=mc.sliding_window, layer_types=list(mc.layer_types), num_experts=mc.num_experts,
+        top_k_experts=mc.top_k_experts, moe_intermediate_size=mc.moe_intermediate_size,
+        rms_norm_eps=mc.rms_norm_eps, rope_parameters=mc.rope_parameters, canvas_length=mc.canvas_length,
+    )
+
+
+def _run(tc, mc, build, dev, dt, config, prompt_len, steps, repeats, reference, moe_only, experts, seed) -> dict:
     report = {
         "machine": _machine(dev),
         "config": {"name": config, "dtype": str(dt).removeprefix("torch."), "experts": experts,
@@ -408,22 +452,26 @@ def _run(tc, mc, dev, dt, config, prompt_len, steps, repeats, reference, moe_onl
     prompt = torch.randint(0, mc.vocab_size, (1, prompt_len), generator=gen).to(dev)
     canvas_ids = torch.randint(0, mc.vocab_size, (1, mc.canvas_length), generator=gen).to(dev)
 
-    model, build_ms = _timed(lambda: build_engine(mc, dev, dt, experts, seed), dev)
+    model, build_ms = _timed(lambda: build(mc), dev)
     report["weights_gb"] = _param_bytes(model) / 1e9
     report["build_ms"] = build_ms
-    with torch.inference_mode():
-        report["engine"], ours_logits = _phases(_Engine(model), prompt, canvas_ids, steps, repeats, dev)
-
-    if reference:
-        # Same weights when both models fit at once (dense experts only), so the step logits can be compared.
-        same = experts == "dense" and (dev.type == "cpu" or _free_bytes(dev) > 1.2 * _param_bytes(model))
-        state = model.state_dict() if same else None
+    engine = _Engine(model)
+    if not reference:
+        with torch.inference_mode():
+            report["engine"] = _phases({"engine": engine}, prompt, canvas_ids, steps, repeats, dev)["engine"][0]
+    else:
+        # Same weights, and timings interleaved, when both models fit at once (unquantized experts only).
+        plain = all(type(m).__name__ == "Experts" for m in model.modules() if "Experts" in type(m).__name__)
+        same = plain and (dev.type == "cpu" or _free_bytes(dev) > 1.2 * _param_bytes(model))
         if not same:
-            del model
+            with torch.inference_mode():
+                report["engine"] = _phases({"engine": engine}, prompt, canvas_ids, steps, repeats, dev)["engine"][0]
+            del model, engine
             gc.collect()
             _empty_cache(dev)
         ref = build_reference(tc, dev, dt)
         if same:
+            state = model.state_dict()
             missing, unexpected = ref.load_state_dict(state, strict=False)
             # vision tower, tied LM head, and the encoder's copies of decoder weights (tied in the reference)
             tied = {k for k in missing if k.startswith("model.encoder.language_model.")
@@ -432,11 +480,19 @@ def _run(tc, mc, dev, dt, config, prompt_len, steps, repeats, reference, moe_onl
             if missing or unexpected:
                 raise RuntimeError(f"reference weight mapping failed: missing {missing[:3]}, unexpected {unexpected[:3]}")
             ref.tie_weights()
-            del state, model
-            gc.collect()
-        report["reference"], ref_logits = _phases(_Reference(ref), prompt, canvas_ids, steps, repeats, dev)
-        if same:
-            report["reference"]["first_step_max_abs_logit_diff"] = (ours_logits - ref_logits).abs().max().item()
+            del state
+            with torch.inference_mode():
+                both = _phases({"engine": engine, "reference": _Reference(ref)}, prompt, canvas_ids, steps,
+                               repeats, dev)
+            report["engine"] = both["engine"][0]
+            report["reference"] = both["reference"][0]
+            report["interleaved"] = True
+            diff = (both["engine"][1] - both["reference"][1]).abs().max().item()
+            report["reference"]["first_step_max_abs_logit_diff"] = diff
+        else:
+            report["reference"] = _phases({"reference": _Reference(ref)}, prompt, canvas_ids, steps, repeats,
+                                          dev)["reference"][0]
+            report["interleaved"] = False
         e, r = report["engine"], report["reference"]
         report["speedup_vs_reference"] = {  # > 1: dg is faster
             "prefill": r["prefill_ms"] / e["prefill_ms"], "step": r["step_ms"] / e["step_ms"],
@@ -444,7 +500,6 @@ def _run(tc, mc, dev, dt, config, prompt_len, steps, repeats, reference, moe_onl
             **{f"tokens_per_s_{s}": e["tokens_per_s"][str(s)] / r["tokens_per_s"][str(s)] for s in STEPS_PER_BLOCK},
             "min_ms": {k: r["min_ms"][k] / e["min_ms"][k] for k in e["min_ms"]},
         }
-        del ref
     report["peak_rss_mb"] = _peak_rss_mb()
     return report
 
@@ -483,4 +538,44 @@ def finite_numbers(report: dict) -> bool:
     return walk(report)
 
 
-__all__ = ["run_bench", "text_config", "build_engine", "build_reference", "moe_bench", "PRESETS"]
+def main(argv: list[str] | None = None) -> int:
+    """Command line (scripts/bench.py and `dg bench`): parse, run, print or write the JSON."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    p = argparse.ArgumentParser(prog="dg bench", description="Time prefill, denoising steps and commits; "
+                                "print a JSON report (see docs/benchmarks.md).")
+    p.add_argument("--config", choices=sorted(PRESETS), default="reduced",
+                   help="random-init shape: full (26B-A4B), reduced (CPU), tiny (smoke) [reduced]")
+    p.add_argument("-m", "--model", help="time this model as loaded instead (tiny, a directory, a repo id)")
+    p.add_argument("--device", help="cuda | cpu [cuda when available]")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="[bf16 on CUDA, fp32 on CPU]")
+    p.add_argument("--prompt-len", type=int, default=512, help="prompt tokens to prefill [512]")
+    p.add_argument("--steps", type=int, default=8, help="timed denoising steps [8]")
+    p.add_argument("--repeats", type=int, default=3, help="timed prefills and commits [3]")
+    p.add_argument("--experts", choices=["dense", "int4"], default="dense",
+                   help="the model's own experts, or random packed int4 through kernels.moe_int4 [dense]")
+    p.add_argument("--reference", action="store_true", help="also time transformers on the same shapes")
+    p.add_argument("--moe-only", action="store_true", help="only the int4 MoE kernel: one layer, canvas tokens")
+    p.add_argument("--layers", type=int, help="override the layer count (keeps 5 sliding / 1 full)")
+    p.add_argument("--vocab", type=int, help="override the vocabulary size")
+    p.add_argument("--canvas", type=int, help="override the canvas (block) length")
+    p.add_argument("--threads", type=int, help="torch CPU threads (1 is steadier on a shared machine)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, help="write the JSON here instead of stdout")
+    a = p.parse_args(argv)
+    report = run_bench(config=a.config, device=a.device, dtype=a.dtype, prompt_len=a.prompt_len, steps=a.steps,
+                       repeats=a.repeats, reference=a.reference, moe_only=a.moe_only, experts=a.experts,
+                       layers=a.layers, vocab=a.vocab, canvas=a.canvas, threads=a.threads, seed=a.seed,
+                       model=a.model)
+    text = json.dumps(report, indent=2)
+    if a.out:
+        a.out.write_text(text + "\n")
+    else:
+        print(text)
+    return 0
+
+
+__all__ = ["run_bench", "main", "text_config", "config_dict", "build_engine", "build_reference", "moe_bench",
+           "PRESETS"]

@@ -74,7 +74,8 @@ def format_stats(done: DoneEvent, reused: int = 0) -> str:
         f"{sum(steps) / len(steps):.1f} steps/block" if steps else "0 steps",
         f"{done.tokens_per_second:.1f} tok/s",
         f"{done.tokens_per_forward:.2f} tok/forward",
-        f"prompt {done.prompt_tokens} tok" + (f" (+{reused} cached)" if reused else "") + f" in {done.prefill_seconds:.2f}s",
+        f"prompt {done.prompt_tokens} tok" + (f" (+{reused} cached)" if reused else "")
+        + f" in {done.prefill_seconds:.2f}s",
         f"total {done.total_seconds:.2f}s",
     ]
     if done.peak_memory_bytes:
@@ -145,6 +146,7 @@ class CanvasView:
         self.blocks = 0
         self.t0: float | None = None
         self.frames = 0
+        self.finished = False
         self.live = Live(get_renderable=self.render, console=console, refresh_per_second=fps, transient=True,
                          redirect_stdout=False, redirect_stderr=False)
 
@@ -171,6 +173,7 @@ class CanvasView:
             self.commit(event.text)
         elif isinstance(event, DoneEvent):
             self.committed_tokens = event.generated_tokens
+            self.finished = True
         elif isinstance(event, PrefillEvent):
             self.t0 = None
 
@@ -179,15 +182,19 @@ class CanvasView:
         if not self.show_text or not text:
             return
         lines = Text(self.tail + text).wrap(self.console, max(self.console.width, 1))
-        self.tail = lines[-1].plain if len(lines) else ""
-        for line in list(lines)[:-1]:
-            self.live.console.print(Text(line.plain.rstrip(" "), style=COMMITTED), soft_wrap=True)
+        # Live's own (re-entrant) lock: no frame may show the new tail before its lines are printed.
+        with self.live._lock:
+            self.tail = lines[-1].plain if len(lines) else ""
+            for line in list(lines)[:-1]:
+                self.live.console.print(Text(line.plain.rstrip(" "), style=COMMITTED), soft_wrap=True)
 
     def render(self):
         """One frame from the latest event (called on Live's timer thread)."""
         self.frames += 1
         ev = self.step
         body = Text(self.tail, style=COMMITTED)
+        if self.finished:
+            return body
         if ev is not None:
             body.append_text(self.canvas_text(ev, strip_first=not self.tail))
         return Group(body, self.status(ev)) if body.plain else self.status(ev)
@@ -210,7 +217,8 @@ class CanvasView:
     def status(self, ev: StepEvent | None) -> Table:
         grid = Table.grid(padding=(0, 1))
         elapsed = time.perf_counter() - self.t0 if self.t0 is not None else 0.0
-        rate = f"{self.committed_tokens / elapsed:6.1f} tok/s" if elapsed > 0 and self.committed_tokens else "    — tok/s"
+        rate = (f"{self.committed_tokens / elapsed:6.1f} tok/s" if elapsed > 0 and self.committed_tokens
+                else "    — tok/s")
         if ev is None:
             what = "reading the prompt" if self.t0 is None else "committing"
             grid.add_row(Text(f"block {self.blocks + 1:>2}", style=STATUS), Text(what, style=STATUS),

@@ -22,7 +22,6 @@ from .cli_common import (BadUsage, DeviceOpt, DgGroup, DtypeOpt, EntropyBoundOpt
                          check_settings, load, parse_size, quiet_closed_pipe, read_prompt, resolve_name,
                          sampling)
 from .errors import DgError
-from .generate import stream_generate
 
 app = typer.Typer(
     cls=DgGroup, name="dg", no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -55,14 +54,17 @@ def use_canvas(stream, no_canvas: bool = False) -> bool:
 @app.command(epilog=example('dg run "Write a haiku about rain"', 'cat notes.md | dg run "Summarize:" > summary.txt',
                             'dg run -m tiny --json --seed 1 "hi" | jq .tokens_per_second'))
 def run(
-    prompt: Annotated[Optional[str], typer.Argument(help="The prompt; text piped on stdin is appended.")] = None,
+    prompt: Annotated[Optional[str], typer.Argument(metavar="PROMPT",
+                                                    help="The prompt; text piped on stdin is appended.")] = None,
     model: ModelOpt = store.DEFAULT_MODEL,
     max_tokens: MaxTokensOpt = None, steps: StepsOpt = None, entropy_bound: EntropyBoundOpt = None,
     t_min: TMinOpt = None, t_max: TMaxOpt = None, temperature: TemperatureOpt = None, seed: SeedOpt = None,
     system: SystemOpt = None, think: ThinkOpt = False,
     raw: Annotated[bool, typer.Option("--raw", help="Send the prompt as it is, without the chat template.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: text, counts, timings, settings.")] = False,
-    canvas: Annotated[bool, typer.Option("--canvas", help="Draw the live canvas on stderr (if it is a terminal).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: text, counts, timings, "
+                                          "settings.")] = False,
+    canvas: Annotated[bool, typer.Option("--canvas", help="Draw the live canvas on stderr (if it is a "
+                                         "terminal).")] = False,
     noise: NoiseOpt = "text",
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print a stats line on stderr.")] = False,
     device: DeviceOpt = None, dtype: DtypeOpt = None,
@@ -78,6 +80,8 @@ def run(
     text = read_prompt(prompt)
     m, tok = load(model, device, dtype)
     check_settings(m, settings)
+    from .api import stream_generate
+
     events = stream_generate(m, tok, text, raw=raw, system=system, think=think, **settings)
     with quiet_closed_pipe(), ExitStack() as stack:
         views = [stack.enter_context(v) for v in run_views(tok, canvas, noise, as_json)]
@@ -103,9 +107,9 @@ def run_views(tok, canvas: bool, noise: str, as_json: bool) -> list:
 
 @app.command(epilog=example("dg chat", "dg chat tiny", "dg chat -m ./my-quantized-model --think"))
 def chat(
-    name: Annotated[Optional[str], typer.Argument(metavar="[NAME]", help="Model (same as --model).")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", metavar="NAME",
-                                                 help="HF repo id, checkpoint or quantized directory, or 'tiny'.")] = None,
+    name: Annotated[Optional[str], typer.Argument(metavar="NAME", help="Model (same as --model).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", metavar="NAME", help="HF repo id, checkpoint "
+                                                 "or quantized directory, or 'tiny'.")] = None,
     max_tokens: MaxTokensOpt = None, steps: StepsOpt = None, entropy_bound: EntropyBoundOpt = None,
     t_min: TMinOpt = None, t_max: TMaxOpt = None, temperature: TemperatureOpt = None, seed: SeedOpt = None,
     system: SystemOpt = None, think: ThinkOpt = False,
@@ -135,7 +139,7 @@ def chat(
 
 
 @app.command(epilog=example("dg pull", "dg pull google/diffusiongemma-26B-A4B-it", "dg pull tiny"))
-def pull(name: Annotated[str, typer.Argument(help="HF repo id, or 'tiny'.")] = store.DEFAULT_MODEL):
+def pull(name: Annotated[str, typer.Argument(metavar="NAME", help="HF repo id, or 'tiny'.")] = store.DEFAULT_MODEL):
     """Download a model into the Hugging Face cache (shared with other tools; resumes; uses HF_TOKEN)."""
     path = store.pull(name)
     try:
@@ -167,67 +171,70 @@ def list_(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] =
 
 @app.command(epilog=example("dg show tiny", "dg show google/diffusiongemma-26B-A4B-it --context 32768"))
 def show(
-    name: Annotated[str, typer.Argument(help="Model name.")] = store.DEFAULT_MODEL,
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Model name.")] = store.DEFAULT_MODEL,
     context: Annotated[int, typer.Option("--context", min=1, help="Tokens of context for the memory estimate.")] = 8192,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ):
     """Show a model: architecture, quantization, estimated VRAM, sampler defaults, chat template."""
     path = store.resolve(name)
     info = {"name": name, **store.describe(path, context=context)}
-    info["estimated_vram_bytes"] = estimate_vram(path, info, context)
+    plan = vram_plan(path, context)
+    info["estimated_vram_bytes"] = plan.total_bytes if plan else info["weight_bytes"] + info["kv_cache_bytes"]
+    info["vram_plan"] = plan.to_dict() if plan else None
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return
-    a, q = info["architecture"], info["quantization"]
+    a = info["architecture"]
+    p = info["parameters"]
     lines = [
         f"{name}  ({info['kind']})", f"  path          {path}",
-        f"  parameters    {info['parameters'] / 1e9:.2f}B" if info["parameters"] >= 1e8 else
-        f"  parameters    {info['parameters']:,}",
+        f"  parameters    {p / 1e9:.2f}B" if p >= 1e8 else f"  parameters    {p:,}",
         f"  layers        {a['layers']} ({a['full_attention_layers']} full attention, the rest sliding window "
         f"{a['sliding_window']})",
-        f"  hidden        {a['hidden_size']}, {a['attention_heads']} heads, kv heads {a['kv_heads']}, "
-        f"head dims {a['head_dims']}",
+        f"  attention     {a['attention_heads']} heads, kv heads {a['kv_heads']}, head dims {a['head_dims']}, "
+        f"hidden {a['hidden_size']}",
         f"  experts       {a['experts']} x {a['expert_size']}, {a['experts_per_token']} per token; "
         f"dense MLP {a['dense_mlp_size']}",
         f"  vocabulary    {a['vocab_size']}, canvas {a['canvas_length']} tokens, "
-        f"context up to {a['max_position_embeddings']}",
-        f"  quantization  {describe_quant(q)}",
+        f"context up to {a['max_position_embeddings']:,}",
+        f"  quantization  {describe_quant(info['quantization'])}",
         f"  weights       {format_bytes(info['weight_bytes'])} on disk",
-        f"  est. VRAM     {format_bytes(info['estimated_vram_bytes'])} at {context} tokens of context "
-        f"(weights + KV cache {format_bytes(info['kv_cache_bytes'])})",
+        f"  est. VRAM     {format_bytes(info['estimated_vram_bytes'])} at {context:,} tokens of context"
+        + ("" if plan else f" (weights + KV cache {format_bytes(info['kv_cache_bytes'])})"),
         "  sampler       " + ", ".join(f"{k}={v}" for k, v in info["sampler_defaults"].items()),
         f"  chat template {'yes' if info['chat_template'] else 'no (use --raw)'}",
     ]
+    if plan:
+        lines += ["", plan.table()]
     typer.echo("\n".join(lines))
 
 
 def describe_quant(manifest) -> str:
     if not manifest:
-        return "none (16-bit weights)"
-    scheme = manifest.get("scheme") or (manifest.get("quantization") or {}).get("scheme") or "see dg_manifest.json"
-    version = manifest.get("format_version") or manifest.get("version")
-    return f"{scheme}" + (f" (format {version})" if version else "")
+        return "none"
+    groups = manifest.get("groups") or {}
+    parts = [f"{k} {v}" for k, v in groups.items()] if isinstance(groups, dict) else []
+    if manifest.get("format_version"):
+        parts.append(f"format {manifest['format_version']}")
+    return f"{manifest.get('scheme', 'see dg_manifest.json')}" + (f" ({', '.join(parts)})" if parts else "")
 
 
-def estimate_vram(path: Path, info: dict, context: int) -> int:
-    """quant.planner's estimate when it has one for this directory; else weights + KV cache."""
+def vram_plan(path: Path, context: int):
+    """quant.planner's estimate (weights, KV cache, activations, runtime), if quant is installed."""
     try:
-        from quant import planner
-
-        fn = getattr(planner, "estimate_for_dir", None)
-        if fn is not None:
-            est = fn(path, context=context) if "context" in fn.__code__.co_varnames else fn(path)
-            est = est.get("total_bytes", est.get("total")) if isinstance(est, dict) else getattr(est, "total_bytes", est)
-            if isinstance(est, (int, float)):
-                return int(est)
+        from quant.planner import estimate_for_dir
     except ImportError:
-        pass
-    return info["weight_bytes"] + info["kv_cache_bytes"]
+        return None
+    try:
+        return estimate_for_dir(path, context=context)
+    except DgError as e:  # a broken manifest: show the rest anyway
+        typer.echo(f"warning: no VRAM estimate: {e}", err=True)
+        return None
 
 
 @app.command(epilog=example("dg rm tiny", "dg rm google/diffusiongemma-26B-A4B-it --yes"))
 def rm(
-    name: Annotated[str, typer.Argument(help="A model `dg list` shows.")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="A model `dg list` shows.")],
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
 ):
     """Delete a model dg manages (tiny, dg's models directory, or a repo in the HF cache)."""
@@ -241,10 +248,10 @@ def rm(
 @app.command(epilog=example("dg quantize google/diffusiongemma-26B-A4B-it",
                             "dg quantize ./ckpt ./ckpt-nf4 --scheme nf4 --budget 24GiB --context 65536"))
 def quantize(
-    src: Annotated[str, typer.Argument(help="Source model (name or directory).")],
-    out: Annotated[Optional[Path], typer.Argument(help="Output directory (default: dg's models directory).")] = None,
-    scheme: Annotated[Literal["int4", "nf4"], typer.Option("--scheme",
-                                        help="4-bit format of the experts.")] = "int4",
+    src: Annotated[str, typer.Argument(metavar="SRC", help="Source model (name or directory).")],
+    out: Annotated[Optional[Path], typer.Argument(metavar="OUT", help="Output directory (default: "
+                                                  "dg's models directory, SRC's name + scheme).")] = None,
+    scheme: Annotated[Literal["int4", "nf4"], typer.Option("--scheme", help="4-bit format of the experts.")] = "int4",
     budget: Annotated[str, typer.Option("--budget", help="VRAM to fit: 18GB (10^9), 18GiB (2^30).")] = "18GB",
     context: Annotated[int, typer.Option("--context", min=1, help="Context length the budget must hold.")] = 32768,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
@@ -252,35 +259,24 @@ def quantize(
     """Write a 4-bit checkpoint that fits a VRAM budget (streams tensors: no GPU, bounded RAM)."""
     budget_bytes = parse_size(budget)
     src_path = store.resolve(src)
-    out = out or store.models_dir() / f"{Path(src.rstrip('/')).name}-{scheme}"
-    if out.exists() and not force:
-        raise DgError(f"{out} exists; pass --force to replace it")
     try:
         from quant.convert import quantize_checkpoint
     except ImportError as e:
         raise DgError(f"quantization is not available in this install ({e})") from None
-    result = quantize_checkpoint(src_path, out, scheme=scheme, budget_bytes=budget_bytes, context=context,
-                                 force=force)
-    typer.echo(f"wrote {result or out}")
+    out = quantize_checkpoint(src_path, out, scheme=scheme, budget_bytes=budget_bytes, context=context, force=force)
+    typer.echo(f"wrote {out}")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-             epilog=example("dg bench --help", "dg bench -m tiny"))
+             epilog=example("dg bench -m tiny", "dg bench --config full --experts int4",
+                            "dg bench -- --help        # the benchmark's own options"))
 def bench(ctx: typer.Context):
-    """Measure speed (arguments are passed to the benchmark script)."""
+    """Time prefill, denoising steps and commits; print a JSON report (arguments go to dgcli.bench)."""
     try:
         from dgcli import bench as b
-    except ImportError:
-        script = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
-        if not script.is_file():
-            raise DgError("benchmarks are not part of this install (no dgcli.bench, no scripts/bench.py)") from None
-        import runpy
-
-        sys.argv = [str(script), *ctx.args]
-        runpy.run_path(str(script), run_name="__main__")
-        return
-    code = b.main(list(ctx.args))
-    raise typer.Exit(code or 0)
+    except ImportError as e:
+        raise DgError(f"benchmarks are not part of this install ({e})") from None
+    raise typer.Exit(b.main(list(ctx.args)) or 0)
 
 
 def main() -> None:

@@ -142,7 +142,7 @@ def sampling(max_tokens=None, steps=None, entropy_bound=None, t_min=None, t_max=
 def check_settings(model, settings: dict) -> None:
     """Validate flags against the model's own defaults (e.g. --t-max below its t_min): bad usage."""
     from .errors import ConfigError
-    from .generate import sampler_settings
+    from .api import sampler_settings
 
     try:
         sampler_settings(model, **settings)
@@ -173,7 +173,7 @@ def load(name: str, device: str | None = None, dtype: str | None = None, quiet: 
             with err.status(f"loading {name}", spinner="dots"):
                 return dgcli.load(name, device=device, dtype=dtype)
         return dgcli.load(name, device=device, dtype=dtype)
-    except (RuntimeError, AssertionError) as e:
+    except RuntimeError as e:  # e.g. a CUDA error from a device that exists but cannot be used
         if device is None or debug():
             raise
         raise DgError(f"cannot use device '{device}': {str(e).strip().splitlines()[0] if str(e) else e}") from None

@@ -57,6 +57,24 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_device(device) -> torch.device:
+    """The device to load onto; a clear error for one this torch cannot use."""
+    if device is None:
+        return default_device()
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DgError(f"unknown device {device!r} (use cpu, cuda or cuda:N)") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DgError(f"device {device!r}: no CUDA GPU is usable by this torch build ({torch.__version__})")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise DgError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) present")
+    elif d.type != "cpu":
+        raise DgError(f"device {device!r} is not supported (use cpu, cuda or cuda:N)")
+    return d
+
+
 def keeps_stored_dtype(key: str, is_float: bool) -> bool:
     """Integer tensors and dg quantize's packed .scales/.zeros keep their stored dtype."""
     return not is_float or key.endswith((".scales", ".zeros"))
@@ -144,7 +162,7 @@ def read_state_dict(plan, device: torch.device, dtype: torch.dtype) -> dict[str,
 def load_model(path: str | Path, device=None, dtype=None) -> DiffusionGemma:
     path = Path(path)
     config = ModelConfig.from_file(path / "config.json")
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     dtype = dtype or default_dtype(path, device)
     with torch.device("meta"):
         model = DiffusionGemma(config)

@@ -12,7 +12,6 @@ handles slash commands, and shows each answer through a canvas_view. Ctrl-C stop
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,7 +23,7 @@ from . import store
 from .canvas_view import NOISE_STYLES, CanvasView, PlainView, TokenPieces, consume, format_stats
 from .errors import DgError
 from .events import BlockEvent, DoneEvent, Event, PrefillEvent
-from .generate import prompt_ids, sampler_settings, stream_generate
+from .api import prefill, prompt_ids, sampler_settings, stream_generate
 
 SETTINGS = {"max_new_tokens": int, "max_denoising_steps": int, "entropy_bound": float, "t_min": float,
             "t_max": float, "stability_threshold": int, "confidence_threshold": float, "seed": int}
@@ -32,10 +31,8 @@ ALIASES = {"max_tokens": "max_new_tokens", "steps": "max_denoising_steps"}
 
 
 def snapshot(cache):
-    """A copy of a KVCache sharing its (never modified) tensors."""
-    c = copy.copy(cache)
-    c.keys, c.values = list(cache.keys), list(cache.values)
-    return c
+    """A copy of the reference KVCache; it shares the tensors, which are never modified in place."""
+    return cache.copy()
 
 
 class ChatSession:
@@ -62,16 +59,13 @@ class ChatSession:
         """(cache copy, n) for the longest snapshot whose ids start `ids`; (new cache, 0) if none does."""
         best = max((s for s in self.snapshots if ids[:len(s[0])] == s[0]), key=lambda s: len(s[0]), default=None)
         if best is None or not self.reuse_cache:
+            # The reference cache even on CUDA: the static one is written in place, so it cannot be
+            # snapshotted for free (an engine change could add that).
             return self.model.new_cache(), 0
         return snapshot(best[1]), len(best[0])
 
-    def prefill(self, cache, ids: list[int]) -> PrefillEvent | None:
-        """Encode ids into cache: the engine's prefill, stopped before any denoising."""
-        events = stream_generate(self.model, self.tokenizer, ids, cache=cache, max_new_tokens=1)
-        try:
-            return next(e for e in events if isinstance(e, PrefillEvent))
-        finally:
-            events.close()
+    def prefill(self, cache, ids: list[int]) -> PrefillEvent:
+        return prefill(self.model, ids, cache)
 
     def turn(self, text: str) -> Iterator[Event]:
         """Add a user message and yield the answer's events. Closing it early (Ctrl-C) keeps the

@@ -12,7 +12,7 @@ Per block (canvas of L tokens):
   commit the argmax canvas; a block with an EOS anywhere finishes generation (pads after the EOS).
 Random draws, in this order, all from one generator: randint(L) per block, then per step
 multinomial(L×V) and randint(L). `seed=S` reproduces `torch.manual_seed(S); model.generate(...)`.
-This module knows tokens only; text is the tokenizer layer's job (dgcli/generate.py).
+This module knows tokens only; text is the tokenizer layer's job (dgcli/api.py).
 """
 
 from __future__ import annotations

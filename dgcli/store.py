@@ -9,6 +9,7 @@ dg's data directory is `$DG_HOME`, else `$XDG_DATA_HOME/dg`, else `~/.local/shar
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from . import tiny
@@ -160,7 +161,8 @@ def list_models() -> list[ModelEntry]:
     out = [e for e in [tiny_entry()] if e]
     if models_dir().is_dir():
         for d in sorted(models_dir().iterdir()):
-            if d.name.startswith((".", f"{tiny.NAME}-v")) or not (d / "config.json").is_file():
+            builtin = re.fullmatch(rf"{tiny.NAME}-v\d+", d.name)
+            if d.name.startswith(".") or builtin or not (d / "config.json").is_file():
                 continue
             out.append(ModelEntry(d.name, kind_of(d), dir_size(d), d))
     return out + hf_cached_models()

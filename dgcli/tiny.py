@@ -16,10 +16,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-
 from .config import FULL, SLIDING, ModelConfig
 
 NAME = "tiny"
@@ -77,7 +73,9 @@ def vocabulary() -> list[str]:
     return SPECIALS + words + [p for p in pieces if p not in words]
 
 
-def build_tokenizer() -> Tokenizer:
+def build_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
     vocab = {t: i for i, t in enumerate(vocabulary())}
     tok = Tokenizer(models.WordPiece(vocab, unk_token="<unk>", max_input_chars_per_word=64))
     tok.normalizer = normalizers.Lowercase()
@@ -111,7 +109,9 @@ GENERATION_CONFIG = dict(
 )
 
 
-def random_weights(config: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+def random_weights(config: ModelConfig, seed: int = 0) -> dict:
+    import torch
+
     from .model import DiffusionGemma
 
     g = torch.Generator().manual_seed(seed)
@@ -134,6 +134,8 @@ def random_weights(config: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor
 
 def write(dest: Path) -> None:
     """Write the tiny checkpoint into `dest` (which must not exist)."""
+    from safetensors.torch import save_file
+
     tok = build_tokenizer()
     cfg = config_dict(tok.get_vocab_size(with_added_tokens=True))
     dest.mkdir(parents=True)

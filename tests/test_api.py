@@ -5,7 +5,7 @@ import torch
 
 import dgcli
 from dgcli.events import BlockEvent, DoneEvent, PrefillEvent, StepEvent
-from dgcli.generate import prompt_ids
+from dgcli.api import prompt_ids
 
 
 def events(tiny, prompt="hi", **kw):

@@ -14,6 +14,7 @@ generation_config.json, then the reference's defaults.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 
 import torch
@@ -21,7 +22,7 @@ import torch
 from . import store
 from .cache import KVCache
 from .config import SamplerSettings
-from .events import BlockEvent, DoneEvent, Event
+from .events import BlockEvent, DoneEvent, Event, PrefillEvent
 from .loader import load_model
 from .sampler import denoise, useful_length
 from .tokenizer import Tokenizer
@@ -80,6 +81,16 @@ def stream_generate(model, tokenizer: Tokenizer, prompt, *, raw: bool = False, s
         elif isinstance(event, DoneEvent):
             event.text = final_text(tokenizer, event.token_ids, s)
         yield event
+
+
+def prefill(model, token_ids: list[int], cache) -> PrefillEvent:
+    """Encode token ids onto `cache`, as a generation does first (chat uses it to snapshot a prefix)."""
+    t0 = time.perf_counter()
+    if token_ids:
+        model.encode(torch.tensor([token_ids], dtype=torch.long, device=model.device), cache)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+    return PrefillEvent(prompt_tokens=len(token_ids), cached_tokens=cache.length, seconds=time.perf_counter() - t0)
 
 
 def final_text(tokenizer: Tokenizer, token_ids: list[int], s: SamplerSettings) -> str:
