@@ -1,0 +1,17 @@
+"""dg's compute kernels. Each module holds a Triton kernel, its launcher, a plain-PyTorch reference
+with the same signature (`<name>_ref`, which defines correctness and runs anywhere) and a dispatcher
+(`<name>`) that picks Triton on CUDA and the reference otherwise. `DG_KERNELS=ref|triton` overrides
+the choice for A/B runs; `DG_KERNELS=triton` on CPU tensors needs `TRITON_INTERPRET=1` (the tests'
+way of checking the kernels without a GPU). `DG_AUTOTUNE=0` skips autotuning (default tiles).
+
+- moe_int4:    routed experts on packed 4-bit weights (group 64), the bulk of every step's bytes
+- lm_head:     LM head + softcap + temperature + argmax/entropy/logsumexp, one pass over the vocabulary
+- int8_linear: weight-only int8 (per-row scale) linear for dense projections
+"""
+
+from .int8_linear import int8_linear, int8_linear_ref, quantize_int8
+from .lm_head import HeadOut, lm_head, lm_head_ref
+from .moe_int4 import moe_int4, moe_int4_ref, pack_int4, unpack_int4
+
+__all__ = ["moe_int4", "moe_int4_ref", "pack_int4", "unpack_int4", "lm_head", "lm_head_ref", "HeadOut",
+           "int8_linear", "int8_linear_ref", "quantize_int8"]

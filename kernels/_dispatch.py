@@ -1,0 +1,144 @@
+"""Shared plumbing for the kernels: Triton availability, the `DG_KERNELS` switch, interpreter
+wrapping for CPU tensors, and an autotuner that survives configurations the compiler rejects."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+try:
+    import triton
+except ImportError:  # CPU-only installs (macOS, Windows, no wheel): the references still work
+    triton = None
+
+HAS_TRITON = triton is not None
+MODES = ("auto", "ref", "triton")
+
+
+def mode() -> str:
+    m = os.environ.get("DG_KERNELS", "auto").strip().lower() or "auto"
+    if m not in MODES:
+        raise ValueError(f"DG_KERNELS must be one of {', '.join(MODES)}, got {m!r}")
+    return m
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Triton on CUDA by default; `DG_KERNELS=ref` forces the reference, `=triton` forces Triton
+    (on CPU tensors that means the interpreter, as the tests run it)."""
+    m = mode()
+    if m == "ref":
+        return False
+    if m == "triton":
+        if not HAS_TRITON:
+            raise RuntimeError("DG_KERNELS=triton but triton is not importable (pip install triton)")
+        return True
+    return HAS_TRITON and t.is_cuda
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def launchable(kernel, device: torch.device):
+    """The kernel as it can be launched on `device` (`launchable(k, x.device)[grid](...)`).
+
+    CPU tensors need Triton's interpreter. If triton was imported before TRITON_INTERPRET was set
+    (another test module got there first), the kernel and triton's own jit helpers (tl.max, tl.sum,
+    tl.zeros...) are compiled JITFunctions; interpret them on the fly for the duration of the launch.
+    """
+    if device.type != "cpu":
+        return kernel
+    if not interpreting():
+        raise RuntimeError("a Triton kernel on CPU tensors needs TRITON_INTERPRET=1 (or DG_KERNELS=ref)")
+    from triton.runtime.interpreter import InterpretedFunction
+
+    _fix_interpreter_bf16_dot()
+    if isinstance(kernel, InterpretedFunction):
+        return kernel
+    return _Interpreted(kernel)
+
+
+_as_interpreted: dict = {}  # id(JITFunction) -> (it, InterpretedFunction); JITFunction's hash parses source
+
+
+def _interpreted(fn):
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if id(fn) not in _as_interpreted:
+        _as_interpreted[id(fn)] = (fn, InterpretedFunction(fn.fn))  # holding fn keeps its id unique
+    return _as_interpreted[id(fn)][1]
+
+
+class _Interpreted:
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            from triton.runtime.jit import JITFunction
+
+            saved = JITFunction.__call__
+            JITFunction.__call__ = lambda self, *a, **k: _interpreted(self)(*a, **k)  # device-function calls
+            try:
+                return _interpreted(self.kernel)[grid](*args, **kwargs)
+            finally:
+                JITFunction.__call__ = saved
+
+        return launch
+
+
+_bf16_fixed = False
+
+
+def _fix_interpreter_bf16_dot() -> None:
+    """Triton 3.9's interpreter stores bf16 as raw uint16 bits and its `create_dot` multiplies those
+    bits as integers. Widen bf16 operands to fp32 (exact) first, so bf16 kernels can be checked on CPU.
+    Touches only the interpreter; compiled kernels are unaffected."""
+    global _bf16_fixed
+    if _bf16_fixed:
+        return
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    original = interpreter.InterpreterBuilder.create_dot
+
+    def widen(h):
+        if h.dtype == tl.bfloat16:
+            return interpreter.TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+        return h
+
+    def create_dot(self, a, b, d, *args, **kwargs):
+        return original(self, widen(a), widen(b), d, *args, **kwargs)
+
+    interpreter.InterpreterBuilder.create_dot = create_dot
+    _bf16_fixed = True
+
+
+def autotune_enabled(device: torch.device) -> bool:
+    return device.type == "cuda" and os.environ.get("DG_AUTOTUNE", "1") != "0" and not interpreting()
+
+
+def pick_fastest(candidates, run, default, label: str):
+    """Time `run(cfg)` for each candidate with triton.testing.do_bench and return (best cfg, ms).
+
+    A candidate that fails to compile or launch (resource limits, or a backend crash such as
+    `make_ttgir` rejecting a tile on sm_120) is skipped instead of aborting; if all fail, the
+    known-good `default` is returned untimed. Never call this under CUDA-graph capture.
+    """
+    from triton.testing import do_bench
+
+    best, best_ms = None, float("inf")
+    for cfg in candidates:
+        try:
+            ms = do_bench(lambda: run(cfg), warmup=5, rep=25)
+        except Exception:  # noqa: BLE001 - any compiler or launch error just drops this config
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    if best is None:
+        warnings.warn(f"{label}: every autotune candidate failed; using the default config", stacklevel=3)
+        return default, float("nan")
+    return best, best_ms

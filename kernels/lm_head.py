@@ -1,0 +1,210 @@
+"""LM head fused with the sampler's per-position statistics, computed in chunks of the vocabulary.
+
+A denoising step turns h [L, H] into logits over V = 262144 tokens. Done unfused, the arithmetic is
+    logits = h @ Eᵀ (model dtype) -> fp32 -> tanh(·/cap)·cap -> / temperature,
+then softmax, argmax, entropy and logsumexp over [L, V]. That writes and re-reads several fp32
+[256 × 262144] tensors (256 MiB each) per step. Here every vocabulary chunk is produced once: it is
+softcapped and divided by the temperature in registers (Triton) or while still small (reference),
+written once to `proc` (the processed logits, in `out_dtype`), and reduced on the spot to per-row
+partials (max, argmax, Σe^(x-m), Σe^(x-m)(x-m)). The partials are combined in a fixed order.
+    entropy = log Σe^(x-m) - Σe^(x-m)(x-m) / Σe^(x-m)      (nats; terms stay small for confident rows)
+    lse     = m + log Σe^(x-m)
+Sampling itself is left to the caller. torch.multinomial's draws must match the reference's RNG
+stream for seeded runs, so they cannot be fused without giving up seed-for-seed parity.
+
+The embedding may be the model's float matrix [V, H] or int8 with one scale per vocabulary row
+(`weight_scale` [V]; quant.md §2e); the scale is applied to the fp32 accumulator. Logits are
+rounded to h's dtype before the softcap, as `Embedding.head` in the model does.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from ._dispatch import HAS_TRITON, autotune_enabled, launchable, pick_fastest, use_triton
+
+
+class HeadOut(NamedTuple):
+    proc: torch.Tensor  # [L, V] out_dtype: softcap(logits) / temperature
+    argmax: torch.Tensor  # [L] int64, first maximum
+    entropy: torch.Tensor  # [L] fp32, nats, of softmax(proc)
+    lse: torch.Tensor  # [L] fp32, logsumexp(proc)
+
+
+def _check(h, weight, weight_scale):
+    if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1]:
+        raise ValueError(f"h {tuple(h.shape)} must be [L, H] and weight {tuple(weight.shape)} [V, H]")
+    if weight.dtype == torch.int8:
+        if weight_scale is None or weight_scale.shape != (weight.shape[0],):
+            raise ValueError(f"int8 weight needs weight_scale of shape [{weight.shape[0]}]")
+    elif weight_scale is not None:
+        raise ValueError("weight_scale is only for int8 weights")
+
+
+def _temperature(temperature, device) -> torch.Tensor:
+    """A 1-element fp32 tensor on device (a tensor stays on device: no host sync, graph friendly)."""
+    return torch.as_tensor(temperature, dtype=torch.float32, device=device).reshape(1)
+
+
+def combine(m: torch.Tensor, s: torch.Tensor, t: torch.Tensor, arg: torch.Tensor):
+    """Merge per-chunk partials [L, C] (chunk order = vocabulary order) into (argmax, entropy, lse)."""
+    M = m.max(dim=-1, keepdim=True).values
+    a = torch.exp(m - M)
+    S = (a * s).sum(-1)
+    Tt = (a * (t + (m - M) * s)).sum(-1)
+    first = (m == M).int().argmax(-1, keepdim=True)  # earliest chunk holding the maximum
+    argmax = arg.gather(-1, first).squeeze(-1).long()
+    logS = torch.log(S)
+    return argmax, logS - Tt / S, M.squeeze(-1) + logS
+
+
+def lm_head_ref(h, weight, temperature, softcap: float | None = 30.0, weight_scale=None,
+                out_dtype=torch.float32, chunk: int = 16384) -> HeadOut:
+    """PyTorch, one vocabulary chunk at a time (fp32 intermediates of [L, chunk] only)."""
+    _check(h, weight, weight_scale)
+    L, V = h.shape[0], weight.shape[0]
+    temp = _temperature(temperature, h.device)
+    proc = torch.empty(L, V, dtype=out_dtype, device=h.device)
+    parts = []
+    for v0 in range(0, V, chunk):
+        w = weight[v0:v0 + chunk]
+        if weight_scale is None:
+            x = F.linear(h, w).float()  # in the model dtype, like Embedding.head
+        else:
+            x = (F.linear(h.float(), w.float()) * weight_scale[v0:v0 + chunk].float()).to(h.dtype).float()
+        if softcap:
+            x = torch.tanh(x / softcap) * softcap
+        x = x / temp
+        proc[:, v0:v0 + chunk] = x
+        m, a = x.max(dim=-1)
+        d = x - m[:, None]
+        b = torch.exp(d)
+        parts.append((m, b.sum(-1), (b * d).sum(-1), a + v0))
+    m, s, t, arg = (torch.stack(p, dim=-1) for p in zip(*parts))
+    return HeadOut(proc, *combine(m, s, t, arg))
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _lm_head_kernel(
+        h_ptr, w_ptr, ws_ptr, temp_ptr, out_ptr, pm_ptr, ps_ptr, pt_ptr, pa_ptr,
+        L, V, K, softcap,
+        stride_hl, stride_wv, stride_ol, stride_pl,
+        HAS_SCALE: tl.constexpr, HAS_CAP: tl.constexpr, EVEN_K: tl.constexpr, FP32: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)  # fastest: the row tiles of one vocabulary tile run together (L2 reuse)
+        pid_n = tl.program_id(1)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < L
+        col_ok = cols < V
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hl + offs_k[None, :]
+        b_ptrs = w_ptr + cols[None, :].to(tl.int64) * stride_wv + offs_k[:, None]  # [BK, BN]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+                b = tl.load(b_ptrs, mask=col_ok[None, :], other=0)
+            else:
+                k_ok = offs_k < K - k0
+                a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=col_ok[None, :] & k_ok[:, None], other=0)
+            if HAS_SCALE:  # int8 codes: exact in bf16/fp16 (|q| <= 127); via fp32 for the interpreter
+                b = b.to(tl.float32).to(a.dtype)
+            if FP32:
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
+
+        if HAS_SCALE:
+            acc = acc * tl.load(ws_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        x = acc.to(h_ptr.dtype.element_ty).to(tl.float32)  # the model's logits are in its dtype
+        if HAS_CAP:
+            y = x / softcap
+            e = tl.exp(-2.0 * tl.abs(y))
+            th = (1.0 - e) / (1.0 + e)
+            x = tl.where(y >= 0, th, -th) * softcap
+        x = x / tl.load(temp_ptr)
+        o_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_ol + cols[None, :]
+        tl.store(o_ptrs, x.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+        xm = tl.where(col_ok[None, :], x, float("-inf"))
+        m = tl.max(xm, axis=1)
+        arg = tl.argmax(xm, axis=1)
+        d = x - m[:, None]  # x itself is finite on masked columns (zero weights): no inf·0
+        b = tl.where(col_ok[None, :], tl.exp(d), 0.0)
+        s = tl.sum(b, axis=1)
+        t = tl.sum(b * d, axis=1)
+        p = rows.to(tl.int64) * stride_pl + pid_n
+        tl.store(pm_ptr + p, m, mask=row_ok)
+        tl.store(ps_ptr + p, s, mask=row_ok)
+        tl.store(pt_ptr + p, t, mask=row_ok)
+        tl.store(pa_ptr + p, arg + pid_n * BLOCK_N, mask=row_ok)
+
+
+DEFAULT_TILE = (64, 128, 64, 4, 3)  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages
+_TILES = ((64, 128, 64, 4, 3), (64, 128, 128, 4, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
+          (64, 256, 64, 8, 4), (128, 128, 128, 8, 3), (128, 64, 64, 4, 4), (256, 128, 64, 8, 3))
+_tuned: dict = {}
+
+
+def lm_head_triton(h, weight, temperature, softcap: float | None = 30.0, weight_scale=None,
+                   out_dtype=torch.float32, tile: tuple | None = None) -> HeadOut:
+    """The Triton path; `tile` = (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), else autotuned on CUDA."""
+    _check(h, weight, weight_scale)
+    h, weight = h.contiguous(), weight.contiguous()
+    L, K = h.shape
+    V = weight.shape[0]
+    temp = _temperature(temperature, h.device)
+    proc = torch.empty(L, V, dtype=out_dtype, device=h.device)
+    if L == 0:
+        z = torch.empty(0, device=h.device)
+        return HeadOut(proc, z.long(), z, z)
+
+    def run(cfg):
+        bm, bn, bk, warps, stages = cfg
+        n_tiles = triton.cdiv(V, bn)
+        part = torch.empty(4, L, n_tiles, dtype=torch.float32, device=h.device)
+        arg = torch.empty(L, n_tiles, dtype=torch.int32, device=h.device)
+        launchable(_lm_head_kernel, h.device)[(triton.cdiv(L, bm), n_tiles)](
+            h, weight, weight_scale if weight_scale is not None else h, temp, proc,
+            part[0], part[1], part[2], arg,
+            L, V, K, float(softcap or 1.0),
+            h.stride(0), weight.stride(0), proc.stride(0), n_tiles,
+            HAS_SCALE=weight_scale is not None, HAS_CAP=bool(softcap), EVEN_K=K % bk == 0,
+            FP32=h.dtype == torch.float32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+            num_warps=warps, num_stages=stages,
+        )
+        return part, arg
+
+    if tile is None:
+        tile = DEFAULT_TILE
+        if autotune_enabled(h.device):
+            key = (h.device.index, h.dtype, weight.dtype, out_dtype, 1 << max(L - 1, 0).bit_length(), K, V)
+            if key not in _tuned:
+                _tuned[key] = pick_fastest(_TILES, run, DEFAULT_TILE, "lm_head")[0]
+            tile = _tuned[key]
+    part, arg = run(tile)
+    return HeadOut(proc, *combine(part[0], part[1], part[2], arg))
+
+
+def lm_head(h, weight, temperature, softcap: float | None = 30.0, weight_scale=None,
+            out_dtype=torch.float32) -> HeadOut:
+    """h [L, H] · weight [V, H]ᵀ -> HeadOut(proc, argmax, entropy, lse); Triton on CUDA, else reference."""
+    if use_triton(h):
+        return lm_head_triton(h, weight, temperature, softcap, weight_scale, out_dtype)
+    return lm_head_ref(h, weight, temperature, softcap, weight_scale, out_dtype)
+

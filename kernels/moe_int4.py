@@ -1,0 +1,413 @@
+"""Routed experts on packed 4-bit weights: a Triton grouped matmul, its PyTorch reference, a dispatcher.
+
+Semantics are those of `dgcli.model.Experts.forward`: for token t and slot j with expert e = index[t, j],
+    [g; u] = W_gate_up[e] @ x[t]      (rows 0..I-1 gate, I..2I-1 up)
+    y      = W_down[e] @ (gelu_tanh(g) * u)
+    out[t] += weights[t, j] * y
+Weight format (fixed; quant/ writes exactly this): W [E, N, K] is stored as
+    q uint8 [E, N, K/2]: byte j of a row holds k=2j in the low nibble and k=2j+1 in the high nibble,
+    s fp16  [E, N, K/g]: w[e, n, k] = (nibble - 8) * s[e, n, k // g], g = 64 (704 = 11·64, so not 128).
+Shapes: T tokens, A slots per token (top-k), P = T·A (token, slot) pairs, E experts, H hidden, I expert width.
+
+The Triton path (the design of vLLM's fused_moe / exllama, re-implemented):
+1. `moe_align`: sort the P pairs by expert and pad each expert's run to a multiple of BLOCK_M, with a
+   static upper bound on the padded length and no host sync (CUDA-graph friendly).
+2. `_gate_up_kernel`: one program per (BLOCK_M rows of one expert, BLOCK_N columns of I). It computes
+   the gate and up tiles together and writes h = gelu_tanh(g)·u once, in x's dtype.
+3. `_down_kernel`: same tiling over H. It multiplies by the routing weight in the epilogue and writes
+   y[pair], which is summed over the A slots in a fixed order (deterministic, no atomics).
+Dequantisation happens in registers and costs almost nothing. K is tiled by one scale group, split
+into its even (low-nibble) and odd (high-nibble) columns. So a tile is two `tl.dot`s of the small
+integers (q - 8), exact in fp16/bf16, and the group's fp16 scale multiplies the fp32 partial product
+per output column (the Marlin/exllama order). That is both cheaper and more exact than scaling
+every weight before the dot.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ._dispatch import HAS_TRITON, autotune_enabled, launchable, pick_fastest, use_triton
+
+# --------------------------------------------------------------------------------------------------
+# Format helpers (the test oracle for quant/'s own packer)
+
+
+def pack_int4(w: torch.Tensor, group_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric round-to-nearest int4 of w [..., N, K] with one fp16 scale per group of K.
+
+    Returns q uint8 [..., N, K/2] (low nibble = even k) and s fp16 [..., N, K/group_size]. The scale
+    is absmax/7, so the code -8 is never produced; a zero group gets scale 0.
+    """
+    *lead, N, K = w.shape
+    if K % group_size or group_size % 2:
+        raise ValueError(f"K={K} must be a multiple of an even group_size={group_size}")
+    g = w.float().reshape(*lead, N, K // group_size, group_size)
+    s = (g.abs().amax(-1) / 7.0).to(torch.float16)
+    div = torch.where(s == 0, torch.ones_like(s), s).float()[..., None]
+    q = (torch.round(g / div).clamp(-8, 7) + 8).to(torch.uint8).reshape(*lead, N, K // 2, 2)
+    return q[..., 0] | (q[..., 1] << 4), s
+
+
+def unpack_int4(q: torch.Tensor, s: torch.Tensor, group_size: int = 64, dtype=torch.float32) -> torch.Tensor:
+    """Inverse of the packing: q uint8 [..., N, K/2], s [..., N, K/g] -> w [..., N, K] in `dtype`
+    (computed in fp32, so the only rounding is the final cast)."""
+    *lead, N, half = q.shape
+    nib = torch.stack([q & 0xF, q >> 4], dim=-1).reshape(*lead, N, 2 * half)
+    w = (nib.float() - 8.0).reshape(*lead, N, -1, group_size) * s.float()[..., None]
+    return w.reshape(*lead, N, 2 * half).to(dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference
+
+
+def _check(x, index, weights, gate_up_q, gate_up_s, down_q, down_s, group_size):
+    T, H = x.shape
+    E, two_i, half_h = gate_up_q.shape
+    I = two_i // 2
+    if index.shape != weights.shape or index.dim() != 2 or index.shape[0] != T:
+        raise ValueError(f"index {tuple(index.shape)} and weights {tuple(weights.shape)} must both be [T={T}, A]")
+    if two_i % 2 or half_h * 2 != H:
+        raise ValueError(f"gate_up_q {tuple(gate_up_q.shape)} does not match [E, 2I, H/2] for H={H}")
+    if H % group_size or I % group_size or group_size % 2:
+        raise ValueError(f"H={H} and I={I} must be multiples of an even group_size={group_size}")
+    if gate_up_s.shape != (E, two_i, H // group_size):
+        raise ValueError(f"gate_up_s {tuple(gate_up_s.shape)} must be {(E, two_i, H // group_size)}")
+    if down_q.shape != (E, H, I // 2) or down_s.shape != (E, H, I // group_size):
+        raise ValueError(
+            f"down_q {tuple(down_q.shape)} / down_s {tuple(down_s.shape)} must be {(E, H, I // 2)} / {(E, H, I // group_size)}"
+        )
+    if gate_up_q.dtype != torch.uint8 or down_q.dtype != torch.uint8:
+        raise ValueError("packed weights must be uint8")
+    return T, H, index.shape[1], E, I
+
+
+def moe_int4_ref(x, index, weights, gate_up_q, gate_up_s, down_q, down_s, group_size: int = 64):
+    """Plain PyTorch, fp32 throughout: pairs sorted by expert, each expert present dequantised once
+    and applied with two matmuls (the loop of `Experts.forward`). Returns [T, H] in x.dtype."""
+    T, H, A, E, I = _check(x, index, weights, gate_up_q, gate_up_s, down_q, down_s, group_size)
+    flat = index.reshape(-1)
+    order = flat.argsort(stable=True)
+    token = order // A
+    counts = torch.bincount(flat, minlength=E).tolist()
+    xs = x[token].float()  # (P, H), grouped by expert
+    ys = torch.empty_like(xs)
+    start = 0
+    for e, c in enumerate(counts):
+        if not c:
+            continue
+        seg = slice(start, start + c)
+        w1 = unpack_int4(gate_up_q[e], gate_up_s[e], group_size)  # (2I, H)
+        w2 = unpack_int4(down_q[e], down_s[e], group_size)  # (H, I)
+        gate, up = F.linear(xs[seg], w1).chunk(2, dim=-1)
+        ys[seg] = F.linear(F.gelu(gate, approximate="tanh") * up, w2)
+        start += c
+    ys = ys * weights.reshape(-1)[order, None].float()
+    return torch.zeros(T, H, dtype=torch.float32, device=x.device).index_add_(0, token, ys).to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Routing layout
+
+
+def moe_align(index: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort (token, slot) pairs by expert, each expert's run padded to a multiple of block_m.
+
+    Returns sorted_ids int32 [cap] (pair id t·A+j, or P for padding) and block_expert int32
+    [cap / block_m] (the expert of each row block, -1 for blocks past the end). cap is a static
+    bound, so shapes depend only on (P, E, block_m), and nothing here syncs with the host
+    (`bincount` would: it reads the max back, hence scatter_add).
+    """
+    flat = index.reshape(-1)
+    P, dev = flat.numel(), flat.device
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m
+    cum_padded = padded.cumsum(0)
+    order = flat.argsort(stable=True)
+    e_sorted = flat[order]
+    rank = torch.arange(P, device=dev) - (counts.cumsum(0) - counts)[e_sorted]
+    dest = (cum_padded - padded)[e_sorted] + rank
+    cap = _round_up(P + min(num_experts, P) * (block_m - 1), block_m)
+    sorted_ids = torch.full((cap,), P, dtype=torch.int32, device=dev)
+    sorted_ids[dest] = order.to(torch.int32)
+    block_start = torch.arange(0, cap, block_m, device=dev)
+    block_expert = torch.searchsorted(cum_padded, block_start, right=True)
+    block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
+    return sorted_ids, block_expert
+
+
+def _round_up(n: int, m: int) -> int:
+    return (n + m - 1) // m * m
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernels
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _gate_up_kernel(
+        x_ptr, q_ptr, s_ptr, h_ptr, sorted_ptr, block_expert_ptr,
+        num_pairs, top_k, I, K,
+        stride_xt, stride_qe, stride_qn, stride_se, stride_sn, stride_hm,
+        GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        EVEN_N: tl.constexpr, FP32: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+        if e < 0:  # a block past the padded end: idle (the grid has a static size)
+            return
+        HALF: tl.constexpr = GROUP // 2
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pair = tl.load(sorted_ptr + offs_m)
+        row_ok = pair < num_pairs
+        token = (pair // top_k).to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < I
+        offs_j = tl.arange(0, HALF)
+
+        x_ptrs = x_ptr + token[:, None] * stride_xt + 2 * offs_j[None, :]  # even columns of a group
+        g_ptrs = q_ptr + e * stride_qe + offs_n[None, :] * stride_qn + offs_j[:, None]  # [HALF, BN] bytes
+        u_ptrs = g_ptrs + I * stride_qn
+        gs_ptrs = s_ptr + e * stride_se + offs_n * stride_sn
+        us_ptrs = gs_ptrs + I * stride_sn
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for _ in range(0, K, GROUP):
+            xe = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
+            xo = tl.load(x_ptrs + 1, mask=row_ok[:, None], other=0.0)
+            if EVEN_N:
+                bg = tl.load(g_ptrs).to(tl.int32)
+                bu = tl.load(u_ptrs).to(tl.int32)
+                sg = tl.load(gs_ptrs).to(tl.float32)
+                su = tl.load(us_ptrs).to(tl.float32)
+            else:
+                bg = tl.load(g_ptrs, mask=n_ok[None, :], other=0x88).to(tl.int32)
+                bu = tl.load(u_ptrs, mask=n_ok[None, :], other=0x88).to(tl.int32)
+                sg = tl.load(gs_ptrs, mask=n_ok, other=0.0).to(tl.float32)
+                su = tl.load(us_ptrs, mask=n_ok, other=0.0).to(tl.float32)
+            g_lo = ((bg & 0xF) - 8).to(tl.float32).to(xe.dtype)
+            g_hi = ((bg >> 4) - 8).to(tl.float32).to(xe.dtype)
+            u_lo = ((bu & 0xF) - 8).to(tl.float32).to(xe.dtype)
+            u_hi = ((bu >> 4) - 8).to(tl.float32).to(xe.dtype)
+            if FP32:
+                pg = tl.dot(xe, g_lo, input_precision="ieee")
+                pg = tl.dot(xo, g_hi, pg, input_precision="ieee")
+                pu = tl.dot(xe, u_lo, input_precision="ieee")
+                pu = tl.dot(xo, u_hi, pu, input_precision="ieee")
+            else:
+                pg = tl.dot(xo, g_hi, tl.dot(xe, g_lo))
+                pu = tl.dot(xo, u_hi, tl.dot(xe, u_lo))
+            acc_g += pg * sg[None, :]
+            acc_u += pu * su[None, :]
+            x_ptrs += GROUP
+            g_ptrs += HALF
+            u_ptrs += HALF
+            gs_ptrs += 1
+            us_ptrs += 1
+
+        # gelu_tanh(g) = g/2 · (1 + tanh(y)), y = √(2/π)(g + 0.044715 g³); tanh via exp(-2|y|), no overflow
+        y = 0.7978845608028654 * (acc_g + 0.044715 * acc_g * acc_g * acc_g)
+        t = tl.exp(-2.0 * tl.abs(y))
+        th = (1.0 - t) / (1.0 + t)
+        th = tl.where(y >= 0, th, -th)
+        h = 0.5 * acc_g * (1.0 + th) * acc_u
+        h_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hm + offs_n[None, :]
+        tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=n_ok[None, :])
+
+    @triton.jit
+    def _down_kernel(
+        h_ptr, q_ptr, s_ptr, y_ptr, rw_ptr, sorted_ptr, block_expert_ptr,
+        num_pairs, N, K,
+        stride_hm, stride_qe, stride_qn, stride_se, stride_sn, stride_ym,
+        GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        EVEN_N: tl.constexpr, FP32: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+        if e < 0:
+            return
+        HALF: tl.constexpr = GROUP // 2
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pair = tl.load(sorted_ptr + offs_m)
+        row_ok = pair < num_pairs
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        offs_j = tl.arange(0, HALF)
+
+        a_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hm + 2 * offs_j[None, :]  # padding rows hold 0
+        b_ptrs = q_ptr + e * stride_qe + offs_n[None, :] * stride_qn + offs_j[:, None]
+        s_ptrs = s_ptr + e * stride_se + offs_n * stride_sn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for _ in range(0, K, GROUP):
+            ae = tl.load(a_ptrs)
+            ao = tl.load(a_ptrs + 1)
+            if EVEN_N:
+                b = tl.load(b_ptrs).to(tl.int32)
+                s = tl.load(s_ptrs).to(tl.float32)
+            else:
+                b = tl.load(b_ptrs, mask=n_ok[None, :], other=0x88).to(tl.int32)
+                s = tl.load(s_ptrs, mask=n_ok, other=0.0).to(tl.float32)
+            lo = ((b & 0xF) - 8).to(tl.float32).to(ae.dtype)
+            hi = ((b >> 4) - 8).to(tl.float32).to(ae.dtype)
+            if FP32:
+                p = tl.dot(ae, lo, input_precision="ieee")
+                p = tl.dot(ao, hi, p, input_precision="ieee")
+            else:
+                p = tl.dot(ao, hi, tl.dot(ae, lo))
+            acc += p * s[None, :]
+            a_ptrs += GROUP
+            b_ptrs += HALF
+            s_ptrs += 1
+
+        rw = tl.load(rw_ptr + pair, mask=row_ok, other=0.0)
+        acc = acc * rw[:, None]
+        y_ptrs = y_ptr + pair[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    """Tile sizes for one call. block_m sets the routing padding, so both kernels share it."""
+
+    block_m: int = 16
+    gu_block_n: int = 64
+    gu_warps: int = 4
+    gu_stages: int = 3
+    dn_block_n: int = 64
+    dn_warps: int = 4
+    dn_stages: int = 3
+
+
+DEFAULT_CONFIG = MoeConfig()  # known-good everywhere tl.dot works (M, N, K ≥ 16)
+_tuned: dict = {}
+
+
+def _launch_gate_up(x, index, gate_up_q, gate_up_s, sorted_ids, block_expert, h, group_size, bn, warps, stages, bm):
+    T, H = x.shape
+    I = gate_up_q.shape[1] // 2
+    grid = (block_expert.numel(), triton.cdiv(I, bn))
+    launchable(_gate_up_kernel, x.device)[grid](
+        x, gate_up_q, gate_up_s, h, sorted_ids, block_expert,
+        index.numel(), index.shape[1], I, H,
+        x.stride(0), gate_up_q.stride(0), gate_up_q.stride(1), gate_up_s.stride(0), gate_up_s.stride(1), h.stride(0),
+        GROUP=group_size, BLOCK_M=bm, BLOCK_N=bn, EVEN_N=I % bn == 0, FP32=x.dtype == torch.float32,
+        num_warps=warps, num_stages=stages,
+    )
+
+
+def _launch_down(h, weights, down_q, down_s, sorted_ids, block_expert, y, group_size, bn, warps, stages, bm):
+    H, I = down_q.shape[1], down_q.shape[2] * 2
+    grid = (block_expert.numel(), triton.cdiv(H, bn))
+    launchable(_down_kernel, h.device)[grid](
+        h, down_q, down_s, y, weights, sorted_ids, block_expert,
+        weights.numel(), H, I,
+        h.stride(0), down_q.stride(0), down_q.stride(1), down_s.stride(0), down_s.stride(1), y.stride(0),
+        GROUP=group_size, BLOCK_M=bm, BLOCK_N=bn, EVEN_N=H % bn == 0, FP32=h.dtype == torch.float32,
+        num_warps=warps, num_stages=stages,
+    )
+
+
+def moe_int4_triton(x, index, weights, gate_up_q, gate_up_s, down_q, down_s, group_size: int = 64,
+                    config: MoeConfig | None = None):
+    """The Triton path; `config` fixes the tiles (else autotuned once per shape on CUDA)."""
+    T, H, A, E, I = _check(x, index, weights, gate_up_q, gate_up_s, down_q, down_s, group_size)
+    if group_size % 32:
+        raise ValueError(f"the Triton kernel needs group_size a multiple of 32 (tl.dot K ≥ 16), got {group_size}")
+    if T == 0:
+        return x.new_zeros(T, H)
+    x = x.contiguous()
+    index = index.contiguous()
+    weights = weights.contiguous().float()
+    gate_up_q, gate_up_s = gate_up_q.contiguous(), gate_up_s.contiguous()
+    down_q, down_s = down_q.contiguous(), down_s.contiguous()
+    args = (x, index, weights, gate_up_q, gate_up_s, down_q, down_s, group_size)
+    if config is None:
+        config = _config_for(*args)
+    return _run(config, *args)
+
+
+def _run(cfg: MoeConfig, x, index, weights, gate_up_q, gate_up_s, down_q, down_s, group_size):
+    T, H = x.shape
+    A, E, I = index.shape[1], gate_up_q.shape[0], gate_up_q.shape[1] // 2
+    sorted_ids, block_expert = moe_align(index, E, cfg.block_m)
+    h = torch.empty(sorted_ids.numel(), I, dtype=x.dtype, device=x.device)
+    y = torch.empty(T * A, H, dtype=x.dtype, device=x.device)
+    _launch_gate_up(x, index, gate_up_q, gate_up_s, sorted_ids, block_expert, h, group_size,
+                    cfg.gu_block_n, cfg.gu_warps, cfg.gu_stages, cfg.block_m)
+    _launch_down(h, weights, down_q, down_s, sorted_ids, block_expert, y, group_size,
+                 cfg.dn_block_n, cfg.dn_warps, cfg.dn_stages, cfg.block_m)
+    return y.view(T, A, H).sum(1, dtype=torch.float32).to(x.dtype)  # fixed-order sum over slots
+
+
+# Candidates: M ≈ 16 rows per expert on a 256-token canvas, so small BLOCK_M first (quant.md §4).
+_BLOCK_M = (16, 32, 64)
+_TILES = tuple((bn, w, s) for bn in (32, 64, 128) for (w, s) in ((4, 2), (4, 3), (4, 4), (8, 3)))
+
+
+def _config_for(x, index, weights, gate_up_q, gate_up_s, down_q, down_s, group_size) -> MoeConfig:
+    if not autotune_enabled(x.device):
+        return DEFAULT_CONFIG
+    T, H = x.shape
+    A, E, I = index.shape[1], gate_up_q.shape[0], gate_up_q.shape[1] // 2
+    key = (x.device.index, x.dtype, 1 << max(T - 1, 0).bit_length(), H, I, E, A, group_size)
+    if key not in _tuned:
+        _tuned[key] = _autotune(x, index, weights, gate_up_q, gate_up_s, down_q, down_s, group_size)
+    return _tuned[key]
+
+
+def _autotune(x, index, weights, gate_up_q, gate_up_s, down_q, down_s, group_size) -> MoeConfig:
+    """Per BLOCK_M: best gate_up tile, best down tile; then the BLOCK_M with the least total time."""
+    T, H = x.shape
+    A, E, I = index.shape[1], gate_up_q.shape[0], gate_up_q.shape[1] // 2
+    pairs_per_expert = T * A / E
+    best, best_ms = DEFAULT_CONFIG, math.inf
+    for bm in _BLOCK_M:
+        if bm > 16 and bm > 2 * pairs_per_expert:  # mostly padding: never faster
+            continue
+        sorted_ids, block_expert = moe_align(index, E, bm)
+        h = torch.zeros(sorted_ids.numel(), I, dtype=x.dtype, device=x.device)
+        y = torch.empty(T * A, H, dtype=x.dtype, device=x.device)
+        d = DEFAULT_CONFIG
+        gu, gu_ms = pick_fastest(
+            _TILES,
+            lambda c: _launch_gate_up(x, index, gate_up_q, gate_up_s, sorted_ids, block_expert, h, group_size, *c, bm),
+            (d.gu_block_n, d.gu_warps, d.gu_stages), f"moe_int4 gate_up BLOCK_M={bm}",
+        )
+        dn, dn_ms = pick_fastest(
+            _TILES,
+            lambda c: _launch_down(h, weights, down_q, down_s, sorted_ids, block_expert, y, group_size, *c, bm),
+            (d.dn_block_n, d.dn_warps, d.dn_stages), f"moe_int4 down BLOCK_M={bm}",
+        )
+        ms = gu_ms + dn_ms
+        if ms < best_ms:  # NaN (all failed) never wins
+            best, best_ms = MoeConfig(bm, *gu, *dn), ms
+    return best
+
+
+def tuned_configs() -> dict:
+    """What the autotuner chose so far, for benchmark reports."""
+    return {str(k): v for k, v in _tuned.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Dispatcher
+
+
+def moe_int4(x, index, weights, gate_up_q, gate_up_s, down_q, down_s, group_size: int = 64):
+    """Routed experts on packed int4 weights: x [T, H], index/weights [T, A] -> [T, H] in x.dtype.
+
+    Triton on CUDA, the reference elsewhere; `DG_KERNELS=ref|triton` overrides (see kernels/__init__).
+    """
+    if use_triton(x):
+        return moe_int4_triton(x, index, weights, gate_up_q, gate_up_s, down_q, down_s, group_size)
+    return moe_int4_ref(x, index, weights, gate_up_q, gate_up_s, down_q, down_s, group_size)

@@ -1,0 +1,285 @@
+"""VRAM planner: what a model needs on the GPU at a given context, and which formats fit a budget.
+
+Counts, for one sequence and one canvas (quant.md §2):
+- weights, per tensor, from the model built on the `meta` device and the format each tensor gets
+  (unquantized tensors at 16 bits, as they run on a GPU);
+- KV cache in bf16: sliding layers keep a ring of min(window, context) + canvas positions, full
+  layers the whole context + canvas;
+- one canvas step's activations: fp32 logits [L×V], one fp32 working copy for the sampler, the
+  previous step's logits and the soft-embedding probabilities in 16 bits, hidden states and MoE
+  intermediates, and the dequantization scratch of the plain-PyTorch path. Attention is assumed
+  fused (no [L × context] score matrix);
+- CUDA context and cuBLAS/Triton workspace, 0.5 GiB outside torch's allocator.
+GB = 1e9 bytes, GiB = 2^30. The budget is compared in bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dgcli.config import ModelConfig
+from dgcli.errors import DgError
+
+from .formats import FORMATS
+from .schemes import FORMAT_GROUP, UPGRADE_ORDER, get_scheme, smallest, tensor_formats, tensor_group
+
+GiB = 2**30
+CUDA_CONTEXT_BYTES = GiB // 2
+EMBED_CHUNK_ROWS = 4096  # rows of a packed embedding dequantized at a time (quant.runtime)
+RUNTIME_16BIT = torch.bfloat16  # what unquantized tensors cost at run time
+DEFAULT_BUDGET = 18_000_000_000
+DEFAULT_CONTEXT = 32768
+# An upgrade must leave this share of the budget spare: the caching allocator fragments, and the
+# estimate is an estimate. The smallest formats are only refused when they exceed the budget itself.
+UPGRADE_HEADROOM = 0.05
+
+WEIGHT_LABELS = {"experts": "routed experts", "attention": "attention q/k/v/o", "mlp": "dense MLP",
+                 "self_cond": "self-conditioning MLP", "embedding": "embedding (lookup, LM head, soft)",
+                 "other": "router, norms, scalars"}
+
+
+class BudgetError(DgError):
+    """The model does not fit the budget in any format the scheme allows. `hint` holds the table."""
+
+    def __init__(self, message: str, hint: str = ""):
+        super().__init__(message)
+        self.hint = hint
+
+
+@dataclass
+class Row:
+    section: str  # weights | kv cache | activations | runtime
+    label: str
+    nbytes: int
+
+
+@dataclass
+class Estimate:
+    rows: list[Row]
+    context: int
+    canvas: int
+    groups: dict[str, str]  # format group -> format ("mixed" when a checkpoint's tensors differ)
+    budget_bytes: int | None = None
+    scheme: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def section(self, name: str) -> int:
+        return sum(r.nbytes for r in self.rows if r.section == name)
+
+    @property
+    def weights(self) -> int:
+        return self.section("weights")
+
+    @property
+    def total(self) -> int:
+        return sum(r.nbytes for r in self.rows)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.total
+
+    @property
+    def fits(self) -> bool:
+        return self.budget_bytes is None or self.total <= self.budget_bytes
+
+    def to_dict(self) -> dict:
+        return {"scheme": self.scheme, "groups": self.groups, "context": self.context, "canvas": self.canvas,
+                "budget_bytes": self.budget_bytes, "total_bytes": self.total, "weights_bytes": self.weights,
+                "fits": self.fits, "rows": [r.__dict__ for r in self.rows], "notes": self.notes}
+
+    def table(self) -> str:
+        """A plain-text table (GB and GiB per row), for `dg quantize` and `dg show`."""
+        head = f"VRAM estimate at context {self.context:,}, canvas {self.canvas}"
+        if self.scheme:
+            head += f", scheme {self.scheme}"
+        lines = [head + ":"]
+        width = max(len(r.label) for r in self.rows) + 2
+        last = None
+        for r in self.rows:
+            sec = r.section if r.section != last else ""
+            last = r.section
+            lines.append(f"  {sec:<12}{r.label:<{width}}{_gb(r.nbytes)}")
+        for name in ("weights", "kv cache", "activations"):
+            lines.append(f"  {'':<12}{'= ' + name:<{width}}{_gb(self.section(name))}")
+        total = f"  {'total':<12}{'':<{width}}{_gb(self.total)}"
+        if self.budget_bytes is not None:
+            spare = self.budget_bytes - self.total
+            verdict = f"fits, {spare / 1e9:.2f} GB spare" if spare >= 0 else f"over by {-spare / 1e9:.2f} GB"
+            total += f"   budget {self.budget_bytes / 1e9:.2f} GB: {verdict}"
+        lines.append(total)
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _gb(n: int) -> str:
+    """Decimal and binary units side by side (quant.md: "18 GB" is ambiguous)."""
+    for dec, b, unit in ((1e9, GiB, "G"), (1e6, 2**20, "M"), (1e3, 2**10, "k")):
+        if n >= dec or unit == "k":
+            return f"{n / dec:8.2f} {unit}B {n / b:8.2f} {unit.upper()}iB"
+
+
+def model_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every text tensor's name and shape, from the model built on the meta device."""
+    from dgcli.model import DiffusionGemma
+
+    with torch.device("meta"):
+        model = DiffusionGemma(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def estimate(config: ModelConfig, formats: dict[str, str] | None = None, context: int = DEFAULT_CONTEXT,
+             canvas: int | None = None, budget_bytes: int | None = None, groups: dict[str, str] | None = None,
+             scheme: str | None = None, shapes: dict | None = None) -> Estimate:
+    """The footprint with per-tensor `formats` ({name: format}; missing names run in 16 bits)."""
+    L = canvas or config.canvas_length
+    shapes = shapes or model_shapes(config)
+    formats = formats or {}
+    rows: list[Row] = []
+
+    per_group: dict[str, int] = {}
+    fmts_of: dict[str, set[str]] = {}
+    for name, shape in shapes.items():
+        fmt = formats.get(name, "bf16")
+        if fmt == "keep":
+            fmt = "bf16"  # kept tensors run in the model dtype, 16 bits on a GPU
+        g = tensor_group(name)
+        per_group[g] = per_group.get(g, 0) + FORMATS[fmt].nbytes(shape, RUNTIME_16BIT)
+        fmts_of.setdefault(g, set()).add(fmt)
+    for g in WEIGHT_LABELS:
+        if g in per_group:
+            f = "/".join(sorted(fmts_of[g]))
+            rows.append(Row("weights", f"{WEIGHT_LABELS[g]} [{f}]", per_group[g]))
+
+    # KV cache, bf16: 2 (K and V) x kv heads x head dim x 2 bytes per position and layer.
+    sliding = [i for i in range(config.num_hidden_layers) if config.is_sliding(i)]
+    full = [i for i in range(config.num_hidden_layers) if not config.is_sliding(i)]
+    ring = min(config.sliding_window, context) + L
+
+    def kv(layers, positions):
+        return sum(2 * config.layer_kv_heads[i] * config.layer_head_dim[i] * 2 for i in layers) * positions
+
+    if sliding:
+        rows.append(Row("kv cache", f"sliding: {len(sliding)} layers x ring of {ring:,}", kv(sliding, ring)))
+    if full:
+        rows.append(Row("kv cache", f"full: {len(full)} layers x {context + L:,} positions", kv(full, context + L)))
+
+    V, H = config.vocab_size, config.hidden_size
+    A, I, Hq = config.top_k_experts, config.moe_intermediate_size, config.num_attention_heads
+    D = max(config.layer_head_dim)
+    rows.append(Row("activations", f"logits fp32 [{L} x {V:,}]", L * V * 4))
+    rows.append(Row("activations", "sampler working copy fp32", L * V * 4))
+    rows.append(Row("activations", "self-conditioning logits + probs, 16-bit", 2 * L * V * 2))
+    hidden = 8 * L * H * 4 + 4 * L * Hq * D * 2 + 2 * L * A * (3 * I + H) * 2 + 3 * L * config.intermediate_size * 2
+    rows.append(Row("activations", "hidden states, attention, MoE intermediates", hidden))
+    scratch = _dequant_scratch(shapes, formats)
+    if scratch:
+        rows.append(Row("activations", "dequantization scratch (PyTorch path)", scratch))
+    rows.append(Row("runtime", "CUDA context + cuBLAS/Triton workspace", CUDA_CONTEXT_BYTES))
+
+    notes = ["text weights only (the vision tower is not loaded)"]
+    return Estimate(rows, context, L, groups or _groups_of(formats, shapes), budget_bytes, scheme, notes)
+
+
+def _dequant_scratch(shapes, formats) -> int:
+    """Largest temporary of the plain-PyTorch path: one expert, one dense weight, or an embedding chunk,
+    decoded through fp32 (4 bytes) into 16 bits (2 bytes)."""
+    most = 0
+    for name, shape in shapes.items():
+        fmt = formats.get(name, "bf16")
+        if not FORMATS[fmt].packed:
+            continue
+        n = 1
+        for d in shape[-2:]:
+            n *= d
+        if tensor_group(name) == "embedding":
+            n = min(shape[0], EMBED_CHUNK_ROWS) * shape[1]
+        most = max(most, n * 6)
+    return most
+
+
+def _groups_of(formats, shapes) -> dict[str, str]:
+    seen: dict[str, set[str]] = {}
+    for name in shapes:
+        g = FORMAT_GROUP[tensor_group(name)]
+        if g != "other":
+            seen.setdefault(g, set()).add(formats.get(name, "bf16"))
+    return {g: (f.pop() if len(f) == 1 else "mixed") for g, f in seen.items()}
+
+
+def plan(config: ModelConfig, scheme: str = "int4", context: int = DEFAULT_CONTEXT, canvas: int | None = None,
+         budget_bytes: int | None = DEFAULT_BUDGET) -> tuple[dict[str, str], Estimate]:
+    """(format per group, estimate) for a scheme under a budget.
+
+    Starts from the scheme's smallest formats; refuses (BudgetError) if even those do not fit; then
+    upgrades dense, then embedding, to their preferred formats while 5% of the budget stays spare.
+    Without a budget the smallest formats are used as they are.
+    """
+    allowed = get_scheme(scheme)
+    shapes = model_shapes(config)
+    choice = smallest(allowed)
+
+    def est(c):
+        return estimate(config, tensor_formats(shapes, c), context, canvas, budget_bytes, dict(c), scheme, shapes)
+
+    e = est(choice)
+    if budget_bytes is None:
+        return choice, e
+    if not e.fits:
+        raise BudgetError(
+            f"scheme {scheme} needs {e.total / 1e9:.2f} GB at context {context:,}, over the "
+            f"{budget_bytes / 1e9:.2f} GB budget (lower --context or raise --budget)", hint=e.table())
+    if e.total > budget_bytes * (1 - UPGRADE_HEADROOM):
+        e.notes.append("less than 5% of the budget spare: allocator fragmentation may not fit")
+    for group in UPGRADE_ORDER:
+        for fmt in allowed.get(group, [])[:-1]:  # preferred first; the last is the floor we have
+            trial = est({**choice, group: fmt})
+            if trial.total <= budget_bytes * (1 - UPGRADE_HEADROOM):
+                choice, e = dict(trial.groups), trial
+                break
+    return choice, e
+
+
+def estimate_for_dir(path: str | Path, context: int = DEFAULT_CONTEXT, budget_bytes: int | None = None) -> Estimate:
+    """The estimate for a checkpoint directory (for `dg show`): its manifest's formats if it was written
+    by `dg quantize`, else every tensor in 16 bits."""
+    path = Path(path)
+    config = ModelConfig.from_file(path / "config.json")
+    formats, scheme = {}, None
+    manifest = path / "dg_manifest.json"
+    if manifest.exists():
+        try:
+            m = json.loads(manifest.read_text())
+            formats = {k: v["format"] for k, v in m["tensors"].items()}
+            scheme = m.get("scheme")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            from dgcli.errors import CheckpointError
+
+            raise CheckpointError(f"{manifest} is not a valid dg manifest") from None
+    return estimate(config, formats, context, budget_bytes=budget_bytes, scheme=scheme)
+
+
+def free_device_memory() -> int | None:
+    """Free bytes on the current CUDA device (what a budget should really be), or None without one."""
+    if not torch.cuda.is_available():
+        return None
+    free, _total = torch.cuda.mem_get_info()
+    return free
+
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str | int) -> int:
+    """'18GB' -> 18e9, '16GiB' -> 16*2^30, '18G' -> 18e9 (GB), 123 -> 123."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise DgError(f"cannot read '{text}' as a size (examples: 18GB, 16GiB, 24000000000)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])

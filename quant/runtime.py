@@ -1,0 +1,252 @@
+"""The runtime half: quantized modules with the forward signatures of the ones they replace.
+
+`prepare_quantized(model, path)` is called by the loader on a model still on the `meta` device when
+the directory has a `dg_manifest.json`: it verifies the manifest and the shards' checksums, then
+swaps modules in place so that the model's state dict names the packed tensors
+(`<weight name>.qweight`, `.scales`, `.zeros`); `load_state_dict(assign=True)` then fills them.
+
+- `Packed` holds one packed weight and decodes it: whole, one expert, or a range of rows.
+- `QuantLinear` replaces a bias-free `nn.Linear`; `QuantExperts` replaces `Experts`;
+  `QuantEmbedding` replaces the tied `Embedding` (lookup, LM head, soft embedding).
+The plain-PyTorch path dequantizes per expert / per weight / per vocabulary chunk, in the
+activations' dtype, and runs everywhere. On CUDA the experts use `kernels.moe_int4` when it
+imports (set DG_KERNELS=0 to compare against the reference path), and NF4 weights use bitsandbytes.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dgcli.errors import CheckpointError
+from dgcli.model import Embedding, Experts
+
+from .formats import FORMATS, GROUP
+from .manifest import read_manifest, verify_shards
+
+EMBED_CHUNK_ROWS = 4096  # vocabulary rows decoded at a time by QuantEmbedding (quant.planner counts it)
+
+
+class Packed(nn.Module):
+    """One packed weight of logical shape `shape`, with its format's buffers (qweight, scales, zeros).
+
+    `dtype` is what it decodes to by default: the model's dtype, set after loading (like a
+    Parameter's dtype). `.to(dtype)` changes only that; `.to(device)` moves the buffers, whose
+    stored dtypes never change (fp16 scales stay fp16).
+    """
+
+    def __init__(self, fmt: str, shape, device=None):
+        super().__init__()
+        self.format = FORMATS[fmt]
+        if not self.format.packed:
+            raise ValueError(f"{fmt} is not a packed format")
+        self.shape = tuple(shape)
+        for suffix, (shp, dt) in self.format.layout(self.shape).items():
+            self.register_buffer(suffix, torch.empty(shp, dtype=dt, device=device))
+        self.dtype = torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        return self.qweight.device
+
+    def extra_repr(self) -> str:
+        return f"{self.format.name}, shape={list(self.shape)}"
+
+    def dequantize(self, dtype=None, index=None) -> torch.Tensor:
+        """The weight (or weight[index], index along dim 0: an expert, rows, a slice) in `dtype`."""
+        t = {s: getattr(self, s) for s in self.format.suffixes}
+        if index is not None:
+            t = {s: v[index] for s, v in t.items()}
+        return self.format.dequantize(t, dtype or self.dtype)
+
+    def _apply(self, fn, recurse=True):
+        # Probe what fn does to a floating tensor: follow its device, adopt its dtype for decoding.
+        probe = fn(torch.zeros((), dtype=self.dtype, device=self.qweight.device))
+        for name, buf in self._buffers.items():
+            if buf is not None:
+                self._buffers[name] = buf.to(probe.device)
+        self.dtype = probe.dtype
+        return self
+
+
+class QuantLinear(nn.Module):
+    """A bias-free nn.Linear whose weight is packed (int8 per row, int4 g64 or NF4)."""
+
+    def __init__(self, in_features: int, out_features: int, fmt: str, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = Packed(fmt, (out_features, in_features), device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.format.name == "nf4_g64" and x.is_cuda and _bnb() is not None:
+            return _bnb_linear(x, self.weight)
+        return F.linear(x, self.weight.dequantize(x.dtype))
+
+
+class QuantExperts(Experts):
+    """`Experts` with packed gate_up [E, 2I, H] and down [E, H, I] (either may stay a Parameter).
+
+    Same arithmetic as `Experts.forward` (pairs sorted by expert, routing weight per pair, slots
+    summed in fp32), but one expert's weights are decoded at a time, never the whole tensor.
+    """
+
+    def __init__(self, experts: Experts, formats: dict[str, str]):
+        nn.Module.__init__(self)
+        for name in ("gate_up_proj", "down_proj"):
+            p = getattr(experts, name)
+            fmt = formats.get(name, "keep")
+            if FORMATS[fmt].packed:
+                setattr(self, name, Packed(fmt, p.shape, p.device))
+            else:
+                setattr(self, name, nn.Parameter(torch.empty_like(p)))
+
+    def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        gu, dn = self.gate_up_proj, self.down_proj
+        if x.is_cuda and _int4_sym(gu) and _int4_sym(dn) and (kernel := _moe_kernel()) is not None:
+            return kernel(x, index, weights, gu.qweight, gu.scales, dn.qweight, dn.scales, group_size=GROUP)
+        # x: (T, H); index, weights: (T, A)
+        T, H = x.shape
+        A = index.shape[1]
+        expert, perm = torch.sort(index.reshape(-1))  # (T·A,) grouped by expert
+        counts = torch.bincount(expert, minlength=gu.shape[0]).tolist()
+        xs = x[perm // A]
+        y = torch.empty_like(xs)
+        start = 0
+        for e, c in enumerate(counts):
+            if c:
+                seg = slice(start, start + c)
+                gate, up = F.linear(xs[seg], _expert(gu, e, x.dtype)).chunk(2, dim=-1)
+                y[seg] = F.linear(F.gelu(gate, approximate="tanh") * up, _expert(dn, e, x.dtype))
+                start += c
+        y = y * weights.reshape(-1)[perm].unsqueeze(-1)
+        inverse = torch.empty_like(perm)
+        inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+        return y[inverse].view(T, A, H).sum(dim=1).to(x.dtype)
+
+
+def _expert(w, e: int, dtype) -> torch.Tensor:
+    return w.dequantize(dtype, e) if isinstance(w, Packed) else w[e].to(dtype)
+
+
+class QuantEmbedding(Embedding):
+    """The tied embedding, packed (int8 per row by default): one copy serves all three uses."""
+
+    def __init__(self, vocab: int, hidden: int, fmt: str, device=None):
+        nn.Module.__init__(self)
+        self.weight = Packed(fmt, (vocab, hidden), device)
+        self.scale = hidden**0.5
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.weight.dequantize(index=ids) * self.embed_scale()
+
+    def chunks(self, dtype):
+        V = self.weight.shape[0]
+        for a in range(0, V, EMBED_CHUNK_ROWS):
+            b = min(a + EMBED_CHUNK_ROWS, V)
+            yield a, b, self.weight.dequantize(dtype, slice(a, b))
+
+    def soft(self, probs: torch.Tensor) -> torch.Tensor:
+        """probs (B, L, V) -> (B, L, H), accumulated in fp32 over vocabulary chunks."""
+        acc = torch.zeros(*probs.shape[:-1], self.weight.shape[1], dtype=torch.float32, device=probs.device)
+        for a, b, w in self.chunks(probs.dtype):
+            acc += torch.matmul(probs[..., a:b], w).float()
+        return acc.to(probs.dtype) * self.embed_scale()
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(*h.shape[:-1], self.weight.shape[0], dtype=h.dtype, device=h.device)
+        for a, b, w in self.chunks(h.dtype):
+            out[..., a:b] = F.linear(h, w)
+        return out
+
+
+# ---------------------------------------------------------------------------- module swap
+
+
+def quantize_modules(model: nn.Module, formats: dict[str, str]) -> None:
+    """Replace, in place, each module that has a weight in a packed format ({tensor name: format})."""
+    by_module: dict[str, dict[str, str]] = {}
+    for name, fmt in formats.items():
+        if FORMATS[fmt].packed:
+            module, param = name.rsplit(".", 1)
+            by_module.setdefault(module, {})[param] = fmt
+    for path, fmts in by_module.items():
+        parent_path, child = path.rsplit(".", 1)
+        try:
+            parent = model.get_submodule(parent_path)
+            old = getattr(parent, child)
+        except AttributeError:
+            raise CheckpointError(f"the manifest names a packed tensor of '{path}', which this model lacks") from None
+        setattr(parent, child, _replacement(path, old, fmts))
+
+
+def _replacement(path: str, old: nn.Module, fmts: dict[str, str]) -> nn.Module:
+    device = next(iter(old.parameters()), torch.empty(0)).device
+    if isinstance(old, nn.Linear) and old.bias is None and set(fmts) == {"weight"}:
+        return QuantLinear(old.in_features, old.out_features, fmts["weight"], device)
+    if isinstance(old, Experts) and set(fmts) <= {"gate_up_proj", "down_proj"}:
+        return QuantExperts(old, fmts)
+    if isinstance(old, Embedding) and set(fmts) == {"weight"}:
+        V, H = old.weight.shape
+        return QuantEmbedding(V, H, fmts["weight"], device)
+    raise CheckpointError(f"cannot load '{path}' ({type(old).__name__}) with packed {sorted(fmts.items())}")
+
+
+def prepare_quantized(model: nn.Module, path: str | Path) -> dict:
+    """Verify a quantized directory and swap the model's modules (on meta) to match it; returns the manifest."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    verify_shards(path, manifest)
+    quantize_modules(model, {name: t["format"] for name, t in manifest["tensors"].items()})
+    model.register_load_state_dict_post_hook(_adopt_model_dtype)
+    model.quantization = {"scheme": manifest.get("scheme"), "groups": manifest.get("groups", {})}
+    return manifest
+
+
+def _adopt_model_dtype(model: nn.Module, incompatible_keys) -> None:
+    """After loading: packed weights decode to the dtype the loader gave every other floating weight."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    for m in model.modules():
+        if isinstance(m, Packed):
+            m.dtype = dtype
+
+
+# ---------------------------------------------------------------------------- fast paths
+
+
+def _int4_sym(w) -> bool:
+    return isinstance(w, Packed) and w.format.name == "int4_sym_g64"
+
+
+@functools.cache
+def _moe_kernel():
+    """kernels.moe_int4.moe_int4 when it imports (Triton on CUDA), else None; DG_KERNELS=0 disables."""
+    if os.environ.get("DG_KERNELS", "1") == "0":
+        return None
+    try:
+        from kernels.moe_int4 import moe_int4
+    except ImportError:
+        return None
+    return moe_int4
+
+
+@functools.cache
+def _bnb():
+    try:
+        import bitsandbytes
+    except ImportError:
+        return None
+    return bitsandbytes
+
+
+def _bnb_linear(x: torch.Tensor, w: Packed) -> torch.Tensor:
+    bnb = _bnb()
+    from bitsandbytes.functional import QuantState, get_4bit_type
+
+    state = QuantState(absmax=w.scales.reshape(-1), shape=torch.Size(w.shape), blocksize=GROUP, quant_type="nf4",
+                       code=get_4bit_type("nf4", device=x.device), dtype=x.dtype)
+    return bnb.matmul_4bit(x, w.qweight.reshape(-1, 1).t(), quant_state=state)

@@ -1,0 +1,118 @@
+"""kernels/lm_head: the chunked reference and the Triton kernel (interpreter on CPU) against the
+unfused arithmetic of the model's head and the sampler (dgcli.model.Embedding.head + softcap,
+dgcli.sampler.entropy)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dgcli.sampler import entropy as sampler_entropy
+from kernels.lm_head import lm_head, lm_head_ref
+
+CUDA = torch.cuda.is_available()
+
+
+def unfused(h, weight, temperature, softcap=30.0, weight_scale=None):
+    if weight_scale is None:
+        logits = F.linear(h, weight).float()
+    else:
+        logits = (F.linear(h.float(), weight.float()) * weight_scale.float()).to(h.dtype).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    proc = logits / torch.as_tensor(temperature, dtype=torch.float32)
+    return proc, proc.argmax(-1), sampler_entropy(proc), proc.logsumexp(-1)
+
+
+def make(L, H, V, dtype, int8=False, seed=0, sharp=1.0):
+    g = torch.Generator().manual_seed(seed)
+    h = (torch.randn(L, H, generator=g) * sharp).to(dtype)
+    w = torch.randn(V, H, generator=g) * H**-0.5 * 4
+    if int8:
+        s = w.abs().amax(-1) / 127
+        return h, torch.round(w / s[:, None]).to(torch.int8), s.to(torch.float16)
+    return h, w.to(dtype), None
+
+
+TOL = {torch.float32: dict(atol=1e-4, rtol=1e-5), torch.bfloat16: dict(atol=6e-2, rtol=1e-2),
+       torch.float16: dict(atol=1e-2, rtol=2e-3)}
+
+
+def check(got, want, dtype):
+    proc, argmax, ent, lse = want
+    torch.testing.assert_close(got.proc.float(), proc, **TOL[dtype])
+    ent_tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got.entropy, ent, atol=ent_tol, rtol=ent_tol)
+    torch.testing.assert_close(got.lse, lse, atol=ent_tol, rtol=ent_tol)
+    if dtype == torch.float32:
+        assert torch.equal(got.argmax, argmax)
+    else:  # a different summation order may flip a near-tie after rounding to the model dtype
+        picked = proc.gather(-1, got.argmax[:, None]).squeeze(-1)
+        assert (picked >= proc.max(-1).values - 2 * TOL[dtype]["atol"]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("L,H,V", [(1, 64, 300), (70, 96, 1024)])
+def test_reference_chunked_matches_unfused(L, H, V, dtype):
+    h, w, _ = make(L, H, V, dtype, seed=L)
+    got = lm_head_ref(h, w, torch.tensor(0.8), chunk=128)  # several chunks and a ragged last one
+    assert got.proc.shape == (L, V) and got.proc.dtype == torch.float32 and got.argmax.dtype == torch.int64
+    check(got, unfused(h, w, 0.8), dtype)
+
+
+def test_reference_confident_rows_and_no_softcap():
+    # near one-hot rows: the entropy must stay accurate near 0 (no catastrophic cancellation)
+    h, w, _ = make(4, 64, 512, torch.float32, seed=2, sharp=20.0)
+    want = unfused(h, w, 0.4, softcap=None)
+    got = lm_head_ref(h, w, 0.4, softcap=None, chunk=100)
+    assert want[2].min() < 1e-3
+    torch.testing.assert_close(got.entropy, want[2], atol=1e-6, rtol=1e-4)
+    assert torch.equal(got.argmax, want[1])
+
+
+def test_reference_int8_weights_and_bf16_output():
+    h, q, s = make(9, 64, 257, torch.bfloat16, int8=True, seed=3)
+    got = lm_head_ref(h, q, 1.0, weight_scale=s, out_dtype=torch.bfloat16, chunk=64)
+    assert got.proc.dtype == torch.bfloat16
+    check(got, unfused(h, q, 1.0, weight_scale=s), torch.bfloat16)
+    with pytest.raises(ValueError):
+        lm_head_ref(h, q, 1.0)  # int8 without scales
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("DG_KERNELS", "triton")
+
+
+TILES = {"default": None, "bk32-bn64": (16, 64, 32, 4, 2)}
+
+
+@pytest.mark.parametrize("tile", list(TILES), ids=list(TILES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("L,H,V", [(1, 64, 300), (70, 96, 520)])
+def test_triton_matches_unfused(interpret, L, H, V, dtype, tile):
+    from kernels.lm_head import lm_head_triton
+
+    h, w, _ = make(L, H, V, dtype, seed=L)
+    got = lm_head_triton(h, w, torch.tensor(0.8), tile=TILES[tile])
+    check(got, unfused(h, w, 0.8), dtype)
+
+
+def test_triton_int8_via_dispatcher(interpret):
+    h, q, s = make(33, 64, 200, torch.float16, int8=True, seed=4)
+    got = lm_head(h, q, 0.6, weight_scale=s, out_dtype=torch.float16)
+    check(got, unfused(h, q, 0.6, weight_scale=s), torch.float16)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_gpu_real_vocab(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("DG_KERNELS", raising=False)
+    h, w, _ = make(256, 2816, 262144, torch.bfloat16, seed=5)
+    h, w = h.cuda(), w.cuda()
+    got = lm_head(h, w, torch.tensor(0.8, device="cuda"))
+    want = unfused(h, w, torch.tensor(0.8, device="cuda"))
+    check(got, want, torch.bfloat16)
