@@ -188,10 +188,4 @@ def _first_line(e: Exception) -> str:
     return s[0] if s else type(e).__name__
 
 
-def checkpoint_summary(path: Path) -> dict:
-    """Shard names and total bytes, for `dg show`/`dg list`."""
-    shards = shard_files(path)
-    return {"shards": [s.name for s in shards], "bytes": sum(s.stat().st_size for s in shards)}
-
-
-__all__ = ["load_model", "shard_files", "checkpoint_summary"]
+__all__ = ["load_model", "shard_files"]
