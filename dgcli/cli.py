@@ -264,6 +264,10 @@ def quantize(
     except ImportError as e:
         raise DgError(f"quantization is not available in this install ({e})") from None
     out = quantize_checkpoint(src_path, out, scheme=scheme, budget_bytes=budget_bytes, context=context, force=force)
+    from quant.planner import estimate_for_dir
+
+    # the footprint after, from what was actually written (the plan before was printed first)
+    typer.echo("\n" + estimate_for_dir(out, context=context, budget_bytes=budget_bytes).table(), err=True)
     typer.echo(f"wrote {out}")
 
 

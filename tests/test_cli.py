@@ -319,8 +319,14 @@ def test_quantize_calls_the_converter(runner, home, monkeypatch):
     fake = types.ModuleType("quant.convert")
     fake.quantize_checkpoint = lambda src, out, **kw: calls.append((src, out, kw)) or out or Path("default")
     monkeypatch.setitem(sys.modules, "quant.convert", fake)
+    import quant.planner
+
+    after = []  # the footprint of what was written is printed after
+    monkeypatch.setattr(quant.planner, "estimate_for_dir",
+                        lambda out, **kw: after.append((out, kw)) or types.SimpleNamespace(table=lambda: "TABLE"))
     r = invoke(runner, ["quantize", "tiny", "--scheme", "nf4", "--budget", "24GiB", "--context", "4096"])
     assert r.exit_code == 0, r.stderr
+    assert after == [(Path("default"), {"context": 4096, "budget_bytes": 24 * 2**30})] and "TABLE" in r.stderr
     assert calls[0] == (store.resolve("tiny"), None, {"scheme": "nf4", "budget_bytes": 24 * 2**30, "context": 4096,
                                                       "force": False})
     assert r.stdout == "wrote default\n"
