@@ -9,14 +9,14 @@ swaps modules in place so that the model's state dict names the packed tensors
 - `QuantLinear` replaces a bias-free `nn.Linear`; `QuantExperts` replaces `Experts`;
   `QuantEmbedding` replaces the tied `Embedding` (lookup, LM head, soft embedding).
 The plain-PyTorch path dequantizes per expert / per weight / per vocabulary chunk, in the
-activations' dtype, and runs everywhere. On CUDA the experts use `kernels.moe_int4` when it
-imports (set DG_KERNELS=0 to compare against the reference path), and NF4 weights use bitsandbytes.
+activations' dtype, and runs everywhere. On CUDA the experts go through `kernels.moe_int4` when
+it imports (its dispatcher picks Triton; DG_KERNELS=ref forces its reference), and NF4 weights use
+bitsandbytes.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 
 import torch
@@ -224,9 +224,8 @@ def _int4_sym(w) -> bool:
 
 @functools.cache
 def _moe_kernel():
-    """kernels.moe_int4.moe_int4 when it imports (Triton on CUDA), else None; DG_KERNELS=0 disables."""
-    if os.environ.get("DG_KERNELS", "1") == "0":
-        return None
+    """kernels.moe_int4.moe_int4 when it imports, else None. It picks Triton or its own reference
+    (DG_KERNELS=ref|triton, see kernels/)."""
     try:
         from kernels.moe_int4 import moe_int4
     except ImportError:

@@ -11,7 +11,9 @@
    into its own cache and decodes the same canvases with the same self-conditioning input.
    Per position: KL(reference || quantized) of the softmax of the logits, and whether the
    argmax agrees.
-3. Each model also samples freely with the same seeds: mean denoising steps per block.
+   Also: how often the sampler's accept decision (entropy bound at that step's temperature) agrees.
+3. Each model also samples freely with the same seeds: mean denoising steps per block. (A random
+   model never settles, so every block runs to the step cap: this one needs a real checkpoint.)
 A "bf16 weights" row (the reference rounded to bf16) gives the scale: trained models tolerate it.
 Writes JSON (--json) and prints a table. The random model is built with realistic-ish widths
 (hidden 512, 4 layers, 16 experts of 128, vocab 4096) in the official safetensors layout.
@@ -35,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dgcli.config import FULL, SLIDING, ModelConfig, SamplerSettings  # noqa: E402
 from dgcli.loader import load_model  # noqa: E402
-from dgcli.sampler import denoise  # noqa: E402
-from dgcli.events import BlockEvent  # noqa: E402
+from dgcli.events import BlockEvent, StepEvent  # noqa: E402
+from dgcli.sampler import accept_mask, denoise, entropy  # noqa: E402
 from quant.convert import quantize_checkpoint  # noqa: E402
 
 VARIANTS = {  # name -> (scheme, budget): no budget = the scheme's smallest formats
@@ -99,13 +101,17 @@ def write_random_checkpoint(dest: Path, seed: int) -> Path:
 
 
 class Recorder:
-    """Wraps a model for `denoise`, recording every encode (ids) and decode (canvas, sc, logits)."""
+    """Wraps a model for `denoise`, recording each new cache, encode (ids) and decode (canvas, sc, logits)."""
 
     def __init__(self, model):
         self.model, self.calls = model, []
 
     def __getattr__(self, name):
         return getattr(self.model, name)
+
+    def new_cache(self, *args, **kwargs):
+        self.calls.append(("new_cache", args, kwargs))
+        return self.model.new_cache(*args, **kwargs)
 
     def encode(self, ids, cache):
         self.calls.append(("encode", ids.clone()))
@@ -118,11 +124,16 @@ class Recorder:
         return logits
 
 
-def replay(model, calls) -> dict:
-    """Teacher-forced replay: per-position KL(ref || model) and argmax agreement."""
-    cache = model.new_cache()
-    kls, agree = [], []
+def replay(model, calls, temps, bound) -> dict:
+    """Teacher-forced replay: per-position KL(ref || model), argmax agreement, and agreement of the
+    sampler's accept decisions (entropy bound on the step's temperature-scaled logits)."""
+    cache = None
+    kls, agree, accept = [], [], []
+    temps = iter(temps)
     for call in calls:
+        if call[0] == "new_cache":  # a new prompt
+            cache = model.new_cache(*call[1], **call[2])
+            continue
         if call[0] == "encode":
             model.encode(call[1], cache)
             continue
@@ -131,9 +142,12 @@ def replay(model, calls) -> dict:
         p_ref, p_q = ref.log_softmax(-1), logits.log_softmax(-1)
         kls.append((p_ref.exp() * (p_ref - p_q)).sum(-1).flatten())
         agree.append((ref.argmax(-1) == logits.argmax(-1)).flatten())
-    kl, ag = torch.cat(kls).clamp(min=0), torch.cat(agree).float()
+        t = next(temps)
+        a_ref, a_q = (accept_mask(entropy(x / t), bound) for x in (ref, logits))
+        accept.append((a_ref == a_q).flatten())
+    kl, ag, ac = torch.cat(kls).clamp(min=0), torch.cat(agree).float(), torch.cat(accept).float()
     return {"kl_mean": kl.mean().item(), "kl_p50": kl.quantile(0.5).item(), "kl_p99": kl.quantile(0.99).item(),
-            "top1_agreement": ag.mean().item(), "positions": kl.numel()}
+            "top1_agreement": ag.mean().item(), "accept_agreement": ac.mean().item(), "positions": kl.numel()}
 
 
 def sample(model, prompts, settings) -> tuple[list[int], list[list[int]]]:
@@ -152,7 +166,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", help="checkpoint directory (default: build a random-init model)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--prompts", type=int, default=2)
     ap.add_argument("--prompt-len", type=int, default=48)
     ap.add_argument("--blocks", type=int, default=2, help="canvases per prompt")
     ap.add_argument("--seed", type=int, default=0)
@@ -173,10 +187,12 @@ def main(argv=None) -> int:
         settings = SamplerSettings(**{**settings.__dict__, "eos_token_id": None})  # fixed number of blocks
 
         rec = Recorder(ref)
-        ref_steps, ref_blocks = [], []
+        ref_steps, ref_blocks, temps = [], [], []
         for i, p in enumerate(prompts):
             for ev in denoise(rec, p, settings.replace(seed=1000 + i)):
-                if isinstance(ev, BlockEvent):
+                if isinstance(ev, StepEvent):
+                    temps.append(ev.temperature)
+                elif isinstance(ev, BlockEvent):
                     ref_steps.append(ev.steps)
                     ref_blocks.append(ev.token_ids)
         results = {"reference": {"steps_per_block_mean": sum(ref_steps) / len(ref_steps), "steps": ref_steps}}
@@ -192,7 +208,7 @@ def main(argv=None) -> int:
                 out = work / f"q-{len(results)}"
                 quantize_checkpoint(src, out, scheme=scheme, budget_bytes=budget, progress=False)
                 model = load_model(out, device=args.device, dtype=dtype)
-            r = replay(model, rec.calls)
+            r = replay(model, rec.calls, temps, settings.entropy_bound)
             steps, blocks = sample(model, prompts, settings)
             same = sum(a == b for a, b in zip(blocks, ref_blocks))
             r.update(steps_per_block_mean=sum(steps) / len(steps), steps=steps,
@@ -201,6 +217,7 @@ def main(argv=None) -> int:
                 r["formats"] = json.loads((out / "dg_manifest.json").read_text())["groups"]
             results[name] = r
             print(f"{name:50s} KL {r['kl_mean']:.5f} (p99 {r['kl_p99']:.4f})  top-1 {r['top1_agreement']:.4f}  "
+                  f"accept {r['accept_agreement']:.4f}  "
                   f"steps/block {r['steps_per_block_mean']:.2f} (ref {results['reference']['steps_per_block_mean']:.2f})",
                   flush=True)
             del model
