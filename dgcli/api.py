@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from . import store
+from . import graphs, store
 from .cache import KVCache
 from .config import SamplerSettings
 from .events import BlockEvent, DoneEvent, Event, PrefillEvent
@@ -28,13 +28,20 @@ from .sampler import denoise, useful_length
 from .tokenizer import Tokenizer
 
 
-def load(name_or_path: str | None = None, device=None, dtype=None):
-    """(model, tokenizer) for a model name (see dgcli.store.resolve), weights on device/dtype."""
+def load(name_or_path: str | None = None, device=None, dtype=None, cuda_graphs: bool | None = None):
+    """(model, tokenizer) for a model name (see dgcli.store.resolve), weights on device/dtype.
+
+    cuda_graphs: replay denoising steps from captured CUDA graphs (dgcli/graphs.py); default on for
+    a CUDA device unless DG_CUDA_GRAPHS=0."""
     path = store.resolve(name_or_path)
     tokenizer = Tokenizer.from_dir(path)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     model = load_model(path, device=device, dtype=dtype)
+    if cuda_graphs is None:
+        cuda_graphs = graphs.enabled_by_env()
+    if cuda_graphs and model.device.type == "cuda":
+        model.graph_capture = graphs.CudaCapture()
     return model, tokenizer
 
 

@@ -167,24 +167,45 @@ def _timed(fn, device):
 
 
 class _Engine:
-    """Phase calls on dg's model: prefill (encode prompt), step (decode), commit (encode canvas)."""
+    """Phase calls on dg's model: prefill (encode prompt), step (decode), commit (encode canvas).
+    On CUDA as `dg run` runs it: the static cache, and CUDA graphs when the model has a capture."""
 
     def __init__(self, model: DiffusionGemma):
         self.model = model
+        self.static = model.device.type == "cuda"
+        self.cache = None
 
     def prefill(self, prompt):
-        cache = self.model.new_cache()
+        if not self.static:
+            cache = self.model.new_cache()
+        else:  # one cache, reset each time: allocation stays out of the timing and graphs stay valid
+            if self.cache is None:
+                self.cache = self.model.new_cache(static=True, max_tokens=prompt.shape[1] + 2 * self.model.config.canvas_length)
+            cache = self.cache
+            cache.reset()
         self.model.encode(prompt, cache)
+        self.prompt_len = prompt.shape[1]
         return cache
 
     def step(self, canvas, cache, sc):
         return self.model.decode(canvas, cache, sc)
+
+    def fork(self, cache):
+        """A cache to commit into, leaving `cache` as it was: the static one is rolled back instead."""
+        if self.static:
+            cache.truncate(self.prompt_len)
+            return cache
+        return cache.copy()
 
     def commit(self, canvas, cache):
         self.model.encode(canvas, cache)
 
     def sc(self, logits):
         return logits.to(self.model.dtype)
+
+    def capture_ms(self) -> float | None:
+        graphs = getattr(self.cache, "graphs", None)
+        return graphs.capture_seconds * 1e3 if graphs is not None else None
 
 
 class _Reference:
@@ -220,6 +241,9 @@ class _Reference:
     def commit(self, canvas, cache):
         self.model.model.encoder(input_ids=canvas, past_key_values=cache)
 
+    def fork(self, cache):
+        return copy.deepcopy(cache)
+
     def sc(self, logits):
         return logits.to(self.model.model.decoder.embed_tokens.weight.dtype)
 
@@ -246,7 +270,9 @@ def _phases(runners: dict, prompt, canvas, steps: int, repeats: int, device) -> 
             t[n]["prefill"].append(_timed(lambda r=runners[n]: r.prefill(prompt), device)[1])
     for n in names:  # the first step of a canvas has no self-conditioning
         first[n], warm[n]["step"] = _timed(lambda r=runners[n]: r.step(canvas, cache[n], None), device)
-        logits[n] = first[n]
+        first[n] = first[n].clone()  # a graph's output buffer is overwritten by the next step
+        r = runners[n]  # and a step with it: with CUDA graphs, its graph is captured here
+        logits[n], warm[n]["step_sc"] = _timed(lambda r=r, sc=r.sc(first[n]): r.step(canvas, cache[n], sc), device)
     for _ in range(steps):
         for n in names:
             r = runners[n]
@@ -254,7 +280,7 @@ def _phases(runners: dict, prompt, canvas, steps: int, repeats: int, device) -> 
             t[n]["step"].append(ms)
     for i in range(repeats + 1):
         for n in names:
-            c = copy.deepcopy(cache[n])  # a commit appends to the cache: time each on a fresh copy
+            c = runners[n].fork(cache[n])  # a commit appends to the cache: time each on a fresh copy
             ms = _timed(lambda r=runners[n], c=c: r.commit(canvas, c), device)[1]
             if i == 0:
                 warm[n]["commit"] = ms
@@ -266,8 +292,11 @@ def _phases(runners: dict, prompt, canvas, steps: int, repeats: int, device) -> 
     out = {}
     for n in names:
         step_ms, commit_ms, prefill_ms = (_mean(t[n][k]) for k in ("step", "commit", "prefill"))
+        capture = getattr(runners[n], "capture_ms", lambda: None)()
         out[n] = ({
             "warmup_ms": warm[n],
+            "cuda_graphs": capture is not None,
+            "graph_capture_ms": capture,  # inside warmup_ms["step"] and ["step_sc"]
             "prefill_ms": prefill_ms,
             "prefill_tokens_per_s": prompt.shape[1] / prefill_ms * 1e3,
             "step_ms": step_ms,
@@ -376,7 +405,7 @@ def run_bench(config: str = "reduced", device: str | None = None, dtype: str | N
               steps: int = 8, repeats: int = 3, reference: bool = False, moe_only: bool = False,
               experts: str = "dense", layers: int | None = None, vocab: int | None = None,
               canvas: int | None = None, threads: int | None = None, seed: int = 0,
-              model: str | None = None) -> dict:
+              model: str | None = None, cuda_graphs: bool = True) -> dict:
     """Run the benchmark and return its report (a JSON-serialisable dict).
 
     config: "full" (26B-A4B shape), "reduced" (same routing, narrow; for CPU) or "tiny" (tests).
@@ -411,7 +440,8 @@ def run_bench(config: str = "reduced", device: str | None = None, dtype: str | N
             tc, config, experts = config_dict(mc), str(path), "as loaded"
             build = lambda mc: load_model(path, device=dev, dtype=dt)  # noqa: E731
         mc = ModelConfig.from_dict(tc)
-        return _run(tc, mc, build, dev, dt, config, prompt_len, steps, repeats, reference, moe_only, experts, seed)
+        return _run(tc, mc, build, dev, dt, config, prompt_len, steps, repeats, reference, moe_only, experts, seed,
+                    cuda_graphs)
     finally:
         torch.set_num_threads(prev_threads)
 
@@ -432,7 +462,8 @@ def config_dict(mc: ModelConfig) -> dict:
     )
 
 
-def _run(tc, mc, build, dev, dt, config, prompt_len, steps, repeats, reference, moe_only, experts, seed) -> dict:
+def _run(tc, mc, build, dev, dt, config, prompt_len, steps, repeats, reference, moe_only, experts, seed,
+         cuda_graphs=True) -> dict:
     report = {
         "machine": _machine(dev),
         "config": {"name": config, "dtype": str(dt).removeprefix("torch."), "experts": experts,
@@ -455,6 +486,10 @@ def _run(tc, mc, build, dev, dt, config, prompt_len, steps, repeats, reference, 
     model, build_ms = _timed(lambda: build(mc), dev)
     report["weights_gb"] = _param_bytes(model) / 1e9
     report["build_ms"] = build_ms
+    if cuda_graphs and dev.type == "cuda":
+        from .graphs import CudaCapture
+
+        model.graph_capture = CudaCapture()
     engine = _Engine(model)
     if not reference:
         with torch.inference_mode():
@@ -562,13 +597,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab", type=int, help="override the vocabulary size")
     p.add_argument("--canvas", type=int, help="override the canvas (block) length")
     p.add_argument("--threads", type=int, help="torch CPU threads (1 is steadier on a shared machine)")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="launch each step's kernels eagerly on CUDA")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="write the JSON here instead of stdout")
     a = p.parse_args(argv)
     report = run_bench(config=a.config, device=a.device, dtype=a.dtype, prompt_len=a.prompt_len, steps=a.steps,
                        repeats=a.repeats, reference=a.reference, moe_only=a.moe_only, experts=a.experts,
                        layers=a.layers, vocab=a.vocab, canvas=a.canvas, threads=a.threads, seed=a.seed,
-                       model=a.model)
+                       model=a.model, cuda_graphs=not a.no_cuda_graphs)
     text = json.dumps(report, indent=2)
     if a.out:
         a.out.write_text(text + "\n")

@@ -9,10 +9,14 @@ Both caches answer the same two questions for attention layer i:
 
 `KVCache` keeps exactly what the reference's default `DynamicCache` keeps (full layers: every token;
 sliding layers: the last W-1) and concatenates, so it matches the reference bit for bit.
-`StaticKVCache` preallocates: sliding layers are a ring of W-1+L slots (the last W-1 tokens plus one
-canvas), full layers a buffer of max_tokens+L; the decoder writes the canvas K/V into the free slots
-instead of concatenating. Key order in the ring differs from the reference, so results agree to
-rounding (~1e-6), not bit for bit.
+`StaticKVCache` preallocates: sliding layers are a ring of W-1+L+R slots (the last W-1 tokens, one
+canvas, and R more so that `truncate` can take back R tokens; R=0 by default, as every slot costs
+attention time), full layers a buffer of max_tokens+L; the decoder writes the canvas K/V into the
+free slots instead of concatenating. Key order in the ring differs from the reference, so results
+agree to rounding (~1e-6), not bit for bit. `mark`/`rewind` copy the rings (full layers are
+append-only) to come back to a point further back than the rings reach: a chat turn's prompt.
+The decoder reads the canvas positions from a device tensor (`prepare_decode` sets it), so one
+captured CUDA graph serves every position: see dgcli/graphs.py.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from .config import ModelConfig
+from .errors import ContextFullError
 
 
 def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -56,6 +61,10 @@ class KVCache:
         pos = torch.arange(n_cached + T, device=k.device)
         return k, v, False, window_mask(pos[n_cached:], pos, window)
 
+    def prepare_decode(self, L: int, device=None) -> torch.Tensor:
+        """The canvas positions [L]."""
+        return torch.arange(self.length, self.length + L, device=device)
+
     def decode_kv(self, i, k, v, window):
         if self.keys[i] is None:
             return k, v, None
@@ -72,12 +81,13 @@ class KVCache:
 
 
 class StaticKVCache:
-    def __init__(self, config: ModelConfig, max_tokens: int, device, dtype):
+    def __init__(self, config: ModelConfig, max_tokens: int, device, dtype, rollback: int | None = None):
         L, W = config.canvas_length, config.sliding_window
-        self.max_tokens = max_tokens
+        self.max_tokens, self.window = max_tokens, W
+        self.rollback = rollback or 0  # ring slots beyond W-1+L: how far back `truncate` can always go
         self.keys, self.values, self.slot_pos = [], [], []
         for i in range(config.num_hidden_layers):
-            size = W - 1 + L if config.is_sliding(i) else max_tokens + L
+            size = W - 1 + L + self.rollback if config.is_sliding(i) else max_tokens + L
             shape = (1, config.layer_kv_heads[i], size, config.layer_head_dim[i])
             self.keys.append(torch.zeros(shape, device=device, dtype=dtype))
             self.values.append(torch.zeros(shape, device=device, dtype=dtype))
@@ -85,10 +95,76 @@ class StaticKVCache:
             self.slot_pos.append(torch.full((size,), -1, device=device, dtype=torch.long)
                                  if config.is_sliding(i) else None)
         self.length = 0
+        self.lowest_kept = 0  # sliding rings still hold every position from here to length
+        # Decoder state on the device, so a captured graph reads it instead of baking it in:
+        self.canvas_pos = torch.arange(L, device=device)  # positions of the canvas being decoded
+        self.slots = torch.arange(max_tokens + L, device=device)
+        self.span, self.span_masked = None, False  # full layers attend over slots [:span] (prepare_decode)
+        self.graphs = None  # dgcli.graphs.DecodeGraphs for this cache, made on first use
+        self.marked = None  # (length, lowest_kept, copies of the rings) saved by mark()
 
-    def _check_room(self, n: int) -> None:
-        if self.length + n > self.max_tokens:
-            raise ValueError(f"context full: {self.length + n} tokens > the cache's {self.max_tokens}")
+    @property
+    def capacity(self) -> int:
+        return self.slots.numel()
+
+    def prepare_decode(self, L: int, device=None, bucket: int | None = None) -> torch.Tensor:
+        """Set the canvas positions (a device-side write, no host sync) and the span of full-layer
+        slots the decoder reads: exactly length+L, or rounded up to a multiple of `bucket` so that
+        the shapes stay fixed while the context grows (one CUDA graph per bucket)."""
+        self._check_room(L, canvas=True)
+        end = self.length + L
+        torch.arange(self.length, end, out=self.canvas_pos)
+        self.span = end if bucket is None else min(-(-end // bucket) * bucket, self.capacity)
+        self.span_masked = bucket is not None  # a bucket's graph must mask its slack even when there is none
+        # A decoded canvas overwrites L ring slots, the oldest positions kept.
+        ring = next((p.numel() for p in self.slot_pos if p is not None), None)
+        if ring is not None:
+            self.lowest_kept = max(self.lowest_kept, end - ring)
+        return self.canvas_pos
+
+    def truncate(self, n: int) -> bool:
+        """Forget every token from position n on (a chat turn that diverges from the cached one).
+        False, and nothing changed, when the rings no longer hold the W-1 tokens before n."""
+        if n > self.length:
+            raise ValueError(f"cannot truncate to {n}: the cache holds {self.length} tokens")
+        if n > 0 and max(0, n - self.window + 1) < self.lowest_kept:
+            return False
+        for ring_pos in self.slot_pos:
+            if ring_pos is not None:
+                ring_pos.masked_fill_(ring_pos >= n, -1)
+        self.length = n
+        self.lowest_kept = min(self.lowest_kept, n)
+        if self.marked is not None and self.marked[0] > n:  # its full-layer slots will be overwritten
+            self.marked = None
+        return True
+
+    def reset(self) -> None:
+        self.truncate(0)
+
+    def mark(self) -> None:
+        """Remember this point, so that `rewind` can come back to it (a copy of the sliding rings)."""
+        rings = [(k.clone(), v.clone(), p.clone()) for k, v, p in zip(self.keys, self.values, self.slot_pos)
+                 if p is not None]
+        self.marked = (self.length, self.lowest_kept, rings)
+
+    @property
+    def marked_length(self) -> int | None:
+        return None if self.marked is None else self.marked[0]
+
+    def rewind(self) -> None:
+        """Back to the marked point, in place: the buffers, and the CUDA graphs on them, stay."""
+        length, lowest, rings = self.marked
+        sliding = [i for i, p in enumerate(self.slot_pos) if p is not None]
+        for i, (k, v, p) in zip(sliding, rings):
+            self.keys[i].copy_(k)
+            self.values[i].copy_(v)
+            self.slot_pos[i].copy_(p)
+        self.length, self.lowest_kept = length, lowest
+
+    def _check_room(self, n: int, canvas: bool = False) -> None:
+        room = self.capacity if canvas else self.max_tokens
+        if self.length + n > room:
+            raise ContextFullError(f"context full: {self.length + n} tokens > the {room} this cache holds")
 
     def encode_kv(self, i, k, v, window):
         T, start = k.shape[-2], self.length
@@ -111,23 +187,26 @@ class StaticKVCache:
         self.keys[i][:, :, slots] = k[:, :, keep]
         self.values[i][:, :, slots] = v[:, :, keep]
         ring_pos[slots] = new_pos[keep]
+        self.lowest_kept = max(self.lowest_kept, start + T - size)
         return keys, values, False, mask
 
     def decode_kv(self, i, k, v, window):
-        L, start = k.shape[-2], self.length
-        canvas_pos = torch.arange(start, start + L, device=k.device)
+        pos = self.canvas_pos  # set by prepare_decode; device-side, so graph replays see new values
         if self.slot_pos[i] is None:  # the canvas goes into the slack after the valid tokens
-            self.keys[i][:, :, start:start + L] = k
-            self.values[i][:, :, start:start + L] = v
-            return self.keys[i][:, :, :start + L], self.values[i][:, :, :start + L], None
-        # The ring holds the last W-1 tokens; the canvas takes the other L slots. The next commit
+            self.keys[i].index_copy_(2, pos, k)
+            self.values[i].index_copy_(2, pos, v)
+            keys, values = self.keys[i][:, :, :self.span], self.values[i][:, :, :self.span]
+            if not self.span_masked:
+                return keys, values, None
+            return keys, values, (self.slots[:self.span] <= pos[-1])[None, :]  # a bucket: hide the slack
+        # The ring holds the last W-1 tokens; the canvas takes L other slots. The next commit
         # rewrites those slots with the committed canvas, so nothing of it leaks into the cache.
         ring_pos = self.slot_pos[i]
-        slots = canvas_pos % ring_pos.numel()
-        self.keys[i][:, :, slots] = k
-        self.values[i][:, :, slots] = v
-        ring_pos[slots] = canvas_pos
-        visible = (ring_pos >= 0) & (ring_pos > start - window)  # the last W-1 tokens and the canvas
+        slots = pos % ring_pos.numel()
+        self.keys[i].index_copy_(2, slots, k)
+        self.values[i].index_copy_(2, slots, v)
+        ring_pos.index_copy_(0, slots, pos)
+        visible = (ring_pos >= 0) & (ring_pos > pos[0] - window)  # the last W-1 tokens and the canvas
         return self.keys[i], self.values[i], visible[None, :]
 
     def nbytes(self) -> int:

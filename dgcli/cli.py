@@ -17,7 +17,7 @@ import typer
 
 from . import __version__, store
 from .canvas_view import CanvasView, PlainView, TokenPieces, consume, format_bytes, format_stats
-from .cli_common import (BadUsage, DeviceOpt, DgGroup, DtypeOpt, EntropyBoundOpt, MaxTokensOpt, ModelOpt,
+from .cli_common import (BadUsage, DeviceOpt, DgGroup, DtypeOpt, NoGraphsOpt, EntropyBoundOpt, MaxTokensOpt, ModelOpt,
                          NoiseOpt, SeedOpt, StepsOpt, SystemOpt, TemperatureOpt, ThinkOpt, TMaxOpt, TMinOpt,
                          check_settings, load, parse_size, quiet_closed_pipe, read_prompt, resolve_name,
                          sampling)
@@ -67,7 +67,7 @@ def run(
                                          "terminal).")] = False,
     noise: NoiseOpt = "text",
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print a stats line on stderr.")] = False,
-    device: DeviceOpt = None, dtype: DtypeOpt = None,
+    device: DeviceOpt = None, dtype: DtypeOpt = None, no_cuda_graphs: NoGraphsOpt = False,
 ):
     """Answer one prompt and print the answer: only the answer goes to stdout.
 
@@ -78,7 +78,7 @@ def run(
     if raw and system:
         raise BadUsage("--system needs the chat template; it cannot be combined with --raw")
     text = read_prompt(prompt)
-    m, tok = load(model, device, dtype)
+    m, tok = load(model, device, dtype, cuda_graphs=False if no_cuda_graphs else None)
     check_settings(m, settings)
     from .api import stream_generate
 
@@ -116,7 +116,7 @@ def chat(
     no_canvas: Annotated[bool, typer.Option("--no-canvas", help="Stream plain text instead of the canvas.")] = False,
     noise: NoiseOpt = "text",
     fps: Annotated[float, typer.Option("--fps", min=1, max=60, help="Canvas frames per second.")] = 15.0,
-    device: DeviceOpt = None, dtype: DtypeOpt = None,
+    device: DeviceOpt = None, dtype: DtypeOpt = None, no_cuda_graphs: NoGraphsOpt = False,
 ):
     """Chat in the terminal, watching each answer denoise on the live canvas.
 
@@ -128,7 +128,7 @@ def chat(
 
     name = resolve_name(name, model)
     settings = sampling(max_tokens, steps, entropy_bound, t_min, t_max, temperature, seed)
-    m, tok = load(name, device, dtype)
+    m, tok = load(name, device, dtype, cuda_graphs=False if no_cuda_graphs else None)
     check_settings(m, settings)
     session = ChatSession(m, tok, settings=settings, system=system, think=think)
     interactive = sys.stdin.isatty() and sys.stdout.isatty()

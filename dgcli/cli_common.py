@@ -116,6 +116,9 @@ SystemOpt = Annotated[Optional[str], typer.Option("--system", "-s", help="System
 ThinkOpt = Annotated[bool, typer.Option("--think", help="Turn the thinking channel on.")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", callback=_check_device,
                                                   help="cpu, cuda, cuda:N (default: cuda if present).")]
+NoGraphsOpt = Annotated[bool, typer.Option(
+    "--no-cuda-graphs", help="Launch each denoising step's kernels one by one instead of replaying a "
+    "captured CUDA graph: slower; for debugging (also DG_CUDA_GRAPHS=0).")]
 DtypeOpt = Annotated[Optional[Literal["bfloat16", "float16", "float32"]], typer.Option(
     "--dtype",
     help="Weight dtype (default: the checkpoint's; float32 on CPU).")]
@@ -162,7 +165,8 @@ def read_prompt(argument: str | None, stdin=None) -> str:
     return "\n\n".join(parts)
 
 
-def load(name: str, device: str | None = None, dtype: str | None = None, quiet: bool = False):
+def load(name: str, device: str | None = None, dtype: str | None = None, quiet: bool = False,
+         cuda_graphs: bool | None = None):
     """(model, tokenizer), with a spinner on a terminal's stderr while the weights load."""
     import dgcli
     from rich.console import Console
@@ -171,8 +175,8 @@ def load(name: str, device: str | None = None, dtype: str | None = None, quiet: 
     try:
         if err.is_terminal and not quiet:
             with err.status(f"loading {name}", spinner="dots"):
-                return dgcli.load(name, device=device, dtype=dtype)
-        return dgcli.load(name, device=device, dtype=dtype)
+                return dgcli.load(name, device=device, dtype=dtype, cuda_graphs=cuda_graphs)
+        return dgcli.load(name, device=device, dtype=dtype, cuda_graphs=cuda_graphs)
     except RuntimeError as e:  # e.g. a CUDA error from a device that exists but cannot be used
         if device is None or debug():
             raise

@@ -21,3 +21,7 @@ class CheckpointError(DgError):
 
 class ConfigError(DgError):
     """config.json or generation_config.json is missing a field or contradicts itself."""
+
+
+class ContextFullError(DgError):
+    """A conversation or prompt needs more tokens than the cache holds."""

@@ -56,6 +56,7 @@ class DoneEvent:
     settings: dict = field(default_factory=dict)
     peak_memory_bytes: int = 0
     text: str = ""
+    warmup_seconds: float = 0.0  # CUDA graph warm-up and capture, not counted in denoise_seconds
 
     @property
     def tokens_per_second(self) -> float:

@@ -113,9 +113,16 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
     def attend(self, q, k, v, mask, causal):
+        groups = q.shape[1] // k.shape[1]
+        if groups > 1 and mask is not None and mask.shape[-2] == 1:
+            # A mask over keys only (the static cache's decoder): fold each group of query heads into
+            # the query length and attend once per kv head, instead of copying K/V `groups` times.
+            B, Hq, T, D = q.shape
+            y = F.scaled_dot_product_attention(q.reshape(B, k.shape[1], groups * T, D), k, v, attn_mask=mask,
+                                               scale=1.0)
+            return y.view(B, Hq, T, D)
         # The same SDPA call as the reference makes, so results agree bit for bit: grouped-query
         # attention inside SDPA only without a mask and for head_dim <= 256, else repeated K/V.
-        groups = q.shape[1] // k.shape[1]
         gqa = groups > 1 and mask is None and k.shape[-1] <= 256
         if groups > 1 and not gqa:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
@@ -324,6 +331,8 @@ class DiffusionGemma(nn.Module):
         self.model = Inner(config)
         D = {t: config.layer_head_dim[config.layer_types.index(t)] for t in set(config.layer_types)}
         self.inv_freq = {t: rope_inv_freq(config, t, D[t]) for t in (SLIDING, FULL) if t in D}
+        self._inv_freq_on: dict[torch.device, dict] = {}  # copies per device: no upload per call
+        self.graph_capture = None  # a dgcli.graphs capture backend: decode on a static cache via graphs
 
     @property
     def dtype(self) -> torch.dtype:
@@ -340,23 +349,27 @@ class DiffusionGemma(nn.Module):
         c = self.config
         return {"total": total, "active": total - experts + experts * c.top_k_experts // c.num_experts}
 
-    def new_cache(self, static: bool = False, max_tokens: int | None = None) -> KVCache | StaticKVCache:
+    def new_cache(self, static: bool = False, max_tokens: int | None = None,
+                  rollback: int = 0) -> KVCache | StaticKVCache:
         """The reference's cache, or (static=True) preallocated buffers for max_tokens that the
         decoder writes its canvas into instead of concatenating (see dgcli/cache.py)."""
         if not static:
             return KVCache(self.config)
-        return StaticKVCache(self.config, max_tokens or self.config.max_position_embeddings, self.device, self.dtype)
+        return StaticKVCache(self.config, max_tokens or self.config.max_position_embeddings, self.device, self.dtype,
+                             rollback)
 
-    def _rope(self, start: int, T: int, dtype):
-        pos = torch.arange(start, start + T, device=self.device)
-        return {t: rope_cos_sin(f, pos, dtype) for t, f in self.inv_freq.items()}
+    def _rope(self, pos: torch.Tensor, dtype):
+        """cos, sin per layer type for positions pos [T] (a device tensor: graph-capturable)."""
+        if pos.device not in self._inv_freq_on:
+            self._inv_freq_on[pos.device] = {t: f.to(pos.device) for t, f in self.inv_freq.items()}
+        return {t: rope_cos_sin(f, pos, dtype) for t, f in self._inv_freq_on[pos.device].items()}
 
     @torch.inference_mode()
     def encode(self, ids: torch.Tensor, cache: KVCache) -> None:
         """Encoder mode: run ids (B, T) causally at positions cache.length.. and append their K/V."""
         dec = self.model.decoder
         x = dec.embed_tokens(ids)
-        rope = self._rope(cache.length, ids.shape[1], x.dtype)
+        rope = self._rope(torch.arange(cache.length, cache.length + ids.shape[1], device=self.device), x.dtype)
         scalars = self.model.encoder.language_model.layers
         last = len(dec.layers) - 1
         for i, layer in enumerate(dec.layers):
@@ -369,8 +382,21 @@ class DiffusionGemma(nn.Module):
         """Decoder mode: canvas (B, L) at positions cache.length.. -> softcapped logits (B, L, V), fp32.
 
         sc_logits: the previous step's processed logits (in the model dtype), or None on a canvas's
-        first step (a zero self-conditioning signal). The cache is only read.
+        first step (a zero self-conditioning signal). The cache is only read. With `graph_capture`
+        set and a static cache, the step replays a captured graph and the logits returned are that
+        graph's output buffer: valid until the next decode on this cache.
         """
+        if self.graph_capture is not None and isinstance(cache, StaticKVCache):
+            from .graphs import graphs_for
+
+            return graphs_for(self, cache).decode(canvas, sc_logits)
+        positions = cache.prepare_decode(canvas.shape[1], device=self.device)
+        return self.decode_at(canvas, cache, sc_logits, positions)
+
+    @torch.inference_mode()
+    def decode_at(self, canvas, cache, sc_logits, positions, out: torch.Tensor | None = None) -> torch.Tensor:
+        """`decode` with the canvas positions given as a device tensor and the cache already prepared
+        (`cache.prepare_decode`): fixed shapes and no host synchronisation, so it can be captured."""
         dec = self.model.decoder
         emb = dec.embed_tokens
         x = emb(canvas)
@@ -379,10 +405,10 @@ class DiffusionGemma(nn.Module):
         else:
             soft = emb.soft(F.softmax(sc_logits, dim=-1, dtype=torch.float32).to(self.dtype))
         x = dec.self_conditioning(x, soft)
-        rope = self._rope(cache.length, canvas.shape[1], x.dtype)
+        rope = self._rope(positions, x.dtype)
         for i, layer in enumerate(dec.layers):
             cos, sin = rope[self.config.layer_types[i]]
             x = layer(x, cos, sin, cache, i, False, layer.layer_scalar)
         logits = emb.head(dec.norm(x)).float()
         cap = self.config.final_logit_softcapping
-        return torch.tanh(logits / cap) * cap
+        return torch.mul(torch.tanh(logits / cap), cap, out=out)

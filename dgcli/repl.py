@@ -35,18 +35,38 @@ def snapshot(cache):
     return cache.copy()
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 class ChatSession:
-    """A conversation with one model; no terminal I/O. `turn(text)` yields the engine's events."""
+    """A conversation with one model; no terminal I/O. `turn(text)` yields the engine's events.
+
+    Earlier turns' K/V are reused. The reference cache (CPU) is snapshotted for free at each prompt.
+    The static cache (CUDA, where the denoising steps replay CUDA graphs) is written in place, so
+    there is one, kept across turns with the tokens it holds: rolled back to where a new prompt
+    diverges from them if its rings reach, else rewound to the end of the last user message
+    (marked after its prefill). Its graphs stay valid from turn to turn.
+    """
 
     def __init__(self, model, tokenizer, *, settings: dict | None = None, system: str | None = None,
-                 think: bool = False, reuse_cache: bool = True):
+                 think: bool = False, reuse_cache: bool = True, static_cache: bool | None = None,
+                 context: int = 32768):
         self.model, self.tokenizer = model, tokenizer
         self.settings = dict(settings or {})
         self.system, self.think, self.reuse_cache = system, think, reuse_cache
         self.messages: list[dict] = []  # user/assistant turns; an interrupted answer has "interrupted": True
         self.last: DoneEvent | None = None
         self.last_reused = 0  # prompt tokens the last turn took from the cache
-        self.snapshots: list[tuple[list[int], object]] = []
+        self.snapshots: list[tuple[list[int], object]] = []  # reference cache: (ids, cache at ids)
+        self.static = model.device.type == "cuda" if static_cache is None else static_cache
+        self.context = context  # tokens the static cache holds
+        self.live: tuple[list[int], object] | None = None  # static cache: (its tokens, the cache)
 
     def conversation(self) -> list[dict]:
         msgs = [{"role": m["role"], "content": m["content"]} for m in self.messages]
@@ -54,13 +74,25 @@ class ChatSession:
 
     def clear(self) -> None:
         self.messages, self.snapshots, self.last, self.last_reused = [], [], None, 0
+        if self.live is not None:
+            self.live = ([], self.live[1])
 
     def cached_prefix(self, ids: list[int]):
-        """(cache copy, n) for the longest snapshot whose ids start `ids`; (new cache, 0) if none does."""
+        """(cache, n): a cache holding ids[:n] already, n as large as the cache allows."""
+        if self.static:
+            if self.live is None:
+                self.live = ([], self.model.new_cache(static=True, max_tokens=self.context))
+            tokens, cache = self.live
+            n = min(common_prefix(tokens[:cache.length], ids), len(ids) - 1) if self.reuse_cache else 0
+            if cache.truncate(n):
+                return cache, n
+            if cache.marked_length is not None and cache.marked_length <= n:  # the last prompt
+                cache.rewind()
+                return cache, cache.length
+            cache.reset()  # the rings no longer reach back there
+            return cache, 0
         best = max((s for s in self.snapshots if ids[:len(s[0])] == s[0]), key=lambda s: len(s[0]), default=None)
         if best is None or not self.reuse_cache:
-            # The reference cache even on CUDA: the static one is written in place, so it cannot be
-            # snapshotted for free (an engine change could add that).
             return self.model.new_cache(), 0
         return snapshot(best[1]), len(best[0])
 
@@ -79,19 +111,27 @@ class ChatSession:
                 msgs, add_generation_prompt=False, enable_thinking=self.think), add_special_tokens=False)
             cache, start = self.cached_prefix(ids)
             self.last_reused, extra_s = start, 0.0
+            blocks: list[int] = []  # static cache: it holds (ids + blocks)[:cache.length]
             if self.reuse_cache and start < len(history) < len(ids) and ids[:len(history)] == history:
+                # The conversation so far, without the generation prompt: the next turn's prompt
+                # starts with it, whatever this answer turns out to be.
                 extra_s = self.prefill(cache, ids[start:len(history)]).seconds
-                snaps.append((history, snapshot(cache)))
+                if self.static:
+                    cache.mark()
+                else:
+                    snaps.append((history, snapshot(cache)))
                 start = len(history)
             events = stream_generate(self.model, self.tokenizer, ids[start:], cache=cache, **self.settings)
             try:
                 for ev in events:
-                    if isinstance(ev, PrefillEvent):
+                    if isinstance(ev, PrefillEvent) and not self.static:
                         snaps.append((ids, snapshot(cache)))
+                    if isinstance(ev, PrefillEvent):
                         ev.prompt_tokens += start - self.last_reused  # what this turn encoded in both calls
                         ev.seconds += extra_s
                     elif isinstance(ev, BlockEvent):
                         committed += ev.text
+                        blocks += ev.token_ids
                     elif isinstance(ev, DoneEvent):
                         ev.prompt_tokens += start - self.last_reused
                         ev.prefill_seconds += extra_s
@@ -100,6 +140,8 @@ class ChatSession:
                     yield ev
             finally:
                 events.close()
+                if self.static:
+                    self.live = ((ids + blocks)[:cache.length], cache)
         except (DgError, ValueError):
             self.messages.pop()
             raise

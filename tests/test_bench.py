@@ -25,7 +25,8 @@ def positive(x) -> bool:
 def check_phases(section: dict, L: int = 16) -> None:  # 16: the tiny canvas
     for k in ("prefill_ms", "step_ms", "commit_ms", "prefill_tokens_per_s"):
         assert positive(section[k]), k
-    assert set(section["warmup_ms"]) == {"prefill", "step", "commit"}
+    assert set(section["warmup_ms"]) == {"prefill", "step", "step_sc", "commit"}
+    assert section["cuda_graphs"] is False and section["graph_capture_ms"] is None  # CPU: eager
     assert all(positive(v) for v in section["warmup_ms"].values())
     assert all(positive(v) for v in section["min_ms"].values())
     assert section["min_ms"]["step"] <= section["step_ms"] + 1e-9

@@ -52,6 +52,38 @@ def test_reused_answer_is_the_fresh_answer(tiny, seed):
     assert s.last_reused > 0
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_static_cache_session_rolls_back_and_answers_as_fresh(tiny, seed):
+    """The CUDA way (one static cache kept across turns, truncated where a prompt diverges), on the CPU."""
+    model, tok = tiny
+    settings = {**EXACT, "seed": seed}
+    s = ChatSession(model, tok, settings=settings, static_cache=True, context=4096)
+    cache, reused = None, []
+    for text in ("hello there", "tell me more", "and then?"):
+        events = list(s.turn(text))
+        fresh = list(dgcli.stream_generate(model, tok, s.conversation()[:-1], **settings))
+        assert events[-1].token_ids == fresh[-1].token_ids and events[-1].text == fresh[-1].text
+        tokens, c = s.live
+        assert cache is None or c is cache  # the same buffers (and CUDA graphs) all along
+        cache = c
+        assert len(tokens) == cache.length
+        reused.append(s.last_reused)
+    # Each turn reuses at least the conversation up to the previous user message (the mark).
+    assert reused[0] == 0 and 0 < reused[1] < reused[2]
+    s.system = "be brief"  # diverges at the first tokens: rolled back to nothing
+    events = list(s.turn("hi"))
+    assert s.last_reused == 0 and isinstance(events[-1], DoneEvent)
+
+
+def test_static_cache_context_full_is_a_clear_error(tiny):
+    s = ChatSession(*tiny, settings=FAST, static_cache=True, context=64)
+    with pytest.raises(DgError, match="context full"):
+        list(s.turn("hello " * 80))
+    assert s.messages == []
+    s.clear()
+    assert run_turn(s, "hi")[0].prompt_tokens < 64  # the session goes on
+
+
 def first_step(events):
     """The first StepEvent; the generation is then cancelled."""
     try:
