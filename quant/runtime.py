@@ -10,8 +10,9 @@ swaps modules in place so that the model's state dict names the packed tensors
   `QuantEmbedding` replaces the tied `Embedding` (lookup, LM head, soft embedding).
 The plain-PyTorch path dequantizes per expert / per weight / per vocabulary chunk, in the
 activations' dtype, and runs everywhere. On CUDA the experts go through `kernels.moe_int4` when
-it imports (its dispatcher picks Triton; DG_KERNELS=ref forces its reference), and NF4 weights use
-bitsandbytes.
+it imports (its dispatcher picks Triton; DG_KERNELS=ref forces its reference), int8 projections and
+the int8 LM head through `kernels.int8_linear` (Triton only: the codes are read once, never decoded
+into a bf16 copy), and NF4 weights use bitsandbytes.
 """
 
 from __future__ import annotations
@@ -85,6 +86,8 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight.format.name == "nf4_g64" and x.is_cuda and _bnb() is not None:
             return _bnb_linear(x, self.weight)
+        if (kernel := _int8_kernel(self.weight, x)) is not None:
+            return kernel(x, self.weight.qweight, self.weight.scales)
         return F.linear(x, self.weight.dequantize(x.dtype))
 
 
@@ -158,6 +161,8 @@ class QuantEmbedding(Embedding):
         return acc.to(probs.dtype) * self.embed_scale()
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
+        if (kernel := _int8_kernel(self.weight, h)) is not None:  # codes read once, no decoded copy
+            return kernel(h, self.weight.qweight, self.weight.scales)
         out = torch.empty(*h.shape[:-1], self.weight.shape[0], dtype=h.dtype, device=h.device)
         for a, b, w in self.chunks(h.dtype):
             out[..., a:b] = F.linear(h, w)
@@ -220,6 +225,19 @@ def _adopt_model_dtype(model: nn.Module, incompatible_keys) -> None:
 
 def _int4_sym(w) -> bool:
     return isinstance(w, Packed) and w.format.name == "int4_sym_g64"
+
+
+def _int8_kernel(w: Packed, x: torch.Tensor):
+    """kernels.int8_linear for an int8_row weight when it runs as Triton (CUDA, or DG_KERNELS=triton),
+    else None: the plain path (decode the weight, then F.linear) is the reference."""
+    if w.format.name != "int8_row":
+        return None
+    try:
+        from kernels._dispatch import use_triton
+        from kernels.int8_linear import int8_linear
+    except ImportError:
+        return None
+    return int8_linear if use_triton(x) else None
 
 
 @functools.cache

@@ -213,3 +213,30 @@ def test_packed_experts_are_what_the_moe_kernel_reads():
     ref = moe.moe_int4_ref(x, index, w, q.gate_up_proj.qweight, q.gate_up_proj.scales, q.down_proj.qweight,
                            q.down_proj.scales, group_size=GROUP)
     torch.testing.assert_close(q(x, index, w), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_int8_projections_and_head_take_the_int8_kernel_when_triton_runs(monkeypatch):
+    """With Triton (CUDA; here its interpreter), int8 weights go through kernels.int8_linear, which
+    reads the codes directly: same result as decoding the weight first, within fp32 rounding."""
+    pytest.importorskip("triton")
+    import importlib
+
+    k8 = importlib.import_module("kernels.int8_linear")  # the module, not the function kernels exports
+
+    calls = []
+    real = k8.int8_linear_triton
+    monkeypatch.setattr(k8, "int8_linear_triton", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    ql = QuantLinear(128, 96, "int8_row")
+    ql.weight = packed_from("int8_row", weights(96, 128))
+    qe = QuantEmbedding(300, 64, "int8_row")
+    qe.weight = packed_from("int8_row", weights(300, 64, seed=4))
+    x, h = torch.randn(2, 5, 128), torch.randn(1, 4, 64)
+    plain = ql(x), qe.head(h)
+    assert calls == []  # on the CPU by default: the plain path
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("DG_KERNELS", "triton")
+    fast = ql(x), qe.head(h)
+    assert len(calls) == 2
+    for a, b in zip(fast, plain):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
