@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Everything a GPU session should measure, in one go (device time is scarce): the CUDA test cases,
+# then the benchmarks, each report as JSON in OUT_DIR (default $OUT, else ./gpu-out). Record the
+# figures, with the device named, in docs/benchmarks.md.
+#   bash scripts/gpu_session.sh kernels    # CUDA tests + the MoE kernel alone (< 7 min)
+#   bash scripts/gpu_session.sh speed      # full 26B-A4B shape, int4 experts, graphs on and off (< 8 min)
+#   bash scripts/gpu_session.sh reference  # bf16 against transformers, same shapes (< 5 min)
+# One stage per device call: a call may run 10 minutes at most.
+set -u
+stage=${1:-kernels}
+out=${OUT_DIR:-${OUT:-gpu-out}}
+mkdir -p "$out"
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET
+log="$out/log.txt"  # at most 8 files come back from a device run: one log, one JSON per benchmark
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$log" 2>&1
+python -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" >> "$log" 2>&1
+
+if [[ $stage == kernels ]]; then
+# 1. Kernels and CUDA graphs against their references, on the GPU, at the real shapes.
+timeout 300 python -m pytest -q -rs tests/test_kernels.py tests/test_kernels_int8.py tests/test_kernels_lm_head.py \
+    tests/test_graphs.py 2>&1 | tail -40 > "$out/tests.txt"
+
+# 2. The MoE kernel alone: GB/s against the device.
+timeout 120 python scripts/bench.py --config full --moe-only --out "$out/moe.json" 2>> "$log"
+fi
+if [[ $stage == speed ]]; then
+# 3. The full 26B-A4B shape with int4 experts: with CUDA graphs (the default) and without.
+timeout 240 python scripts/bench.py --config full --experts int4 --prompt-len 8192 --steps 16 \
+    --out "$out/int4_graphs.json" 2>> "$log"
+timeout 240 python scripts/bench.py --config full --experts int4 --prompt-len 8192 --steps 16 --no-cuda-graphs \
+    --out "$out/int4_eager.json" 2>> "$log"
+fi
+if [[ $stage == reference ]]; then
+# 4. bf16 experts against transformers on the same shapes (51 GB of weights: H100 80 GB).
+timeout 300 python scripts/bench.py --config full --reference --prompt-len 2048 --steps 8 \
+    --out "$out/bf16_reference.json" 2>> "$log"
+fi
+ls -la "$out"
