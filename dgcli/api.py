@@ -32,7 +32,8 @@ def load(name_or_path: str | None = None, device=None, dtype=None, cuda_graphs: 
     """(model, tokenizer) for a model name (see dgcli.store.resolve), weights on device/dtype.
 
     cuda_graphs: replay denoising steps from captured CUDA graphs (dgcli/graphs.py); default on for
-    a CUDA device unless DG_CUDA_GRAPHS=0."""
+    a CUDA device unless DG_CUDA_GRAPHS=0. On CUDA the sampler also takes its statistics from the
+    fused LM head (kernels/lm_head.py) unless DG_FUSED_HEAD=0."""
     path = store.resolve(name_or_path)
     tokenizer = Tokenizer.from_dir(path)
     if isinstance(dtype, str):
@@ -42,6 +43,8 @@ def load(name_or_path: str | None = None, device=None, dtype=None, cuda_graphs: 
         cuda_graphs = graphs.enabled_by_env()
     if cuda_graphs and model.device.type == "cuda":
         model.graph_capture = graphs.CudaCapture()
+    if model.device.type == "cuda" and graphs.enabled_by_env("DG_FUSED_HEAD"):
+        model.fused_head = model.can_fuse_head()
     return model, tokenizer
 
 

@@ -188,6 +188,10 @@ class _Engine:
         return cache
 
     def step(self, canvas, cache, sc):
+        if self.model.fused_head:  # as the sampler runs on CUDA; at temperature 1 proc is the logits
+            if not hasattr(self, "temp"):
+                self.temp = torch.ones(1, device=canvas.device)
+            return self.model.decode_stats(canvas, cache, sc, self.temp).proc.view(*canvas.shape, -1)
         return self.model.decode(canvas, cache, sc)
 
     def fork(self, cache):
@@ -472,7 +476,8 @@ def _run(tc, mc, build, dev, dt, config, prompt_len, steps, repeats, reference, 
         "prompt_len": prompt_len,
         "steps_timed": steps,
         "repeats": repeats,
-        "step_excludes": "sampler work (softmax, multinomial, entropy); decode() only",
+        "step_excludes": "multinomial and accept/renoise; with fused_head the step includes the LM head's "
+                         "argmax/entropy/lse, else it is decode() only",
     }
     if moe_only:
         report["moe"] = moe_bench(tc, dev, dt, mc.canvas_length, max(repeats, 10 if dev.type == "cuda" else 2), seed)
@@ -490,6 +495,12 @@ def _run(tc, mc, build, dev, dt, config, prompt_len, steps, repeats, reference, 
         from .graphs import CudaCapture
 
         model.graph_capture = CudaCapture()
+    if dev.type == "cuda":
+        from .graphs import enabled_by_env
+
+        model.fused_head = enabled_by_env("DG_FUSED_HEAD") and model.can_fuse_head()
+    report["config"]["cuda_graphs"] = model.graph_capture is not None
+    report["config"]["fused_head"] = model.fused_head
     engine = _Engine(model)
     if not reference:
         with torch.inference_mode():

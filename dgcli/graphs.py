@@ -11,7 +11,8 @@ What makes the pass capturable (see `DiffusionGemma.decode_at` and `StaticKVCach
   replay, so RoPE, ring slots and masks follow them without recapture;
 - fixed shapes: the full-attention layers read a span of cache slots rounded up to `BUCKET`, the
   slack hidden by a mask, so one graph serves a whole bucket of context lengths. There is one graph
-  per (bucket, first step or not): a canvas's first step has no self-conditioning input;
+  per (bucket, first step or not, fused LM head or not): a canvas's first step has no
+  self-conditioning input, and `decode_stats` takes the temperature in and gives statistics out;
 - no host synchronisation: routing sorts and offsets stay on the device (no `.item()`, `.tolist()`).
 The graphs share one memory pool: they run one at a time, and each step's output is read before
 the next replay. A pass that cannot be captured (an op that syncs, an unsupported kernel) turns graphs
@@ -30,8 +31,9 @@ import torch
 BUCKET = 1024  # tokens: full layers attend over at most this many empty slots
 
 
-def enabled_by_env() -> bool:
-    return os.environ.get("DG_CUDA_GRAPHS", "1").strip().lower() not in ("0", "false", "no", "off")
+def enabled_by_env(name: str = "DG_CUDA_GRAPHS") -> bool:
+    """A switch that is on unless the variable says 0/false/no/off."""
+    return os.environ.get(name, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 class CudaCapture:
@@ -82,21 +84,33 @@ class DecodeGraphs:
         self.canvas = torch.zeros(1, L, dtype=torch.long, device=dev)
         self.sc = torch.zeros(1, L, V, dtype=model.dtype, device=dev)
         self.out = torch.empty(1, L, V, dtype=torch.float32, device=dev)
-        self.graphs: dict[tuple[int, bool], object] = {}
+        # decode_stats: the temperature in, HeadOut out (proc shares the logits' buffer)
+        from kernels.lm_head import HeadOut
+
+        self.temp = torch.ones(1, dtype=torch.float32, device=dev)
+        self.stats = HeadOut(self.out.view(L, V), torch.zeros(L, dtype=torch.long, device=dev),
+                             torch.zeros(L, device=dev), torch.zeros(L, device=dev))
+        self.graphs: dict[tuple[int, bool, bool], object] = {}  # (span, self-conditioned, fused head)
         self.capture_seconds = 0.0  # warm-up and capture time, reported apart from the steps
 
-    def decode(self, canvas: torch.Tensor, sc_logits: torch.Tensor | None) -> torch.Tensor:
+    def decode(self, canvas: torch.Tensor, sc_logits: torch.Tensor | None,
+               temperature: torch.Tensor | None = None):
+        """`model.decode`, or with a temperature `model.decode_stats`, replayed from a graph.
+        The results are this object's buffers: valid until the next call."""
         positions = self.cache.prepare_decode(canvas.shape[1], bucket=self.bucket)
         self.canvas.copy_(canvas)
         if sc_logits is not None:
             self.sc.copy_(sc_logits)
-        key = (self.cache.span, sc_logits is not None)
+        fused = temperature is not None
+        if fused:
+            self.temp.copy_(temperature.reshape(1))
+        key = (self.cache.span, sc_logits is not None, fused)
         graph = self.graphs.get(key)
         if graph is None:
-            sc = self.sc if key[1] else None
+            step = self._step(positions, key[1], fused)
             t0 = time.perf_counter()
             try:
-                graph = self.capture(lambda: self.model.decode_at(self.canvas, self.cache, sc, positions, out=self.out))
+                graph = self.capture(step)
             except (RuntimeError, NotImplementedError, ValueError) as e:
                 # Something in the pass cannot be captured (a host sync, an unsupported kernel):
                 # say so once and go on eagerly; the results are the same, only slower.
@@ -104,11 +118,23 @@ class DecodeGraphs:
                 print(f"dg: CUDA graphs off ({type(e).__name__}: {first}); decoding eagerly", file=sys.stderr)
                 self.model.graph_capture = None
                 self.cache.graphs = None
-                return self.model.decode_at(canvas, self.cache, sc_logits, positions)
+                return self.model.decode_at(canvas, self.cache, sc_logits, positions, temperature=temperature)
             self.graphs[key] = graph
             self.capture_seconds += time.perf_counter() - t0
         graph.replay()
-        return self.out
+        return self.stats if fused else self.out
+
+    def _step(self, positions, with_sc: bool, fused: bool):
+        sc = self.sc if with_sc else None
+        if not fused:
+            return lambda: self.model.decode_at(self.canvas, self.cache, sc, positions, out=self.out)
+
+        def step():
+            head = self.model.decode_at(self.canvas, self.cache, sc, positions, out=self.stats.proc,
+                                        temperature=self.temp)
+            for buf, value in zip(self.stats[1:], head[1:]):
+                buf.copy_(value)
+        return step
 
 
 def graphs_for(model, cache) -> DecodeGraphs:

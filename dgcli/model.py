@@ -269,6 +269,10 @@ class Embedding(nn.Module):
     def head(self, h: torch.Tensor) -> torch.Tensor:
         return F.linear(h, self.weight)
 
+    def head_weight(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(weight [V, H], per-row scale or None) for kernels.lm_head; None if it cannot read this one."""
+        return self.weight, None
+
 
 class SelfConditioning(nn.Module):
     """Mixes the previous step's soft prediction into the canvas embedding: post_norm(e + MLP(pre_norm(soft)))."""
@@ -333,6 +337,7 @@ class DiffusionGemma(nn.Module):
         self.inv_freq = {t: rope_inv_freq(config, t, D[t]) for t in (SLIDING, FULL) if t in D}
         self._inv_freq_on: dict[torch.device, dict] = {}  # copies per device: no upload per call
         self.graph_capture = None  # a dgcli.graphs capture backend: decode on a static cache via graphs
+        self.fused_head = False  # the sampler uses decode_stats (set on CUDA by dgcli.load)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -393,10 +398,33 @@ class DiffusionGemma(nn.Module):
         positions = cache.prepare_decode(canvas.shape[1], device=self.device)
         return self.decode_at(canvas, cache, sc_logits, positions)
 
+    def can_fuse_head(self) -> bool:
+        """Whether `decode_stats` can run: kernels.lm_head imports and reads this embedding."""
+        try:
+            import kernels.lm_head  # noqa: F401
+        except ImportError:
+            return False
+        return self.model.decoder.embed_tokens.head_weight() is not None
+
     @torch.inference_mode()
-    def decode_at(self, canvas, cache, sc_logits, positions, out: torch.Tensor | None = None) -> torch.Tensor:
+    def decode_stats(self, canvas, cache, sc_logits, temperature: torch.Tensor):
+        """`decode` with the LM head fused with the sampler's statistics (kernels/lm_head.py): returns
+        HeadOut(proc [L, V] fp32 = softcapped logits / temperature, argmax [L], entropy [L], lse [L])
+        for a batch of one, writing the vocabulary-wide tensor once. Same maths as the sampler's
+        unfused path; rounding differs, so it is the fast path (CUDA), not the reference."""
+        if self.graph_capture is not None and isinstance(cache, StaticKVCache):
+            from .graphs import graphs_for
+
+            return graphs_for(self, cache).decode(canvas, sc_logits, temperature)
+        positions = cache.prepare_decode(canvas.shape[1], device=self.device)
+        return self.decode_at(canvas, cache, sc_logits, positions, temperature=temperature)
+
+    @torch.inference_mode()
+    def decode_at(self, canvas, cache, sc_logits, positions, out: torch.Tensor | None = None,
+                  temperature: torch.Tensor | None = None):
         """`decode` with the canvas positions given as a device tensor and the cache already prepared
-        (`cache.prepare_decode`): fixed shapes and no host synchronisation, so it can be captured."""
+        (`cache.prepare_decode`): fixed shapes and no host synchronisation, so it can be captured.
+        With a temperature, `decode_stats`'s HeadOut instead of the logits (`out`: its proc buffer)."""
         dec = self.model.decoder
         emb = dec.embed_tokens
         x = emb(canvas)
@@ -409,6 +437,12 @@ class DiffusionGemma(nn.Module):
         for i, layer in enumerate(dec.layers):
             cos, sin = rope[self.config.layer_types[i]]
             x = layer(x, cos, sin, cache, i, False, layer.layer_scalar)
-        logits = emb.head(dec.norm(x)).float()
         cap = self.config.final_logit_softcapping
+        if temperature is not None:
+            from kernels.lm_head import lm_head
+
+            weight, scale = emb.head_weight()
+            h = dec.norm(x).reshape(-1, x.shape[-1])
+            return lm_head(h, weight, temperature, cap, scale, out=out)
+        logits = emb.head(dec.norm(x)).float()
         return torch.mul(torch.tanh(logits / cap), cap, out=out)

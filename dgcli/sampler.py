@@ -12,6 +12,9 @@ Per block (canvas of L tokens):
   commit the argmax canvas; a block with an EOS anywhere finishes generation (pads after the EOS).
 Random draws, in this order, all from one generator: randint(L) per block, then per step
 multinomial(L×V) and randint(L). `seed=S` reproduces `torch.manual_seed(S); model.generate(...)`.
+On CUDA, `model.fused_head` has the LM head compute the step's statistics in one pass over the
+vocabulary (kernels/lm_head.py): the same decisions up to float rounding, several fewer passes
+over the [L, 262144] fp32 logits.
 This module knows tokens only; text is the tokenizer layer's job (dgcli/api.py).
 """
 
@@ -117,6 +120,8 @@ def denoise(
     prompt_len = ids.shape[1]
     max_length = cache.length + prompt_len + settings.max_new_tokens
     n_blocks = math.ceil(settings.max_new_tokens / L)
+    # The fused LM head (model.fused_head: on by default on CUDA) unless a processor must see the logits.
+    fused = logits_processor is None and getattr(model, "fused_head", False)
 
     pending = ids
     new_tokens: list[torch.Tensor] = []
@@ -142,17 +147,22 @@ def denoise(
         for cur_step in range(N, 0, -1):
             t0 = time.perf_counter()
             captured = _capture_seconds(cache)
-            logits = model.decode(canvas, cache, sc_logits)
+            temp = temperature(cur_step, settings, device)
+            if fused:  # the LM head computes proc, argmax, entropy and lse in one pass
+                head = model.decode_stats(canvas, cache, sc_logits, temp)
+                proc, argmax, h = head.proc.view(1, L, V), head.argmax.view(1, L), head.entropy.view(1, L)
+                probs = torch.exp(proc - head.lse.view(1, L, 1))
+            else:
+                logits = model.decode(canvas, cache, sc_logits)
+                if logits_processor is not None:
+                    logits = logits_processor(logits)
+                proc = logits / temp
+                probs = torch.softmax(proc, dim=-1, dtype=torch.float32)
+                argmax = proc.argmax(dim=-1)
+                h = entropy(proc)
             warmup = _capture_seconds(cache) - captured  # a new CUDA graph: reported apart
             warmup_s += warmup
-            if logits_processor is not None:
-                logits = logits_processor(logits)
-            temp = temperature(cur_step, settings, device)
-            proc = logits / temp
-            probs = torch.softmax(proc, dim=-1, dtype=torch.float32)
             sampled = torch.multinomial(probs.view(-1, V), num_samples=1, generator=g).view(1, L)
-            argmax = proc.argmax(dim=-1)
-            h = entropy(proc)
             accepted = accept_mask(h, settings.entropy_bound)
             noise = torch.randint(0, V, (1, L), device=device, generator=g)
             canvas = torch.where(accepted, sampled, noise)

@@ -49,6 +49,14 @@ def _temperature(temperature, device) -> torch.Tensor:
     return torch.as_tensor(temperature, dtype=torch.float32, device=device).reshape(1)
 
 
+def _out(out, L, V, dtype, device) -> torch.Tensor:
+    if out is None:
+        return torch.empty(L, V, dtype=dtype, device=device)
+    if out.shape != (L, V) or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous [{L}, {V}] {dtype} tensor, got {tuple(out.shape)} {out.dtype}")
+    return out
+
+
 def combine(m: torch.Tensor, s: torch.Tensor, t: torch.Tensor, arg: torch.Tensor):
     """Merge per-chunk partials [L, C] (chunk order = vocabulary order) into (argmax, entropy, lse)."""
     M = m.max(dim=-1, keepdim=True).values
@@ -62,12 +70,12 @@ def combine(m: torch.Tensor, s: torch.Tensor, t: torch.Tensor, arg: torch.Tensor
 
 
 def lm_head_ref(h, weight, temperature, softcap: float | None = 30.0, weight_scale=None,
-                out_dtype=torch.float32, chunk: int = 16384) -> HeadOut:
+                out_dtype=torch.float32, chunk: int = 16384, out: torch.Tensor | None = None) -> HeadOut:
     """PyTorch, one vocabulary chunk at a time (fp32 intermediates of [L, chunk] only)."""
     _check(h, weight, weight_scale)
     L, V = h.shape[0], weight.shape[0]
     temp = _temperature(temperature, h.device)
-    proc = torch.empty(L, V, dtype=out_dtype, device=h.device)
+    proc = _out(out, L, V, out_dtype, h.device)
     parts = []
     for v0 in range(0, V, chunk):
         w = weight[v0:v0 + chunk]
@@ -162,14 +170,14 @@ _tuned: dict = {}
 
 
 def lm_head_triton(h, weight, temperature, softcap: float | None = 30.0, weight_scale=None,
-                   out_dtype=torch.float32, tile: tuple | None = None) -> HeadOut:
+                   out_dtype=torch.float32, tile: tuple | None = None, out: torch.Tensor | None = None) -> HeadOut:
     """The Triton path; `tile` = (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), else autotuned on CUDA."""
     _check(h, weight, weight_scale)
     h, weight = h.contiguous(), weight.contiguous()
     L, K = h.shape
     V = weight.shape[0]
     temp = _temperature(temperature, h.device)
-    proc = torch.empty(L, V, dtype=out_dtype, device=h.device)
+    proc = _out(out, L, V, out_dtype, h.device)
     if L == 0:
         z = torch.empty(0, device=h.device)
         return HeadOut(proc, z.long(), z, z)
@@ -202,9 +210,10 @@ def lm_head_triton(h, weight, temperature, softcap: float | None = 30.0, weight_
 
 
 def lm_head(h, weight, temperature, softcap: float | None = 30.0, weight_scale=None,
-            out_dtype=torch.float32) -> HeadOut:
-    """h [L, H] · weight [V, H]ᵀ -> HeadOut(proc, argmax, entropy, lse); Triton on CUDA, else reference."""
+            out_dtype=torch.float32, out: torch.Tensor | None = None) -> HeadOut:
+    """h [L, H] · weight [V, H]ᵀ -> HeadOut(proc, argmax, entropy, lse); Triton on CUDA, else reference.
+    `out`: a contiguous [L, V] tensor of out_dtype to write proc into (a CUDA graph's fixed buffer)."""
     if use_triton(h):
-        return lm_head_triton(h, weight, temperature, softcap, weight_scale, out_dtype)
-    return lm_head_ref(h, weight, temperature, softcap, weight_scale, out_dtype)
+        return lm_head_triton(h, weight, temperature, softcap, weight_scale, out_dtype, out=out)
+    return lm_head_ref(h, weight, temperature, softcap, weight_scale, out_dtype, out=out)
 

@@ -160,6 +160,11 @@ class QuantEmbedding(Embedding):
             acc += torch.matmul(probs[..., a:b], w).float()
         return acc.to(probs.dtype) * self.embed_scale()
 
+    def head_weight(self):
+        if self.weight.format.name != "int8_row":  # kernels.lm_head reads int8 rows, not 4-bit groups
+            return None
+        return self.weight.qweight, self.weight.scales
+
     def head(self, h: torch.Tensor) -> torch.Tensor:
         if (kernel := _int8_kernel(self.weight, h)) is not None:  # codes read once, no decoded copy
             return kernel(h, self.weight.qweight, self.weight.scales)

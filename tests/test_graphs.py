@@ -30,6 +30,10 @@ class Bucketed:
         positions = cache.prepare_decode(canvas.shape[1], bucket=self.bucket)
         return self.model.decode_at(canvas, cache, sc_logits, positions)
 
+    def decode_stats(self, canvas, cache, sc_logits, temperature):
+        positions = cache.prepare_decode(canvas.shape[1], bucket=self.bucket)
+        return self.model.decode_at(canvas, cache, sc_logits, positions, temperature=temperature)
+
 
 def run(model, prompt, settings):
     cache = model.new_cache(static=True, max_tokens=len(prompt) + settings.max_new_tokens + 256)
@@ -44,8 +48,10 @@ def run(model, prompt, settings):
     return steps, blocks, done, cache
 
 
-def test_graph_replays_generate_what_eager_decoding_does(tiny, monkeypatch):
+@pytest.mark.parametrize("fused", [False, True], ids=["logits", "fused-head"])
+def test_graph_replays_generate_what_eager_decoding_does(tiny, monkeypatch, fused):
     model = tiny[0]
+    monkeypatch.setattr(model, "fused_head", fused)
     W, L = model.config.sliding_window, model.config.canvas_length
     prompt = list(range(5, 5 + W + 40))  # past the window: the rings wrap
     settings = SamplerSettings(max_new_tokens=3 * L, max_denoising_steps=4, seed=3, eos_token_id=None)
@@ -59,8 +65,7 @@ def test_graph_replays_generate_what_eager_decoding_does(tiny, monkeypatch):
     assert graphed[1] == eager[1]
     cache = graphed[3]
     # one graph per bucket and kind of step (a canvas's first step has no self-conditioning)
-    assert sorted(cache.graphs.graphs) == [(512, False), (512, True), (768, False), (768, True),
-                                           (1024, False), (1024, True)]
+    assert sorted(cache.graphs.graphs) == [(span, sc, fused) for span in (512, 768, 1024) for sc in (False, True)]
     assert graphed[2].warmup_seconds > 0 and eager[2].warmup_seconds == 0
     assert graphed[2].warmup_seconds == pytest.approx(cache.graphs.capture_seconds)
 
@@ -79,8 +84,29 @@ def test_bucketed_span_matches_the_exact_one_even_at_a_bucket_boundary(tiny):
     assert (first - exact).abs().max() < 1e-3
     assert cache.truncate(cache.length - 100)  # a shorter context in the same bucket: slack to hide
     again = graphed.decode(canvas, None)
-    assert list(graphed.graphs) == [(512, False)]
+    assert list(graphed.graphs) == [(512, False, False)]
     assert (again - model.decode(canvas, cache)).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("sc", [False, True], ids=["first-step", "self-conditioned"])
+def test_fused_head_gives_the_sampler_statistics_of_the_logits(tiny, sc):
+    """decode_stats (kernels.lm_head: one pass over the vocabulary) against the sampler's own maths."""
+    from dgcli.sampler import entropy
+
+    model = tiny[0]
+    L, V = model.config.canvas_length, model.config.vocab_size
+    g = torch.Generator().manual_seed(4)
+    cache = model.new_cache()
+    model.encode(torch.randint(0, V, (1, 50), generator=g), cache)
+    canvas = torch.randint(0, V, (1, L), generator=g)
+    sc_logits = model.decode(canvas, cache).to(model.dtype) / 0.7 if sc else None
+    temp = torch.tensor(0.6)
+    proc = model.decode(canvas, cache, sc_logits) / temp
+    head = model.decode_stats(canvas, cache, sc_logits, temp)
+    torch.testing.assert_close(head.proc.view(1, L, V), proc, rtol=1e-5, atol=1e-5)
+    assert torch.equal(head.argmax.view(1, L), proc.argmax(-1))
+    torch.testing.assert_close(head.entropy.view(1, L), entropy(proc), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(head.lse.view(1, L), proc.logsumexp(-1), rtol=1e-5, atol=1e-5)
 
 
 def test_decode_step_never_syncs_with_the_host():
@@ -95,6 +121,8 @@ def test_decode_step_never_syncs_with_the_host():
     logits = model.decode_at(canvas, cache, None, positions)
     out = model.decode_at(canvas, cache, logits.to(torch.bfloat16), positions, out=torch.empty_like(logits))
     assert out.shape == (1, config.canvas_length, config.vocab_size)
+    head = model.decode_at(canvas, cache, None, positions, temperature=torch.ones(1, device="meta"))
+    assert head.entropy.shape == (config.canvas_length,)  # the fused head is sync-free too
     with pytest.raises(Exception):  # the check has teeth: a host read fails on meta
         out.sum().item()
 
@@ -163,8 +191,14 @@ def test_real_cuda_graphs_match_eager_decoding():
             want = model.decode_at(canvas, eager_cache, sc, positions)
             got = graphed.decode(canvas, sc)
             assert (got - want).abs().max().item() < 1e-2, (block, step)
+            temp = torch.full((1,), 0.7, device="cuda")
+            positions = eager_cache.prepare_decode(L, bucket=128)
+            want_head = model.decode_at(canvas, eager_cache, sc, positions, temperature=temp)
+            got_head = graphed.decode(canvas, sc, temp)  # the fused LM head (Triton), captured too
+            assert (got_head.proc - want_head.proc).abs().max().item() < 1e-2
+            assert (got_head.entropy - want_head.entropy).abs().max().item() < 1e-2
             sc = (want / 0.8).to(model.dtype)
         committed = want.argmax(-1)
         for c in (eager_cache, graph_cache):
             model.encode(committed, c)
-    assert len(graphed.graphs) >= 4 and model.graph_capture is None  # never set: no fallback happened
+    assert len(graphed.graphs) == 8 and model.graph_capture is None  # never set: no fallback happened
