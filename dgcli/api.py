@@ -39,12 +39,7 @@ def load(name_or_path: str | None = None, device=None, dtype=None, cuda_graphs: 
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     model = load_model(path, device=device, dtype=dtype)
-    if cuda_graphs is None:
-        cuda_graphs = graphs.enabled_by_env()
-    if cuda_graphs and model.device.type == "cuda":
-        model.graph_capture = graphs.CudaCapture()
-    if model.device.type == "cuda" and graphs.enabled_by_env("DG_FUSED_HEAD"):
-        model.fused_head = model.can_fuse_head()
+    graphs.use_fast_paths(model, cuda_graphs)
     return model, tokenizer
 
 

@@ -174,6 +174,7 @@ class _Engine:
         self.model = model
         self.static = model.device.type == "cuda"
         self.cache = None
+        self.temp = torch.ones(1, device=model.device)  # fused head: at temperature 1, proc is the logits
 
     def prefill(self, prompt):
         if not self.static:
@@ -188,9 +189,7 @@ class _Engine:
         return cache
 
     def step(self, canvas, cache, sc):
-        if self.model.fused_head:  # as the sampler runs on CUDA; at temperature 1 proc is the logits
-            if not hasattr(self, "temp"):
-                self.temp = torch.ones(1, device=canvas.device)
+        if self.model.fused_head:  # as the sampler runs on CUDA
             return self.model.decode_stats(canvas, cache, sc, self.temp).proc.view(*canvas.shape, -1)
         return self.model.decode(canvas, cache, sc)
 
@@ -491,14 +490,9 @@ def _run(tc, mc, build, dev, dt, config, prompt_len, steps, repeats, reference, 
     model, build_ms = _timed(lambda: build(mc), dev)
     report["weights_gb"] = _param_bytes(model) / 1e9
     report["build_ms"] = build_ms
-    if cuda_graphs and dev.type == "cuda":
-        from .graphs import CudaCapture
+    from .graphs import use_fast_paths
 
-        model.graph_capture = CudaCapture()
-    if dev.type == "cuda":
-        from .graphs import enabled_by_env
-
-        model.fused_head = enabled_by_env("DG_FUSED_HEAD") and model.can_fuse_head()
+    use_fast_paths(model, cuda_graphs)  # as dgcli.load does
     report["config"]["cuda_graphs"] = model.graph_capture is not None
     report["config"]["fused_head"] = model.fused_head
     engine = _Engine(model)

@@ -85,9 +85,11 @@ class StaticKVCache:
         L, W = config.canvas_length, config.sliding_window
         self.max_tokens, self.window = max_tokens, W
         self.rollback = rollback or 0  # ring slots beyond W-1+L: how far back `truncate` can always go
+        sliding = any(config.is_sliding(i) for i in range(config.num_hidden_layers))
+        self.ring = W - 1 + L + self.rollback if sliding else 0  # slots of each sliding layer
         self.keys, self.values, self.slot_pos = [], [], []
         for i in range(config.num_hidden_layers):
-            size = W - 1 + L + self.rollback if config.is_sliding(i) else max_tokens + L
+            size = self.ring if config.is_sliding(i) else max_tokens + L
             shape = (1, config.layer_kv_heads[i], size, config.layer_head_dim[i])
             self.keys.append(torch.zeros(shape, device=device, dtype=dtype))
             self.values.append(torch.zeros(shape, device=device, dtype=dtype))
@@ -116,10 +118,8 @@ class StaticKVCache:
         torch.arange(self.length, end, out=self.canvas_pos)
         self.span = end if bucket is None else min(-(-end // bucket) * bucket, self.capacity)
         self.span_masked = bucket is not None  # a bucket's graph must mask its slack even when there is none
-        # A decoded canvas overwrites L ring slots, the oldest positions kept.
-        ring = next((p.numel() for p in self.slot_pos if p is not None), None)
-        if ring is not None:
-            self.lowest_kept = max(self.lowest_kept, end - ring)
+        if self.ring:  # the canvas took the L ring slots of the oldest positions kept
+            self.lowest_kept = max(self.lowest_kept, end - self.ring)
         return self.canvas_pos
 
     def truncate(self, n: int) -> bool:
@@ -181,7 +181,7 @@ class StaticKVCache:
         values = torch.cat([self.values[i], v], dim=-2)
         committed = torch.where(ring_pos < start, ring_pos, -1)  # drop a decoded canvas left in the ring
         mask = window_mask(new_pos, torch.cat([committed, new_pos]), window)
-        size = ring_pos.numel()
+        size = self.ring
         keep = slice(max(0, T - size), T)
         slots = new_pos[keep] % size
         self.keys[i][:, :, slots] = k[:, :, keep]
@@ -202,7 +202,7 @@ class StaticKVCache:
         # The ring holds the last W-1 tokens; the canvas takes L other slots. The next commit
         # rewrites those slots with the committed canvas, so nothing of it leaks into the cache.
         ring_pos = self.slot_pos[i]
-        slots = pos % ring_pos.numel()
+        slots = pos % self.ring
         self.keys[i].index_copy_(2, slots, k)
         self.values[i].index_copy_(2, slots, v)
         ring_pos.index_copy_(0, slots, pos)

@@ -36,6 +36,16 @@ def enabled_by_env(name: str = "DG_CUDA_GRAPHS") -> bool:
     return os.environ.get(name, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+def use_fast_paths(model, cuda_graphs: bool | None = None) -> None:
+    """On CUDA: CUDA graphs (unless cuda_graphs=False, or DG_CUDA_GRAPHS=0 when None) and the fused
+    LM head in the sampler (unless DG_FUSED_HEAD=0). Elsewhere the model stays on its reference paths."""
+    if model.device.type != "cuda":
+        return
+    if cuda_graphs if cuda_graphs is not None else enabled_by_env():
+        model.graph_capture = CudaCapture()
+    model.fused_head = enabled_by_env("DG_FUSED_HEAD") and model.can_fuse_head()
+
+
 class CudaCapture:
     """Captures `fn` into a torch.cuda.CUDAGraph, after a warm-up run on a side stream (allocator,
     cuBLAS workspaces, Triton compilation and autotuning all happen there, not in the graph)."""

@@ -391,12 +391,7 @@ class DiffusionGemma(nn.Module):
         set and a static cache, the step replays a captured graph and the logits returned are that
         graph's output buffer: valid until the next decode on this cache.
         """
-        if self.graph_capture is not None and isinstance(cache, StaticKVCache):
-            from .graphs import graphs_for
-
-            return graphs_for(self, cache).decode(canvas, sc_logits)
-        positions = cache.prepare_decode(canvas.shape[1], device=self.device)
-        return self.decode_at(canvas, cache, sc_logits, positions)
+        return self._decode(canvas, cache, sc_logits, None)
 
     def can_fuse_head(self) -> bool:
         """Whether `decode_stats` can run: kernels.lm_head imports and reads this embedding."""
@@ -412,6 +407,10 @@ class DiffusionGemma(nn.Module):
         HeadOut(proc [L, V] fp32 = softcapped logits / temperature, argmax [L], entropy [L], lse [L])
         for a batch of one, writing the vocabulary-wide tensor once. Same maths as the sampler's
         unfused path; rounding differs, so it is the fast path (CUDA), not the reference."""
+        return self._decode(canvas, cache, sc_logits, temperature)
+
+    def _decode(self, canvas, cache, sc_logits, temperature):
+        """Replayed from the cache's CUDA graphs when there are any to use, else run here."""
         if self.graph_capture is not None and isinstance(cache, StaticKVCache):
             from .graphs import graphs_for
 
