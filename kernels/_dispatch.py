@@ -121,6 +121,15 @@ def autotune_enabled(device: torch.device) -> bool:
     return device.type == "cuda" and os.environ.get("DG_AUTOTUNE", "1") != "0" and not interpreting()
 
 
+def tuned_tile(cache: dict, key, candidates, run, default, label: str, device: torch.device):
+    """The tile for a call: autotuned once per `key` on CUDA (kept in `cache`), else `default`."""
+    if not autotune_enabled(device):
+        return default
+    if key not in cache:
+        cache[key] = pick_fastest(candidates, run, default, label)[0]
+    return cache[key]
+
+
 def pick_fastest(candidates, run, default, label: str):
     """Time `run(cfg)` for each candidate with triton.testing.do_bench and return (best cfg, ms).
 

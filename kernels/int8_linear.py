@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import HAS_TRITON, autotune_enabled, launchable, pick_fastest, use_triton
+from ._dispatch import HAS_TRITON, launchable, tuned_tile, use_triton
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,6 +41,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from ._matmul import dot_tile
+
     @triton.jit
     def _int8_linear_kernel(
         x_ptr, q_ptr, s_ptr, y_ptr, M, N, K,
@@ -54,25 +56,8 @@ if HAS_TRITON:
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < M
         col_ok = cols < N
-        offs_k = tl.arange(0, BLOCK_K)
-        a_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
-        b_ptrs = q_ptr + cols[None, :].to(tl.int64) * stride_qn + offs_k[:, None]  # [BK, BN]
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            if EVEN_K:
-                a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-                b = tl.load(b_ptrs, mask=col_ok[None, :], other=0)
-            else:
-                k_ok = offs_k < K - k0
-                a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                b = tl.load(b_ptrs, mask=col_ok[None, :] & k_ok[:, None], other=0)
-            b = b.to(tl.float32).to(a.dtype)  # exact; via fp32 because the interpreter mis-converts int->bf16
-            if FP32:
-                acc = tl.dot(a, b, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, b, acc)
-            a_ptrs += BLOCK_K
-            b_ptrs += BLOCK_K
+        acc = dot_tile(x_ptr, q_ptr, rows, cols, row_ok, col_ok, K, stride_xm, stride_qn,
+                       True, EVEN_K, FP32, BLOCK_M, BLOCK_N, BLOCK_K)
         acc = acc * tl.load(s_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         y_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_ym + cols[None, :]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
@@ -104,12 +89,8 @@ def int8_linear_triton(x, q, s, tile: tuple | None = None) -> torch.Tensor:
         )
 
     if tile is None:
-        tile = DEFAULT_TILE
-        if autotune_enabled(x.device):
-            key = (x.device.index, x.dtype, 1 << max(M - 1, 0).bit_length(), N, K)
-            if key not in _tuned:
-                _tuned[key] = pick_fastest(_TILES, run, DEFAULT_TILE, "int8_linear")[0]
-            tile = _tuned[key]
+        key = (x.device.index, x.dtype, 1 << max(M - 1, 0).bit_length(), N, K)
+        tile = tuned_tile(_tuned, key, _TILES, run, DEFAULT_TILE, "int8_linear", x.device)
     run(tile)
     return y.view(*lead, N)
 

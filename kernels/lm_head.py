@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import HAS_TRITON, autotune_enabled, launchable, pick_fastest, use_triton
+from ._dispatch import HAS_TRITON, launchable, tuned_tile, use_triton
 
 
 class HeadOut(NamedTuple):
@@ -102,6 +102,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from ._matmul import dot_tile
+
     @triton.jit
     def _lm_head_kernel(
         h_ptr, w_ptr, ws_ptr, temp_ptr, out_ptr, pm_ptr, ps_ptr, pt_ptr, pa_ptr,
@@ -116,27 +118,8 @@ if HAS_TRITON:
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < L
         col_ok = cols < V
-        offs_k = tl.arange(0, BLOCK_K)
-        a_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hl + offs_k[None, :]
-        b_ptrs = w_ptr + cols[None, :].to(tl.int64) * stride_wv + offs_k[:, None]  # [BK, BN]
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            if EVEN_K:
-                a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-                b = tl.load(b_ptrs, mask=col_ok[None, :], other=0)
-            else:
-                k_ok = offs_k < K - k0
-                a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                b = tl.load(b_ptrs, mask=col_ok[None, :] & k_ok[:, None], other=0)
-            if HAS_SCALE:  # int8 codes: exact in bf16/fp16 (|q| <= 127); via fp32 for the interpreter
-                b = b.to(tl.float32).to(a.dtype)
-            if FP32:
-                acc = tl.dot(a, b, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, b, acc)
-            a_ptrs += BLOCK_K
-            b_ptrs += BLOCK_K
-
+        acc = dot_tile(h_ptr, w_ptr, rows, cols, row_ok, col_ok, K, stride_hl, stride_wv,
+                       HAS_SCALE, EVEN_K, FP32, BLOCK_M, BLOCK_N, BLOCK_K)  # int8 codes when scaled
         if HAS_SCALE:
             acc = acc * tl.load(ws_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         x = acc.to(h_ptr.dtype.element_ty).to(tl.float32)  # the model's logits are in its dtype
@@ -199,12 +182,8 @@ def lm_head_triton(h, weight, temperature, softcap: float | None = 30.0, weight_
         return part, arg
 
     if tile is None:
-        tile = DEFAULT_TILE
-        if autotune_enabled(h.device):
-            key = (h.device.index, h.dtype, weight.dtype, out_dtype, 1 << max(L - 1, 0).bit_length(), K, V)
-            if key not in _tuned:
-                _tuned[key] = pick_fastest(_TILES, run, DEFAULT_TILE, "lm_head")[0]
-            tile = _tuned[key]
+        key = (h.device.index, h.dtype, weight.dtype, out_dtype, 1 << max(L - 1, 0).bit_length(), K, V)
+        tile = tuned_tile(_tuned, key, _TILES, run, DEFAULT_TILE, "lm_head", h.device)
     part, arg = run(tile)
     return HeadOut(proc, *combine(part[0], part[1], part[2], arg))
 

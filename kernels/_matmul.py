@@ -1,0 +1,41 @@
+"""The tile loop shared by the kernels that stream a weight matrix (int8_linear, lm_head).
+
+`dot_tile` computes one [BLOCK_M, BLOCK_N] fp32 tile of a · bᵀ for a [M, K] activations and b [N, K]
+weights, both row-major. With CODES, b holds int8 codes: they are exact in bf16/fp16 (|q| <= 127) and
+go through fp32 on the way, because Triton's interpreter mis-converts int -> bf16. The caller applies
+its scale and epilogue to the tile.
+"""
+
+from ._dispatch import HAS_TRITON
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def dot_tile(
+        a_ptr, b_ptr, rows, cols, row_ok, col_ok, K, stride_a, stride_b,
+        CODES: tl.constexpr, EVEN_K: tl.constexpr, FP32: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + rows[:, None].to(tl.int64) * stride_a + offs_k[None, :]
+        b_ptrs = b_ptr + cols[None, :].to(tl.int64) * stride_b + offs_k[:, None]  # [BK, BN]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+                b = tl.load(b_ptrs, mask=col_ok[None, :], other=0)
+            else:
+                k_ok = offs_k < K - k0
+                a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=col_ok[None, :] & k_ok[:, None], other=0)
+            if CODES:
+                b = b.to(tl.float32).to(a.dtype)
+            if FP32:
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
+        return acc
