@@ -25,3 +25,9 @@ class ConfigError(DgError):
 
 class ContextFullError(DgError):
     """A conversation or prompt needs more tokens than the cache holds."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none), for one-line errors."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__

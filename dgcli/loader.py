@@ -20,6 +20,7 @@ from .errors import CheckpointError, DgError
 from .model import DiffusionGemma
 
 INDEX_FILE = "model.safetensors.index.json"
+MANIFEST_FILE = "dg_manifest.json"  # written last by `dg quantize`: its presence marks a whole quantized model
 SKIPPED_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 

@@ -179,20 +179,30 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
 
     def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        # x: (T, H); index, weights: (T, A)
-        T, H = x.shape
-        A = index.shape[1]
-        expert, perm = torch.sort(index.reshape(-1))  # (T·A,) grouped by expert
-        counts = torch.zeros(self.gate_up_proj.shape[0], dtype=torch.long, device=x.device)
-        counts.index_add_(0, expert, torch.ones_like(expert))  # unlike bincount, no host sync on a GPU
-        offsets = torch.cumsum(counts, 0, dtype=torch.int32)
-        gate_up = grouped_mm(x[perm // A], self.gate_up_proj.transpose(-2, -1), offsets)
-        gate, up = gate_up.chunk(2, dim=-1)
-        y = grouped_mm(F.gelu(gate, approximate="tanh") * up, self.down_proj.transpose(-2, -1), offsets)
-        y = y * weights.reshape(-1)[perm].unsqueeze(-1)
-        inverse = torch.empty_like(perm)
-        inverse[perm] = torch.arange(perm.numel(), device=perm.device)
-        return y[inverse].view(T, A, H).sum(dim=1).to(x.dtype)
+        return moe(x, index, weights, self.gate_up_proj.shape[0], self.grouped_mlp)
+
+    def grouped_mlp(self, xs: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Rows xs sorted by expert (expert e's rows end at offsets[e]) -> each row's expert GeGLU."""
+        gate, up = grouped_mm(xs, self.gate_up_proj.transpose(-2, -1), offsets).chunk(2, dim=-1)
+        return grouped_mm(F.gelu(gate, approximate="tanh") * up, self.down_proj.transpose(-2, -1), offsets)
+
+
+def moe(x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, num_experts: int, mlp) -> torch.Tensor:
+    """The reference's MoE arithmetic around an expert computation `mlp(rows, offsets)`: (token, slot)
+    pairs sorted by expert, routing weight applied per pair, slots summed in fp32. x (T, H); index,
+    weights (T, A) -> (T, H) in x.dtype. Shared by `Experts`, `quant.QuantExperts` and the kernels'
+    reference, so the three differ only in how an expert's weights are read."""
+    T, H = x.shape
+    A = index.shape[1]
+    expert, perm = torch.sort(index.reshape(-1))  # (T·A,) grouped by expert
+    counts = torch.zeros(num_experts, dtype=torch.long, device=x.device)
+    counts.index_add_(0, expert, torch.ones_like(expert))  # unlike bincount, no host sync on a GPU
+    offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+    y = mlp(x[perm // A], offsets)
+    y = y * weights.reshape(-1)[perm].unsqueeze(-1)
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+    return y[inverse].view(T, A, H).sum(dim=1).to(x.dtype)
 
 
 _grouped_mm_ok = True
