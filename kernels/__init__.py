@@ -2,7 +2,8 @@
 with the same signature (`<name>_ref`, which defines correctness and runs anywhere) and a dispatcher
 (`<name>`) that picks Triton on CUDA and the reference otherwise. `DG_KERNELS=ref|triton` overrides
 the choice for A/B runs; `DG_KERNELS=triton` on CPU tensors needs `TRITON_INTERPRET=1` (the tests'
-way of checking the kernels without a GPU). `DG_AUTOTUNE=0` skips autotuning (default tiles).
+way of checking the kernels without a GPU). `DG_AUTOTUNE=off` skips autotuning (default tiles). Both
+switches are read through `dgcli.settings`.
 
 - moe_int4:    routed experts on packed 4-bit weights (group 64), the bulk of every step's bytes
 - lm_head:     LM head + softcap + temperature + argmax/entropy/logsumexp, one pass over the vocabulary

@@ -8,20 +8,19 @@ import warnings
 
 import torch
 
+from dgcli import settings
+
 try:
     import triton
 except ImportError:  # CPU-only installs (macOS, Windows, no wheel): the references still work
     triton = None
 
 HAS_TRITON = triton is not None
-MODES = ("auto", "ref", "triton")
 
 
 def mode() -> str:
-    m = os.environ.get("DG_KERNELS", "auto").strip().lower() or "auto"
-    if m not in MODES:
-        raise ValueError(f"DG_KERNELS must be one of {', '.join(MODES)}, got {m!r}")
-    return m
+    """DG_KERNELS: ref | triton | auto (dgcli.settings parses it; a bad value is a ConfigError)."""
+    return settings.kernels_mode()
 
 
 def use_triton(t: torch.Tensor) -> bool:
@@ -118,7 +117,8 @@ def _fix_interpreter_bf16_dot() -> None:
 
 
 def autotune_enabled(device: torch.device) -> bool:
-    return device.type == "cuda" and os.environ.get("DG_AUTOTUNE", "1") != "0" and not interpreting()
+    """DG_AUTOTUNE (on by default; any of settings' off words turns it off), compiled CUDA only."""
+    return device.type == "cuda" and not interpreting() and settings.flag("DG_AUTOTUNE", True)
 
 
 def tuned_tile(cache: dict, key, candidates, run, default, label: str, device: torch.device):

@@ -15,6 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dgcli.errors import ConfigError
+
 pytest.importorskip("triton", reason="triton is not installed (the references are tested without it elsewhere)")
 
 M = importlib.import_module("kernels.moe_int4")  # the module: kernels.moe_int4 is also the function
@@ -221,8 +223,23 @@ def test_dispatch_env(monkeypatch):
     moe_int4(*case)
     assert calls == ["ref", "triton", "ref"]
     monkeypatch.setenv("DG_KERNELS", "fast")
-    with pytest.raises(ValueError, match="DG_KERNELS"):
+    with pytest.raises(ConfigError, match="DG_KERNELS"):
         moe_int4(*case)
+
+
+@pytest.mark.parametrize("value,on", [("", True), ("1", True), ("on", True), ("0", False), ("false", False),
+                                      ("no", False), ("OFF", False)])
+def test_autotune_switch(monkeypatch, value, on):
+    """DG_AUTOTUNE follows dgcli.settings' on/off words (DG_AUTOTUNE=false used to leave it on)."""
+    from kernels import _dispatch
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("DG_AUTOTUNE", value)
+    assert _dispatch.autotune_enabled(torch.device("cuda")) is on
+    assert not _dispatch.autotune_enabled(torch.device("cpu"))
+    monkeypatch.setenv("DG_AUTOTUNE", "maybe")
+    with pytest.raises(ConfigError, match="DG_AUTOTUNE"):
+        _dispatch.autotune_enabled(torch.device("cuda"))
 
 
 def test_dispatch_forced_triton_on_cpu(interpret, monkeypatch):
