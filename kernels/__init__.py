@@ -10,9 +10,8 @@ switches are read through `dgcli.settings`.
 - int8_linear: weight-only int8 (per-row scale) linear for dense projections
 """
 
-from .int8_linear import int8_linear, int8_linear_ref, quantize_int8
+from .int8_linear import int8_linear, int8_linear_ref
 from .lm_head import HeadOut, lm_head, lm_head_ref
-from .moe_int4 import moe_int4, moe_int4_ref, pack_int4, unpack_int4
+from .moe_int4 import moe_int4, moe_int4_ref
 
-__all__ = ["moe_int4", "moe_int4_ref", "pack_int4", "unpack_int4", "lm_head", "lm_head_ref", "HeadOut",
-           "int8_linear", "int8_linear_ref", "quantize_int8"]
+__all__ = ["moe_int4", "moe_int4_ref", "lm_head", "lm_head_ref", "HeadOut", "int8_linear", "int8_linear_ref"]

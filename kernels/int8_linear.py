@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from ._dispatch import HAS_TRITON, launchable, tuned_tile, use_triton
 
 
-def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8 of w [N, K]: (q int8 [N, K], s fp16 [N]) with w ≈ q · s (test oracle)."""
+def quantize_int8_oracle(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8 of w [N, K]: (q int8 [N, K], s fp16 [N]) with w ≈ q · s: the test oracle for quant.formats.quantize_int8_row."""
     s = (w.float().abs().amax(-1) / 127.0).to(torch.float16)
     div = torch.where(s == 0, torch.ones_like(s), s).float()[:, None]
     return torch.round(w.float() / div).clamp(-127, 127).to(torch.int8), s

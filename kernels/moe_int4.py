@@ -31,13 +31,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from dgcli.model import moe
+
 from ._dispatch import HAS_TRITON, autotune_enabled, launchable, pick_fastest, use_triton
 
 # --------------------------------------------------------------------------------------------------
-# Format helpers (the test oracle for quant/'s own packer)
+# Format oracles: slow, obvious definitions of the format above. Tests check quant/'s packer
+# (quant.formats.pack_int4 / quantize_int4_sym, the production code) and the kernels against them.
 
 
-def pack_int4(w: torch.Tensor, group_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+def pack_int4_oracle(w: torch.Tensor, group_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric round-to-nearest int4 of w [..., N, K] with one fp16 scale per group of K.
 
     Returns q uint8 [..., N, K/2] (low nibble = even k) and s fp16 [..., N, K/group_size]. The scale
@@ -53,8 +56,8 @@ def pack_int4(w: torch.Tensor, group_size: int = 64) -> tuple[torch.Tensor, torc
     return q[..., 0] | (q[..., 1] << 4), s
 
 
-def unpack_int4(q: torch.Tensor, s: torch.Tensor, group_size: int = 64, dtype=torch.float32) -> torch.Tensor:
-    """Inverse of the packing: q uint8 [..., N, K/2], s [..., N, K/g] -> w [..., N, K] in `dtype`
+def unpack_int4_oracle(q: torch.Tensor, s: torch.Tensor, group_size: int = 64, dtype=torch.float32) -> torch.Tensor:
+    """Dequantise: q uint8 [..., N, K/2], s [..., N, K/g] -> w [..., N, K] in `dtype`
     (computed in fp32, so the only rounding is the final cast)."""
     *lead, N, half = q.shape
     nib = torch.stack([q & 0xF, q >> 4], dim=-1).reshape(*lead, N, 2 * half)
@@ -88,27 +91,29 @@ def _check(x, index, weights, gate_up_q, gate_up_s, down_q, down_s, group_size):
 
 
 def moe_int4_ref(x, index, weights, gate_up_q, gate_up_s, down_q, down_s, group_size: int = 64):
-    """Plain PyTorch, fp32 throughout: pairs sorted by expert, each expert present dequantised once
-    and applied with two matmuls (the loop of `Experts.forward`). Returns [T, H] in x.dtype."""
+    """Plain PyTorch, fp32 throughout: `dgcli.model.moe`'s arithmetic (pairs sorted by expert, routing
+    weight per pair, slots summed in fp32) around each present expert dequantised once and applied
+    with two matmuls. Returns [T, H] in x.dtype.
+
+    The per-expert loop reads the run boundaries back once (`offsets.tolist()`): a reference has to
+    know which rows an expert owns, and the alternative, decoding all E experts, costs E× the memory.
+    """
     T, H, A, E, I = _check(x, index, weights, gate_up_q, gate_up_s, down_q, down_s, group_size)
-    flat = index.reshape(-1)
-    order = flat.argsort(stable=True)
-    token = order // A
-    counts = torch.bincount(flat, minlength=E).tolist()
-    xs = x[token].float()  # (P, H), grouped by expert
-    ys = torch.empty_like(xs)
-    start = 0
-    for e, c in enumerate(counts):
-        if not c:
-            continue
-        seg = slice(start, start + c)
-        w1 = unpack_int4(gate_up_q[e], gate_up_s[e], group_size)  # (2I, H)
-        w2 = unpack_int4(down_q[e], down_s[e], group_size)  # (H, I)
-        gate, up = F.linear(xs[seg], w1).chunk(2, dim=-1)
-        ys[seg] = F.linear(F.gelu(gate, approximate="tanh") * up, w2)
-        start += c
-    ys = ys * weights.reshape(-1)[order, None].float()
-    return torch.zeros(T, H, dtype=torch.float32, device=x.device).index_add_(0, token, ys).to(x.dtype)
+
+    def mlp(xs: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        xs = xs.float()
+        ys = torch.empty_like(xs)
+        start = 0
+        for e, end in enumerate(offsets.tolist()):
+            if end > start:
+                w1 = unpack_int4_oracle(gate_up_q[e], gate_up_s[e], group_size)  # (2I, H)
+                w2 = unpack_int4_oracle(down_q[e], down_s[e], group_size)  # (H, I)
+                gate, up = F.linear(xs[start:end], w1).chunk(2, dim=-1)
+                ys[start:end] = F.linear(F.gelu(gate, approximate="tanh") * up, w2)
+            start = end
+        return ys
+
+    return moe(x, index, weights.float(), E, mlp)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -20,7 +20,9 @@ from dgcli.errors import ConfigError
 pytest.importorskip("triton", reason="triton is not installed (the references are tested without it elsewhere)")
 
 M = importlib.import_module("kernels.moe_int4")  # the module: kernels.moe_int4 is also the function
-from kernels.moe_int4 import MoeConfig, moe_align, moe_int4, moe_int4_ref, moe_int4_triton, pack_int4, unpack_int4  # noqa: E402
+from kernels.moe_int4 import (  # noqa: E402
+    MoeConfig, moe_align, moe_int4, moe_int4_ref, moe_int4_triton, pack_int4_oracle, unpack_int4_oracle,
+)
 
 CUDA = torch.cuda.is_available()
 INTERPRETED_AT_IMPORT = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -47,8 +49,8 @@ def make_case(T, H, I, E, A, seed=0, group_size=64, skew=False):
     g = torch.Generator().manual_seed(seed)
     w1 = torch.randn(E, 2 * I, H, generator=g) * H**-0.5
     w2 = torch.randn(E, H, I, generator=g) * I**-0.5
-    q1, s1 = pack_int4(w1, group_size)
-    q2, s2 = pack_int4(w2, group_size)
+    q1, s1 = pack_int4_oracle(w1, group_size)
+    q2, s2 = pack_int4_oracle(w2, group_size)
     x = torch.randn(T, H, generator=g)
     logits = torch.randn(T, E, generator=g)
     if skew:  # every token picks the same A experts: long runs spanning several row blocks
@@ -60,8 +62,8 @@ def make_case(T, H, I, E, A, seed=0, group_size=64, skew=False):
 
 def oracle(x, index, weights, q1, s1, q2, s2, group_size=64):
     """The slow obvious version: dequantise everything, gather each pair's expert, einsum."""
-    w1 = unpack_int4(q1, s1, group_size)[index]  # (T, A, 2I, H)
-    w2 = unpack_int4(q2, s2, group_size)[index]  # (T, A, H, I)
+    w1 = unpack_int4_oracle(q1, s1, group_size)[index]  # (T, A, 2I, H)
+    w2 = unpack_int4_oracle(q2, s2, group_size)[index]  # (T, A, H, I)
     gate, up = torch.einsum("th,tanh->tan", x.float(), w1).chunk(2, dim=-1)
     y = torch.einsum("tai,tahi->tah", F.gelu(gate, approximate="tanh") * up, w2)
     return (y * weights[..., None]).sum(1)
@@ -75,7 +77,7 @@ def test_unpack_nibble_order_and_offset():
     # Byte 0x3A: low nibble 0xA -> k=0 -> 10-8 = 2; high nibble 0x3 -> k=1 -> 3-8 = -5.
     q = torch.tensor([[0x3A, 0xF0] + [0x88] * 30], dtype=torch.uint8)  # one row, K=64
     s = torch.tensor([[0.5]], dtype=torch.float16)
-    w = unpack_int4(q, s)
+    w = unpack_int4_oracle(q, s)
     assert w.shape == (1, 64)
     assert w[0, :4].tolist() == [1.0, -2.5, -4.0, 3.5]
     assert (w[0, 4:] == 0).all()
@@ -85,14 +87,14 @@ def test_pack_layout_and_round_trip():
     g = torch.Generator().manual_seed(1)
     w = torch.randn(3, 5, 192, generator=g)
     w[0, 0, :64] = 0  # an all-zero group gets scale 0 and decodes to exact zeros
-    q, s = pack_int4(w)
+    q, s = pack_int4_oracle(w)
     assert q.dtype == torch.uint8 and q.shape == (3, 5, 96)
     assert s.dtype == torch.float16 and s.shape == (3, 5, 3)
-    deq = unpack_int4(q, s)
+    deq = unpack_int4_oracle(q, s)
     err = (deq - w).abs().reshape(3, 5, 3, 64)
     assert (err <= s.float()[..., None] / 2 + 1e-6).all()  # round to nearest
     assert (deq[0, 0, :64] == 0).all() and s[0, 0, 0] == 0
-    q2, s2 = pack_int4(deq)  # packing the decoded weights is lossless
+    q2, s2 = pack_int4_oracle(deq)  # packing the decoded weights is lossless
     assert torch.equal(q2, q) and torch.equal(s2, s)
     # low nibble holds the even element: recompute codes by hand for one byte
     codes = torch.round(w[1, 2, :2] / s[1, 2, 0].float()).clamp(-8, 7) + 8
@@ -101,7 +103,7 @@ def test_pack_layout_and_round_trip():
 
 def test_pack_rejects_bad_group():
     with pytest.raises(ValueError):
-        pack_int4(torch.zeros(2, 96), 64)
+        pack_int4_oracle(torch.zeros(2, 96), 64)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -128,8 +130,8 @@ def test_reference_matches_model_experts():
     x, index, weights, q1, s1, q2, s2 = make_case(T, H, I, E, A, seed=3)
     experts = Experts(config)
     with torch.no_grad():
-        experts.gate_up_proj.copy_(unpack_int4(q1, s1))
-        experts.down_proj.copy_(unpack_int4(q2, s2))
+        experts.gate_up_proj.copy_(unpack_int4_oracle(q1, s1))
+        experts.down_proj.copy_(unpack_int4_oracle(q2, s2))
         want = experts(x, index, weights)
     torch.testing.assert_close(moe_int4_ref(x, index, weights, q1, s1, q2, s2), want, atol=1e-5, rtol=1e-5)
 
