@@ -9,8 +9,8 @@ swaps modules in place so that the model's state dict names the packed tensors
 - `QuantLinear` replaces a bias-free `nn.Linear`; `QuantExperts` replaces `Experts`;
   `QuantEmbedding` replaces the tied `Embedding` (lookup, LM head, soft embedding).
 The plain-PyTorch path dequantizes per expert / per weight / per vocabulary chunk, in the
-activations' dtype, and runs everywhere. On CUDA the experts go through `kernels.moe_int4` when
-it imports (its dispatcher picks Triton; DG_KERNELS=ref forces its reference), int8 projections and
+activations' dtype, and runs everywhere. On CUDA symmetric int4 experts go through
+`kernels.moe_int4` (its dispatcher picks Triton; DG_KERNELS=ref forces its reference), int8 projections and
 the int8 LM head through `kernels.int8_linear` (Triton only: the codes are read once, never decoded
 into a bf16 copy), and NF4 weights use bitsandbytes.
 """
@@ -26,6 +26,9 @@ from torch import nn
 
 from dgcli.errors import CheckpointError
 from dgcli.model import Embedding, Experts
+from kernels._dispatch import use_triton
+from kernels.int8_linear import int8_linear
+from kernels.moe_int4 import moe_int4
 
 from .formats import FORMATS, GROUP
 from .manifest import read_manifest, verify_shards
@@ -94,8 +97,9 @@ class QuantLinear(nn.Module):
 class QuantExperts(Experts):
     """`Experts` with packed gate_up [E, 2I, H] and down [E, H, I] (either may stay a Parameter).
 
-    Same arithmetic as `Experts.forward` (pairs sorted by expert, routing weight per pair, slots
-    summed in fp32), but one expert's weights are decoded at a time, never the whole tensor.
+    Same arithmetic as `Experts.forward` (dgcli.model.moe: pairs sorted by expert, routing weight per
+    pair, slots summed in fp32); only `grouped_mlp` differs: one expert's weights are decoded at a
+    time, never the whole tensor. Symmetric int4 on CUDA goes to kernels.moe_int4 instead.
     """
 
     def __init__(self, experts: Experts, formats: dict[str, str]):
@@ -110,26 +114,26 @@ class QuantExperts(Experts):
 
     def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         gu, dn = self.gate_up_proj, self.down_proj
-        if x.is_cuda and _int4_sym(gu) and _int4_sym(dn) and (kernel := _moe_kernel()) is not None:
-            return kernel(x, index, weights, gu.qweight, gu.scales, dn.qweight, dn.scales, group_size=GROUP)
-        # x: (T, H); index, weights: (T, A)
-        T, H = x.shape
-        A = index.shape[1]
-        expert, perm = torch.sort(index.reshape(-1))  # (T·A,) grouped by expert
-        counts = torch.bincount(expert, minlength=gu.shape[0]).tolist()
-        xs = x[perm // A]
-        y = torch.empty_like(xs)
+        if x.is_cuda and _int4_sym(gu) and _int4_sym(dn):
+            return moe_int4(x, index, weights, gu.qweight, gu.scales, dn.qweight, dn.scales, group_size=GROUP)
+        return super().forward(x, index, weights)  # dgcli.model.moe around grouped_mlp below
+
+    def grouped_mlp(self, xs: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """`Experts.grouped_mlp`, decoding one present expert's weights at a time.
+
+        The loop needs each expert's rows on the host: `offsets.tolist()` is free on the CPU; on
+        CUDA only the formats kernels.moe_int4 does not read (int4 asym, int8 experts) get here, at
+        one sync per layer. Decoding every expert up front instead would cost E times the memory.
+        """
+        gu, dn = self.gate_up_proj, self.down_proj
+        ys = torch.empty_like(xs)
         start = 0
-        for e, c in enumerate(counts):
-            if c:
-                seg = slice(start, start + c)
-                gate, up = F.linear(xs[seg], _expert(gu, e, x.dtype)).chunk(2, dim=-1)
-                y[seg] = F.linear(F.gelu(gate, approximate="tanh") * up, _expert(dn, e, x.dtype))
-                start += c
-        y = y * weights.reshape(-1)[perm].unsqueeze(-1)
-        inverse = torch.empty_like(perm)
-        inverse[perm] = torch.arange(perm.numel(), device=perm.device)
-        return y[inverse].view(T, A, H).sum(dim=1).to(x.dtype)
+        for e, end in enumerate(offsets.tolist()):
+            if end > start:
+                gate, up = F.linear(xs[start:end], _expert(gu, e, xs.dtype)).chunk(2, dim=-1)
+                ys[start:end] = F.linear(F.gelu(gate, approximate="tanh") * up, _expert(dn, e, xs.dtype))
+            start = end
+        return ys
 
 
 def _expert(w, e: int, dtype) -> torch.Tensor:
@@ -235,25 +239,7 @@ def _int4_sym(w) -> bool:
 def _int8_kernel(w: Packed, x: torch.Tensor):
     """kernels.int8_linear for an int8_row weight when it runs as Triton (CUDA, or DG_KERNELS=triton),
     else None: the plain path (decode the weight, then F.linear) is the reference."""
-    if w.format.name != "int8_row":
-        return None
-    try:
-        from kernels._dispatch import use_triton
-        from kernels.int8_linear import int8_linear
-    except ImportError:
-        return None
-    return int8_linear if use_triton(x) else None
-
-
-@functools.cache
-def _moe_kernel():
-    """kernels.moe_int4.moe_int4 when it imports, else None. It picks Triton or its own reference
-    (DG_KERNELS=ref|triton, see kernels/)."""
-    try:
-        from kernels.moe_int4 import moe_int4
-    except ImportError:
-        return None
-    return moe_int4
+    return int8_linear if w.format.name == "int8_row" and use_triton(x) else None
 
 
 @functools.cache

@@ -175,6 +175,28 @@ def test_quant_experts_match_experts_on_dequantized_weights():
     torch.testing.assert_close(q(x, index, w), fake(x, index, w), rtol=1e-5, atol=1e-6)
 
 
+def test_quant_experts_share_the_model_moe_arithmetic(monkeypatch):
+    """Only the per-expert decoding is QuantExperts' own: the sort, routing weights and unpermute are
+    dgcli.model.moe's, with its offsets (no bincount of its own)."""
+    import dgcli.model as model
+
+    cfg = ModelConfig.from_dict(dict(vocab_size=64, hidden_size=128, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_experts=4,
+                                     top_k_experts=2, moe_intermediate_size=64))
+    q = QuantExperts(Experts(cfg), {"gate_up_proj": "int4_asym_g64", "down_proj": "int4_asym_g64"})
+    q.gate_up_proj = packed_from("int4_asym_g64", weights(4, 128, 128, seed=1))
+    q.down_proj = packed_from("int4_asym_g64", weights(4, 128, 64, seed=2))
+    calls = []
+    real = model.moe
+    monkeypatch.setattr(model, "moe", lambda *a: calls.append(a[3]) or real(*a))
+    monkeypatch.setattr(torch, "bincount", lambda *a, **k: pytest.fail("QuantExperts counts experts itself"))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 128, generator=g)
+    index = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(7)])
+    out = q(x, index, torch.rand(7, 2, generator=g))
+    assert calls == [4] and out.shape == (7, 128)
+
+
 def test_quant_embedding_three_uses_and_dtype():
     emb = Embedding(300, 64)
     with torch.no_grad():
