@@ -20,10 +20,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from dgcli.errors import CheckpointError
+from dgcli.loader import MANIFEST_FILE as MANIFEST  # the loader decides by this file whether to call quant
 
 from .formats import FORMATS
 
-MANIFEST = "dg_manifest.json"
 FORMAT = "dg-quant"
 FORMAT_VERSION = 1
 
