@@ -23,6 +23,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .events import BlockEvent, DoneEvent, PrefillEvent, StepEvent
+from .units import format_bytes
 
 NOISE_STYLES = ("text", "dots", "draft")  # how unaccepted positions are drawn
 ACCEPTED, NOISE, DRAFT, COMMITTED, STATUS = "bold green", "dim", "dim italic", "", "dim"
@@ -82,14 +83,6 @@ def format_stats(done: DoneEvent, reused: int = 0) -> str:
         parts.append(f"peak {format_bytes(done.peak_memory_bytes)}")
     parts.append(f"seed {done.seed}")
     return " · ".join(parts)
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 def consume(events, views) -> DoneEvent | None:

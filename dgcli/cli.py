@@ -16,12 +16,14 @@ from typing import Annotated, Literal, Optional
 import typer
 
 from . import __version__, store
-from .canvas_view import CanvasView, PlainView, TokenPieces, consume, format_bytes, format_stats
+from .canvas_view import CanvasView, PlainView, TokenPieces, consume, format_stats
 from .cli_common import (BadUsage, DeviceOpt, DgGroup, DtypeOpt, NoGraphsOpt, EntropyBoundOpt, MaxTokensOpt, ModelOpt,
                          NoiseOpt, SeedOpt, StepsOpt, SystemOpt, TemperatureOpt, ThinkOpt, TMaxOpt, TMinOpt,
                          check_settings, load, parse_size, quiet_closed_pipe, read_prompt, resolve_name,
                          sampling)
+from .config import MANIFEST_FILE
 from .errors import DgError
+from .units import format_bytes
 
 app = typer.Typer(
     cls=DgGroup, name="dg", no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -216,15 +218,14 @@ def describe_quant(manifest) -> str:
     parts = [f"{k} {v}" for k, v in groups.items()] if isinstance(groups, dict) else []
     if manifest.get("format_version"):
         parts.append(f"format {manifest['format_version']}")
-    return f"{manifest.get('scheme', 'see dg_manifest.json')}" + (f" ({', '.join(parts)})" if parts else "")
+    scheme = manifest.get("scheme", f"see {MANIFEST_FILE}")
+    return f"{scheme} ({', '.join(parts)})" if parts else f"{scheme}"
 
 
 def vram_plan(path: Path, context: int):
-    """quant.planner's estimate (weights, KV cache, activations, runtime), if quant is installed."""
-    try:
-        from quant.planner import estimate_for_dir
-    except ImportError:
-        return None
+    """quant.planner's estimate (weights, KV cache, activations, runtime); None if it cannot be made."""
+    from quant.planner import estimate_for_dir
+
     try:
         return estimate_for_dir(path, context=context)
     except DgError as e:  # a broken manifest: show the rest anyway
@@ -259,13 +260,10 @@ def quantize(
     """Write a 4-bit checkpoint that fits a VRAM budget (streams tensors: no GPU, bounded RAM)."""
     budget_bytes = parse_size(budget)
     src_path = store.resolve(src)
-    try:
-        from quant.convert import quantize_checkpoint
-    except ImportError as e:
-        raise DgError(f"quantization is not available in this install ({e})") from None
-    out = quantize_checkpoint(src_path, out, scheme=scheme, budget_bytes=budget_bytes, context=context, force=force)
+    from quant.convert import quantize_checkpoint
     from quant.planner import estimate_for_dir
 
+    out = quantize_checkpoint(src_path, out, scheme=scheme, budget_bytes=budget_bytes, context=context, force=force)
     # the footprint after, from what was actually written (the plan before was printed first)
     typer.echo("\n" + estimate_for_dir(out, context=context, budget_bytes=budget_bytes).table(), err=True)
     typer.echo(f"wrote {out}")
@@ -276,7 +274,7 @@ def quantize(
                             "dg bench -- --help        # the benchmark's own options"))
 def bench(ctx: typer.Context):
     """Time prefill, denoising steps and commits; print a JSON report (arguments go to dgcli.bench)."""
-    try:
+    try:  # dgcli.bench runs scripts/bench.py, which only a source checkout has
         from dgcli import bench as b
     except ImportError as e:
         raise DgError(f"benchmarks are not part of this install ({e})") from None

@@ -21,17 +21,14 @@ except ImportError:  # pragma: no cover
     from click import exceptions as cx
 
 from . import store
-from .errors import DgError
+from .errors import DgError, first_line
+from .settings import debug
 
 
 class BadUsage(DgError):
     """A flag or prompt the user has to change (exit code 2)."""
 
     exit_code = 2
-
-
-def debug() -> bool:
-    return os.environ.get("DG_DEBUG", "") not in ("", "0")
 
 
 def error(message: str) -> None:
@@ -42,7 +39,9 @@ class DgGroup(TyperGroup):
     """The app's root command: turns known exceptions into one line and an exit code."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        tracebacks = False
         try:
+            tracebacks = debug()  # a bad DG_DEBUG value is a DgError: reported below like any other
             rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False,
                               **extra)
             code = rv if isinstance(rv, int) else 0
@@ -50,7 +49,7 @@ class DgGroup(TyperGroup):
             e.show()
             code = 0
         except cx.UsageError as e:
-            if debug():
+            if tracebacks:
                 raise
             hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
             error(e.format_message() + hint)
@@ -65,15 +64,10 @@ class DgGroup(TyperGroup):
         except KeyboardInterrupt:
             code = 130
         except DgError as e:
-            if debug():
+            if tracebacks:
                 raise
             error(str(e))
             code = e.exit_code
-        except ValueError as e:
-            if debug() or not str(e).startswith("empty prompt"):
-                raise
-            error(str(e))
-            code = 2
         if standalone_mode:
             sys.exit(code)
         return code
@@ -96,8 +90,8 @@ def quiet_closed_pipe():
 # ---- shared options ---------------------------------------------------------------------------------
 
 def _check_device(value: str | None) -> str | None:
-    if value is not None and not re.fullmatch(r"cpu|cuda(:\d+)?|mps|xpu(:\d+)?", value):
-        raise typer.BadParameter("expected cpu, cuda, cuda:N or mps")
+    if value is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", value):  # what the loader runs on
+        raise typer.BadParameter("expected cpu, cuda or cuda:N")
     return value
 
 
@@ -180,17 +174,17 @@ def load(name: str, device: str | None = None, dtype: str | None = None, quiet: 
     except RuntimeError as e:  # e.g. a CUDA error from a device that exists but cannot be used
         if device is None or debug():
             raise
-        raise DgError(f"cannot use device '{device}': {str(e).strip().splitlines()[0] if str(e) else e}") from None
+        raise DgError(f"cannot use device '{device}': {first_line(e)}") from None
 
 
 def parse_size(text: str) -> int:
-    """'18GB' -> 18e9, '18GiB' -> 18·2^30, plain numbers are bytes."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)(b?)\s*", text.lower())
-    if not m or (m.group(3) and not m.group(2)):
-        raise BadUsage(f"cannot read '{text}' as a size (examples: 18GB, 24GiB, 16000MB)")
-    num, unit, binary = float(m.group(1)), m.group(2), m.group(3)
-    power = " kmgt".index(unit) if unit else 0
-    return int(num * (1024 if binary else 1000) ** power)
+    """units.parse_bytes, a bad size being bad usage (exit 2)."""
+    from .units import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except DgError as e:
+        raise BadUsage(str(e)) from None
 
 
 def resolve_name(positional: str | None, option: str | None) -> str:

@@ -17,6 +17,9 @@ from pathlib import Path
 from .errors import ConfigError
 
 SLIDING, FULL = "sliding_attention", "full_attention"
+# Written last by `dg quantize`: its presence marks a whole quantized checkpoint. Kept here, torch-free,
+# so that `dg list` tells quantized directories apart without importing the loader (and torch).
+MANIFEST_FILE = "dg_manifest.json"
 
 # Fields without which the architecture is unknowable: a config.json lacking one is refused rather
 # than silently filled with a default that would only fail later as a shape mismatch.
@@ -250,3 +253,14 @@ def read_json(path: str | Path) -> dict:
     if not isinstance(d, dict):
         raise ConfigError(f"{path} must contain a JSON object")
     return d
+
+
+def temperature_shorthand(t: float) -> dict[str, float]:
+    """`--temperature T` / `/set temperature T`: the schedule from T down to T/2."""
+    return {"t_max": t, "t_min": t / 2}
+
+
+# The settings a user tunes per generation (the CLI, chat's /set, the server), each with the type its
+# text parses to: every field but the token ids (annotations are strings here: "int", "float", "int | None").
+TUNABLE_SETTINGS = {f.name: float if "float" in f.type else int for f in dataclasses.fields(SamplerSettings)
+                    if f.name not in ("eos_token_id", "pad_token_id")}

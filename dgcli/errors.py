@@ -23,6 +23,12 @@ class ConfigError(DgError):
     """config.json or generation_config.json is missing a field or contradicts itself."""
 
 
+class EmptyPromptError(DgError):
+    """A prompt with no tokens to condition on: the caller has to change it (exit code 2, bad usage)."""
+
+    exit_code = 2
+
+
 class ContextFullError(DgError):
     """A conversation or prompt needs more tokens than the cache holds."""
 

@@ -13,7 +13,8 @@ import re
 from pathlib import Path
 
 from . import tiny
-from .errors import ModelNotFoundError
+from .config import MANIFEST_FILE
+from .errors import DgError, ModelNotFoundError, first_line
 
 DEFAULT_MODEL = "google/diffusiongemma-26B-A4B-it"
 # What the runner needs from a repo: no vision-only extras, no other weight formats.
@@ -74,7 +75,6 @@ def resolve(name: str | os.PathLike | None = None) -> Path:
 
 # ---- managing models (`dg pull`, `dg list`, `dg show`, `dg rm`) -------------------------------------
 
-MANIFEST = "dg_manifest.json"  # written by `dg quantize`: marks a quantized checkpoint directory
 MODEL_TYPE = "diffusion_gemma"
 
 
@@ -100,7 +100,7 @@ def hf_cache_dir() -> Path:
 def kind_of(path: Path) -> str:
     if Path(path) == models_dir() / f"{tiny.NAME}-v{tiny.VERSION}":
         return "builtin"
-    return "quantized" if (Path(path) / MANIFEST).is_file() else "bf16"
+    return "quantized" if (Path(path) / MANIFEST_FILE).is_file() else "bf16"
 
 
 def dir_size(path: Path) -> int:
@@ -188,8 +188,6 @@ def pull(name: str) -> Path:
     `tiny` is written locally instead. Every failure is a one-line DgError; a download that stops
     half-way leaves only huggingface_hub's own partial files, which the next pull resumes.
     """
-    from .errors import DgError
-
     if name == tiny.NAME:
         return tiny.ensure(models_dir())
     if Path(name).expanduser().is_dir():
@@ -221,20 +219,15 @@ def pull(name: str) -> Path:
             why += "; the partial download is kept and resumes next time"
         raise DgError(f"cannot download {name}: {why}") from None
     except hf.HfHubHTTPError as e:
-        raise DgError(f"download of {name} failed: {_one_line(e)}") from None
+        raise DgError(f"download of {name} failed: {first_line(e)}") from None
     except net_errors as e:
-        raise DgError(f"cannot download {name}: {_one_line(e)} (check the connection, then re-run "
+        raise DgError(f"cannot download {name}: {first_line(e)} (check the connection, then re-run "
                       f"`dg pull {name}`: it resumes)") from None
     missing = missing_shards(path)
     if not (path / "config.json").is_file() or missing:
         raise DgError(f"download of {name} is incomplete ({', '.join(missing) or 'config.json'} missing); "
                       f"re-run `dg pull {name}` to resume")
     return path
-
-
-def _one_line(e: BaseException) -> str:
-    s = str(e).strip().splitlines()
-    return s[0] if s else type(e).__name__
 
 
 def describe(path: Path, context: int = 8192) -> dict:
@@ -261,11 +254,11 @@ def describe(path: Path, context: int = 8192) -> dict:
                         n *= d
                     params += n
     manifest = None
-    if (path / MANIFEST).is_file():
+    if (path / MANIFEST_FILE).is_file():
         try:
-            manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+            manifest = json.loads((path / MANIFEST_FILE).read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            manifest = {"error": f"{MANIFEST} is not valid JSON"}
+            manifest = {"error": f"{MANIFEST_FILE} is not valid JSON"}
     # KV cache in bf16: full layers keep every token, sliding layers at most the window.
     kv = sum(2 * c.layer_kv_heads[i] * c.layer_head_dim[i] * 2 * (min(context, c.sliding_window - 1)
              if c.is_sliding(i) else context) for i in range(c.num_hidden_layers))

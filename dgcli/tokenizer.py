@@ -17,7 +17,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
 from .config import read_json
-from .errors import CheckpointError, DgError
+from .errors import CheckpointError, DgError, first_line
 
 
 class Tokenizer:
@@ -37,23 +37,15 @@ class Tokenizer:
         try:
             tok = HFTokenizer.from_file(str(f))
         except Exception as e:  # the tokenizers library raises plain Exceptions
-            raise CheckpointError(f"{f} could not be read ({str(e).splitlines()[0] if str(e) else e})") from None
+            raise CheckpointError(f"{f} could not be read ({first_line(e)})") from None
         cfg = read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
         return cls(tok, find_chat_template(path, cfg), {k: _token_str(cfg.get(k)) for k in ("bos_token", "eos_token")})
-
-    @property
-    def vocab_size(self) -> int:
-        return self.tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
-
-    def token_strings(self, ids: list[int]) -> list[str]:
-        """Each id's own text, for drawing a canvas position by position."""
-        return [self.tok.id_to_token(i) or "" for i in ids]
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             enable_thinking: bool = False) -> str:
@@ -67,7 +59,7 @@ class Tokenizer:
                 bos_token=self.bos_token or "", eos_token=self.eos_token or "",
             )
         except jinja2.TemplateError as e:
-            raise DgError(f"chat template failed: {e}") from None
+            raise DgError(f"chat template failed: {first_line(e)}") from None
 
 
 def find_chat_template(path: Path, tokenizer_config: dict) -> str | None:
@@ -99,7 +91,7 @@ def compile_template(source: str) -> jinja2.Template:
     try:
         return env.from_string(source)
     except jinja2.TemplateSyntaxError as e:
-        raise CheckpointError(f"the chat template has a syntax error: {e}") from None
+        raise CheckpointError(f"the chat template has a syntax error: {first_line(e)}") from None
 
 
 def _token_str(v) -> str | None:

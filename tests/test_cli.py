@@ -1,7 +1,9 @@
 """The `dg` commands through typer's CliRunner, on the built-in tiny model (CPU, no network)."""
 
 import json
+import os
 import shutil
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -12,6 +14,7 @@ from typer.testing import CliRunner
 import dgcli
 from dgcli import cli, store
 from dgcli.api import prompt_ids
+from dgcli.config import MANIFEST_FILE
 
 FAST = ["-m", "tiny", "--max-tokens", "16", "--steps", "2", "--device", "cpu"]  # cpu: comparable with the fixture
 SETTINGS = {"max_new_tokens": 16, "max_denoising_steps": 2}
@@ -123,6 +126,7 @@ def test_sampling_flags_reach_the_engine(runner):
     (["--steps", "0"], "--steps"),
     (["--max-tokens", "0"], "--max-tokens"),
     (["--device", "gpu0"], "--device"),
+    (["--device", "mps"], "expected cpu, cuda or cuda:N"),
     (["--dtype", "int8"], "--dtype"),
     (["--entropy-bound", "0"], "entropy-bound"),
     (["--t-max", "0.2"], "t_max"),  # below the model's t_min
@@ -143,9 +147,12 @@ def test_unknown_model_says_how_to_get_it(runner):
 
 
 def test_dg_debug_shows_the_traceback(runner, monkeypatch):
-    monkeypatch.setenv("DG_DEBUG", "1")
+    monkeypatch.setenv("DG_DEBUG", "yes")  # the one on/off rule of dgcli.settings
     r = runner.invoke(cli.app, ["run", "-m", "someorg/nothing-here", "hi"])
     assert isinstance(r.exception, dgcli.errors.ModelNotFoundError)
+    monkeypatch.setenv("DG_DEBUG", "loud")
+    r = invoke(runner, ["run", "-m", "someorg/nothing-here", "hi"])
+    assert r.exit_code == 1 and r.stderr.startswith("error: DG_DEBUG='loud'") and r.stderr.count("\n") == 1
 
 
 def _fake_stream(exc):
@@ -161,7 +168,7 @@ def test_ctrl_c_exits_130(runner, monkeypatch):
 
 
 def test_engine_empty_prompt_exits_2(runner, monkeypatch):
-    monkeypatch.setattr(dgcli.api, "stream_generate", _fake_stream(ValueError("empty prompt")))
+    monkeypatch.setattr(dgcli.api, "stream_generate", _fake_stream(dgcli.errors.EmptyPromptError("empty prompt")))
     r = invoke(runner, ["run", "-m", "tiny", "hi"])
     assert r.exit_code == 2 and r.stderr == "error: empty prompt\n"
 
@@ -211,7 +218,7 @@ def test_show_tiny(runner, tiny):
 def test_quantized_dir_is_recognised(runner, home, tiny_dir):
     q = home / "dg" / "models" / "tiny-int4"
     shutil.copytree(tiny_dir, q)
-    (q / store.MANIFEST).write_text(json.dumps({"format_version": 1, "scheme": "int4"}))
+    (q / MANIFEST_FILE).write_text(json.dumps({"format_version": 1, "scheme": "int4"}))
     rows = json.loads(invoke(runner, ["list", "--json"]).stdout)
     assert ("tiny-int4", "quantized") in [(e["name"], e["kind"]) for e in rows]
     r = invoke(runner, ["show", "tiny-int4"])
@@ -221,11 +228,10 @@ def test_quantized_dir_is_recognised(runner, home, tiny_dir):
 
 
 def test_quantize_list_show_run(runner, home):
-    pytest.importorskip("quant.convert")
     out = home / "dg" / "models" / "tiny-q"
     r = invoke(runner, ["quantize", "tiny", str(out), "--budget", "1GB", "--context", "1024"])
     assert r.exit_code == 0, r.stderr
-    assert r.stdout == f"wrote {out}\n" and (out / store.MANIFEST).is_file()
+    assert r.stdout == f"wrote {out}\n" and (out / MANIFEST_FILE).is_file()
     rows = {e["name"]: e["kind"] for e in json.loads(invoke(runner, ["list", "--json"]).stdout)}
     assert rows == {"tiny": "builtin", "tiny-q": "quantized"}
     d = json.loads(invoke(runner, ["show", "tiny-q", "--json"]).stdout)
@@ -233,6 +239,20 @@ def test_quantize_list_show_run(runner, home):
     assert d["estimated_vram_bytes"] == d["vram_plan"]["total_bytes"]
     r = invoke(runner, ["run", "-m", "tiny-q", "--max-tokens", "16", "--steps", "1", "--seed", "1", "hi"])
     assert r.exit_code == 0 and r.stdout.strip()
+
+
+def test_list_does_not_import_torch(home):
+    """dg list tells a quantized directory by its manifest without the loader (and torch): it stays quick."""
+    q = home / "dg" / "models" / "some-int4"
+    q.mkdir(parents=True)
+    (q / "config.json").write_text("{}")
+    (q / MANIFEST_FILE).write_text("{}")
+    code = ("import sys; from dgcli import cli; cli.app(['list'], prog_name='dg', standalone_mode=False); "
+            "print('torch' in sys.modules)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "DG_HOME": str(home / "dg"), "HF_HUB_CACHE": str(home / "hf")})
+    assert p.returncode == 0, p.stderr
+    assert "some-int4" in p.stdout and "quantized" in p.stdout and p.stdout.rstrip().endswith("False")
 
 
 def _fake_hf_repo(cache: Path, repo_id: str, model_type: str, shards=("model.safetensors",)) -> Path:
@@ -342,14 +362,7 @@ def test_quantize_bad_flags(runner, args, code):
     assert r.exit_code == code and r.stderr.startswith("error: ")
 
 
-def test_quantize_without_the_converter(runner, home, monkeypatch):
-    monkeypatch.setitem(sys.modules, "quant.convert", None)
-    r = invoke(runner, ["quantize", "tiny"])
-    assert r.exit_code == 1 and "quantization is not available" in r.stderr
-
-
 def test_quantize_refuses_to_overwrite(runner, home):
-    pytest.importorskip("quant.convert")
     (home / "out").mkdir()
     r = invoke(runner, ["quantize", "tiny", str(home / "out")])
     assert r.exit_code == 1 and "--force" in r.stderr and r.stderr.count("\n") == 1
@@ -363,6 +376,13 @@ def test_bench_passes_its_arguments(runner, monkeypatch):
     monkeypatch.setattr(dgcli, "bench", fake, raising=False)
     r = invoke(runner, ["bench", "-m", "tiny", "--steps", "3"])
     assert r.exit_code == 0 and seen == [["-m", "tiny", "--steps", "3"]]
+
+
+def test_bench_outside_a_source_checkout(runner, monkeypatch):
+    monkeypatch.setitem(sys.modules, "dgcli.bench", None)  # importing it fails, as without scripts/bench.py
+    monkeypatch.delattr(dgcli, "bench", raising=False)
+    r = invoke(runner, ["bench", "-m", "tiny"])
+    assert r.exit_code == 1 and "benchmarks are not part of this install" in r.stderr and r.stderr.count("\n") == 1
 
 
 def test_chat_from_a_pipe(runner):

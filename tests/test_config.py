@@ -71,3 +71,17 @@ def test_generation_config_defaults_and_overrides():
         s.replace(t_max=0.1)
     with pytest.raises(ConfigError, match="unknown sampler setting"):
         s.replace(temperature=0.5)
+
+
+def test_every_dg_variable_is_a_documented_switch():
+    """Code reads DG_* variables only under names dgcli.settings documents (SWITCHES)."""
+    import re
+    from pathlib import Path
+
+    from dgcli.settings import SWITCHES
+
+    root = Path(__file__).resolve().parent.parent
+    used = {m for d in ("dgcli", "quant", "kernels") for f in (root / d).rglob("*.py")
+            for m in re.findall(r"\bDG_[A-Z0-9_]*[A-Z0-9]", f.read_text(encoding="utf-8"))}
+    assert "DG_HOME" in used and "DG_DEBUG" in used
+    assert used <= set(SWITCHES), sorted(used - set(SWITCHES))

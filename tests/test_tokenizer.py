@@ -60,5 +60,6 @@ def test_round_trip_and_specials(tiny):
     _, tok = tiny
     ids = tok.encode("the sea is deep")
     assert tok.decode(ids) == "the sea is deep"
-    assert tok.encode("<|turn>user")[0] == 4 and tok.token_strings([4, 5]) == ["<|turn>", "<turn|>"]
+    assert tok.encode("<|turn>user")[0] == 4  # a special token is one id
+    assert [tok.decode([i], skip_special_tokens=False) for i in (4, 5)] == ["<|turn>", "<turn|>"]
     assert tok.decode([4, 9, 5]) == tok.decode([9])  # specials are skipped in text
