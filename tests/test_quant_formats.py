@@ -3,6 +3,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from quant import formats
 from quant.formats import FORMATS, GROUP, SYM_DIVISORS
@@ -217,6 +219,52 @@ def test_quant_embedding_three_uses_and_dtype():
     assert qe.weight.dtype == torch.bfloat16 and qe.weight.scales.dtype == torch.float16
     assert qe(ids).dtype == torch.bfloat16 and qe.embed_scale().dtype == torch.bfloat16
 
+
+
+class Traffic(TorchDispatchMode):
+    """Bytes each (non-view) op reads and writes: its tensor arguments and results."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view:
+            self.bytes += sum(t.nbytes for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor))
+        return out
+
+
+def test_int8_soft_embedding_reads_the_codes_once():
+    """The self-conditioning input at full vocabulary size (on meta: shapes only). The codes are read
+    once and converted to bf16 (1 + 2 + 2 bytes per weight with the matmul's read); decoding through
+    fp32, as before, moved ~21 bytes per weight (15 GB a step)."""
+    V, H = 262144, 2816
+    qe = QuantEmbedding(V, H, "int8_row", device="meta").to(torch.bfloat16)
+    probs = torch.empty(1, 4, V, dtype=torch.bfloat16, device="meta")
+    with Traffic() as t:
+        out = qe.soft(probs)
+    assert out.shape == (1, 4, H) and out.dtype == torch.bfloat16
+    assert t.bytes < 6 * V * H, t.bytes / (V * H)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_int8_soft_embedding_in_half_precision(dtype):
+    """p * scale is tiny (1/V times ~1e-4): folded into fp16 probabilities as is, it would fall into
+    the subnormals. All-zero rows (pad tokens) get the placeholder scale 1, which must not set the
+    reference either (relative to the largest scale, everything else would underflow)."""
+    V, H = 4096, 64
+    qe = QuantEmbedding(V, H, "int8_row")
+    w = weights(V, H, seed=5) * (0.1 + torch.rand(V, 1, generator=torch.Generator().manual_seed(7)))
+    w[::512] = 0
+    qe.weight = packed_from("int8_row", w)
+    assert qe.weight.scales.max() == 1
+    qe.to(dtype)
+    probs = torch.softmax(torch.randn(2, 3, V, generator=torch.Generator().manual_seed(6)), -1).to(dtype)
+    ref = torch.matmul(probs.float(), qe.weight.dequantize(torch.float32)) * qe.embed_scale().float()
+    got = qe.soft(probs)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), ref, rtol=2e-2, atol=ref.abs().max().item() * 1e-2)
 
 def test_packed_experts_are_what_the_moe_kernel_reads():
     """quant's int4 tensors through kernels.moe_int4's reference equal QuantExperts' own path."""
