@@ -21,6 +21,7 @@ on any device and never hold more than a small block of a tensor in fp32 on the 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,14 @@ NF4_CODE = (
     0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
     0.7229568362236023, 1.0,
 )
+
+
+@functools.cache
+def nf4_code(device: torch.device) -> torch.Tensor:
+    """NF4_CODE as an fp32 tensor on `device`, made once per device: a tensor built from a Python list
+    is a host copy (a sync on CUDA, refused under graph capture). Shared: never write to it."""
+    return torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
+
 
 # Scale candidates for symmetric int4: the group's signed absmax m maps to level -d.
 # d=8 is Q4_0; d>8 clips the extreme a little, which lowers the MSE of the rest (measured: docs).
@@ -175,8 +184,7 @@ def dequantize_int8_row(qweight, scales, dtype=torch.float32) -> torch.Tensor:
 def dequantize_nf4(qweight, scales, dtype=torch.float32) -> torch.Tensor:
     """Plain-torch NF4 decode of bnb's layout (element 2j in the high nibble)."""
     idx = torch.stack([qweight >> 4, qweight & 0xF], dim=-1).flatten(-2).long()  # [N, K]
-    code = torch.tensor(NF4_CODE, device=qweight.device)
-    w = code[idx].view(*scales.shape, GROUP) * scales.float()[..., None]
+    w = nf4_code(qweight.device)[idx].view(*scales.shape, GROUP) * scales.float()[..., None]
     return w.flatten(-2).to(dtype)
 
 

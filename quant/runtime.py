@@ -31,7 +31,7 @@ from kernels._dispatch import use_triton
 from kernels.int8_linear import int8_linear
 from kernels.moe_int4 import moe_int4
 
-from .formats import FORMATS, GROUP
+from .formats import FORMATS, GROUP, nf4_code
 from .manifest import read_manifest, verify_shards
 
 EMBED_CHUNK_ROWS = 4096  # vocabulary rows decoded at a time by QuantEmbedding (quant.planner counts it)
@@ -272,8 +272,9 @@ def _bnb():
 
 def _bnb_linear(x: torch.Tensor, w: Packed) -> torch.Tensor:
     bnb = _bnb()
-    from bitsandbytes.functional import QuantState, get_4bit_type
+    from bitsandbytes.functional import QuantState
 
+    # nf4_code, not bnb's get_4bit_type: that builds the code from a list on every call (a sync)
     state = QuantState(absmax=w.scales.reshape(-1), shape=torch.Size(w.shape), blocksize=GROUP, quant_type="nf4",
-                       code=get_4bit_type("nf4", device=x.device), dtype=x.dtype)
+                       code=nf4_code(x.device), dtype=x.dtype)
     return bnb.matmul_4bit(x, w.qweight.reshape(-1, 1).t(), quant_state=state)

@@ -155,6 +155,27 @@ def test_quant_linear_equals_linear_on_dequantized_weight(fmt):
     assert (ref - exact).norm() < bound * exact.norm()
 
 
+
+def test_nf4_code_is_made_once_per_device(monkeypatch):
+    """bitsandbytes' get_4bit_type builds its code from a list on every call: a host copy and a sync
+    per projection on CUDA (~210 a step), which graph capture refuses. The bnb path (run here on the
+    CPU) and the torch decoder make the code tensor once per device."""
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    from quant import runtime
+
+    p = packed_from("nf4_g64", weights(96, 128))
+    x = torch.randn(3, 128)
+    ref = F.linear(x, formats.dequantize_nf4(p.qweight, p.scales))
+    built = []
+    real_tensor, real_code = torch.tensor, bnbf.get_4bit_type
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: built.append("tensor") or real_tensor(*a, **k))
+    monkeypatch.setattr(bnbf, "get_4bit_type", lambda *a, **k: built.append("bnb") or real_code(*a, **k))
+    formats.nf4_code.cache_clear()
+    for _ in range(3):
+        assert torch.equal(runtime._bnb_linear(x, p), ref)
+        assert torch.equal(p.dequantize(), formats.dequantize_nf4(p.qweight, p.scales))
+    assert built == ["tensor"]
+
 def test_quant_experts_match_experts_on_dequantized_weights():
     cfg = ModelConfig.from_dict(dict(vocab_size=64, hidden_size=128, intermediate_size=64, num_hidden_layers=1,
                                      num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_experts=6,
