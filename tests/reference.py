@@ -26,14 +26,20 @@ CONFIGS = {
 }
 
 
-def build_reference(name: str = "small", seed: int = 0, dtype=torch.float32):
-    """A random tiny reference model (eval mode)."""
-    tc = dict(CONFIGS[name])
+def reference_config(text_config: dict, max_positions: int = 4096) -> DiffusionGemmaConfig:
+    """The reference's config for a text config that also holds canvas_length (as CONFIGS do), with
+    a tiny vision tower (dg has none). scripts/bench.py builds its reference with it too."""
+    tc = dict(text_config)
     canvas = tc.pop("canvas_length")
-    tc["max_position_embeddings"] = 4096
+    tc.setdefault("max_position_embeddings", max_positions)
     vision = dict(model_type="gemma4_vision", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                   num_attention_heads=2, num_key_value_heads=2, head_dim=8)
-    config = DiffusionGemmaConfig(text_config=tc, vision_config=vision, canvas_length=canvas)
+    return DiffusionGemmaConfig(text_config=tc, vision_config=vision, canvas_length=canvas)
+
+
+def build_reference(name: str = "small", seed: int = 0, dtype=torch.float32):
+    """A random tiny reference model (eval mode)."""
+    config = reference_config(CONFIGS[name])
     torch.manual_seed(seed)
     model = DiffusionGemmaForBlockDiffusion(config).eval()
     g = torch.Generator().manual_seed(seed + 1)

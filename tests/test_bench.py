@@ -1,5 +1,6 @@
-"""Smoke test of the benchmark (dgcli/bench.py, scripts/bench.py) on CPU with a tiny config: the
-report has its fields and every number in it is positive and finite. Speed itself is not tested."""
+"""The benchmark (scripts/bench.py, `dg bench`) on CPU with the tiny preset: the report's structure
+and invariants (fields, engine against eager and against transformers, flags reaching the Engine).
+Speed itself is not tested."""
 
 from __future__ import annotations
 
@@ -12,8 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from dgcli.bench import finite_numbers, run_bench, text_config
+import dgcli.bench
+from dgcli import engine as engine_module
+from dgcli import graphs
+from dgcli.known import DIFFUSIONGEMMA_26B_A4B
 
+bench = dgcli.bench.load()
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(config="tiny", device="cpu", prompt_len=8, steps=2, repeats=1, threads=1)
 
@@ -22,11 +27,12 @@ def positive(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
-def check_phases(section: dict, L: int = 16) -> None:  # 16: the tiny canvas
+def check_phases(section: dict, L: int = 16, graphs_on: bool = False) -> None:  # 16: the tiny canvas
     for k in ("prefill_ms", "step_ms", "commit_ms", "prefill_tokens_per_s"):
         assert positive(section[k]), k
     assert set(section["warmup_ms"]) == {"prefill", "step", "step_sc", "commit"}
-    assert section["cuda_graphs"] is False and section["graph_capture_ms"] is None  # CPU: eager
+    assert section["cuda_graphs"] is graphs_on
+    assert positive(section["graph_capture_ms"]) if graphs_on else section["graph_capture_ms"] is None
     assert all(positive(v) for v in section["warmup_ms"].values())
     assert all(positive(v) for v in section["min_ms"].values())
     assert section["min_ms"]["step"] <= section["step_ms"] + 1e-9
@@ -37,28 +43,87 @@ def check_phases(section: dict, L: int = 16) -> None:  # 16: the tiny canvas
     assert section["peak_vram_mb"] is None  # CPU
 
 
-def test_bench_engine_and_reference():
+def test_engine_and_reference_agree():
     pytest.importorskip("transformers")
     threads = torch.get_num_threads()
-    r = run_bench(**TINY, reference=True)
+    r = bench.run_bench(**TINY, reference=True)
     assert torch.get_num_threads() == threads  # restored
     json.dumps(r)  # serialisable
-    assert finite_numbers(r)
-    assert r["config"]["name"] == "tiny" and r["config"]["dtype"] == "float32"
+    assert bench.finite_numbers(r)
+    c = r["config"]
+    assert c["name"] == "tiny" and c["dtype"] == "float32" and c["experts"] == "dense"
+    assert (c["static_cache"], c["cuda_graphs"], c["fused_head"]) == (False, False, False)  # the CPU policy
     assert r["machine"]["device"] == "cpu" and r["machine"]["torch_threads"] == 1
-    assert positive(r["weights_gb"]) and positive(r["peak_rss_mb"])
+    assert positive(r["weights_gb"]) and positive(r["peak_rss_mb"]) and positive(r["build_ms"])
     check_phases(r["engine"])
     check_phases(r["reference"])
-    # same random weights on both sides, and the model matches the reference
-    assert r["interleaved"] is True and r["reference"]["first_step_max_abs_logit_diff"] < 1e-3  # same weights on both sides
+    assert r["engine"]["eager_max_abs_logit_diff"] == 0.0  # on the CPU the engine's step is the eager path
+    assert "eager_max_abs_logit_diff" not in r["reference"]
+    # dg's random weights given to the reference: the same first-step logits
+    assert r["interleaved"] is True and r["reference"]["first_step_max_abs_logit_diff"] < 1e-3
     assert all(positive(v) for k, v in r["speedup_vs_reference"].items() if k != "min_ms")
 
 
-def test_bench_int4_experts_and_moe_only():
-    r = run_bench(**TINY, experts="int4")
-    assert r["config"]["experts"] == "int4" and finite_numbers(r)
+def test_graph_replays_match_eager_and_flags_reach_the_engine(monkeypatch):
+    """The engine's steps replayed from captured graphs (traced on the CPU) give the eager logits, and
+    the bench passes its flags to the Engine and reports what the Engine did with them."""
+    seen = []
+
+    def engine(model, **kw):
+        seen.append(kw)
+        return real(model, capture=graphs.TracedCapture(), **kw)
+
+    real = engine_module.Engine
+    monkeypatch.setattr(engine_module, "Engine", engine)
+    r = bench.run_bench(**TINY, static_cache=True, cuda_graphs=True, fused_head=False)
+    assert seen == [dict(static_cache=True, cuda_graphs=True, fused_head=False)]
+    assert (r["config"]["static_cache"], r["config"]["cuda_graphs"], r["config"]["fused_head"]) == (True, True, False)
+    check_phases(r["engine"], graphs_on=True)
+    assert r["engine"]["eager_max_abs_logit_diff"] < 1e-4
+
+    seen.clear()
+    bench.run_bench(**dict(TINY, steps=1))
+    assert seen == [dict(static_cache=None, cuda_graphs=None, fused_head=None)]  # None: the Engine's policy
+
+
+def test_command_line_flags(monkeypatch):
+    got = []
+    monkeypatch.setattr(bench, "run_bench", lambda cfg: got.append(cfg) or {})
+    assert bench.main(["--config", "tiny", "--steps", "3"]) == 0
+    assert bench.main(["--config", "full", "--static-cache", "--no-cuda-graphs", "--no-fused-head",
+                       "--experts", "int4", "--dtype", "float16"]) == 0
+    a, b = got
+    assert (a.config, a.steps, a.static_cache, a.cuda_graphs, a.fused_head) == ("tiny", 3, None, None, None)
+    assert (b.static_cache, b.cuda_graphs, b.fused_head, b.experts, b.dtype) == (True, False, False, "int4", "float16")
+    with pytest.raises(SystemExit):
+        bench.main(["--config", "tiny", "--steps", "0"])
+
+
+def test_model_only_forwards_to_step_model(monkeypatch):
+    seen = []
+    fake = type("StepModel", (), {"main": staticmethod(lambda argv: seen.append(argv) or 0)})
+    monkeypatch.setattr(bench, "_step_model", lambda: fake)
+    monkeypatch.setattr(bench, "run_bench", lambda cfg: pytest.fail("--model-only must not run the bench"))
+    assert bench.main(["--config", "tiny", "--model-only", "--steps", "3"]) == 0
+    assert seen == [["--config", "tiny", "--steps", "3"]]
+
+
+def test_int4_experts_and_moe_only():
+    from quant.runtime import Packed, QuantExperts
+
+    model = bench.build_model(bench.text_config("tiny"), torch.device("cpu"), torch.float32, "int4")
+    layers = model.model.decoder.layers
+    assert all(isinstance(layer.experts, QuantExperts) for layer in layers)
+    assert not any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
+    for p in (m for m in model.modules() if isinstance(m, Packed)):
+        assert p.qweight.device.type == "cpu" and p.dtype == torch.float32 and p.scales.dtype == torch.float16
+        w = p.dequantize()  # random weights of std fan_in^-1/2, quantized: not zeros, not garbage
+        assert 0.7 < w.std().item() * p.shape[-1] ** 0.5 < 1.3
+
+    r = bench.run_bench(**TINY, experts="int4")
+    assert r["config"]["experts"] == "int4" and bench.finite_numbers(r)
     check_phases(r["engine"])
-    m = run_bench(**TINY, moe_only=True)["moe"]
+    m = bench.run_bench(**TINY, moe_only=True)["moe"]
     assert m["kernel"] == "reference" and m["tokens"] == 16
     for k in ("ms", "gb_per_s", "copy_gb_per_s", "bytes"):
         assert positive(m[k]), k
@@ -66,17 +131,22 @@ def test_bench_int4_experts_and_moe_only():
     assert 1 <= m["experts_touched"] <= 8
 
 
-def test_presets():
-    full = text_config("full")
-    assert (full["hidden_size"], full["num_hidden_layers"], full["num_experts"], full["top_k_experts"],
-            full["moe_intermediate_size"], full["vocab_size"]) == (2816, 30, 128, 8, 704, 262144)
-    assert full["layer_types"].count("full_attention") == 5 and full["layer_types"][5] == "full_attention"
-    d = text_config("reduced", layers=12, vocab=1000, canvas=32)
+def test_presets_derive_from_the_released_config():
+    full = bench.text_config("full")
+    released = DIFFUSIONGEMMA_26B_A4B["text_config"]
+    assert {k: full[k] for k in released} == released and full["canvas_length"] == 256
+    for name in ("reduced", "tiny"):  # what the presets do not narrow is the released model's
+        d = bench.text_config(name)
+        assert d["rope_parameters"] == released["rope_parameters"] and d["rms_norm_eps"] == released["rms_norm_eps"]
+    d = bench.text_config("reduced", layers=12, vocab=1000, canvas=32)
     assert d["num_hidden_layers"] == 12 and len(d["layer_types"]) == 12 and d["layer_types"][11] == "full_attention"
+    assert (d["vocab_size"], d["canvas_length"]) == (1000, 32)
     with pytest.raises(ValueError):
-        text_config("huge")
+        bench.text_config("huge")
     with pytest.raises(ValueError):
-        run_bench(config="tiny", device="cpu", steps=0)
+        bench.BenchConfig(config="huge")
+    with pytest.raises(ValueError):
+        bench.run_bench(config="tiny", device="cpu", steps=0)
 
 
 def test_script_writes_json(tmp_path):
@@ -85,14 +155,27 @@ def test_script_writes_json(tmp_path):
            "--prompt-len", "8", "--steps", "1", "--repeats", "1", "--threads", "1", "--out", str(out)]
     subprocess.run(cmd, check=True, cwd=ROOT, timeout=300, capture_output=True)
     r = json.loads(out.read_text())
-    assert finite_numbers(r) and positive(r["engine"]["step_ms"])
+    assert bench.finite_numbers(r) and positive(r["engine"]["step_ms"])
 
 
 def test_bench_loaded_model(tmp_path, monkeypatch):
     """`-m tiny`: the built-in model as dg loads it, against the reference built from its config."""
     pytest.importorskip("transformers")
     monkeypatch.setenv("DG_HOME", str(tmp_path))
-    r = run_bench(model="tiny", device="cpu", prompt_len=8, steps=1, repeats=1, threads=1, reference=True)
+    r = bench.run_bench(model="tiny", device="cpu", prompt_len=8, steps=1, repeats=1, threads=1, reference=True)
     assert r["config"]["experts"] == "as loaded" and "tiny" in r["config"]["name"]
     check_phases(r["engine"], L=r["config"]["canvas_length"])
     assert r["reference"]["first_step_max_abs_logit_diff"] < 1e-3
+
+
+def test_bench_quantized_output(tiny_dir, tmp_path):
+    """`-m DIR` on a `dg quantize` output: loaded with its packed modules, timed, and the reference
+    (which cannot take packed weights) run apart with its own."""
+    pytest.importorskip("transformers")
+    from quant.convert import quantize_checkpoint
+
+    out = quantize_checkpoint(tiny_dir, tmp_path / "tiny-int4", budget_bytes=None, progress=False)
+    r = bench.run_bench(model=str(out), device="cpu", prompt_len=8, steps=1, repeats=1, threads=1, reference=True)
+    check_phases(r["engine"], L=r["config"]["canvas_length"])
+    assert r["interleaved"] is False and "first_step_max_abs_logit_diff" not in r["reference"]
+    check_phases(r["reference"], L=r["config"]["canvas_length"])
