@@ -12,6 +12,7 @@ is removed on any error or Ctrl-C.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import shutil
 import sys
@@ -25,8 +26,9 @@ from safetensors.torch import save_file
 
 from dgcli import __version__, store
 from dgcli.config import ModelConfig
-from dgcli.errors import CheckpointError, DgError
+from dgcli.errors import CheckpointError, DgError, first_line
 from dgcli.loader import INDEX_FILE, SKIPPED_PREFIXES, shard_files
+from dgcli.units import format_bytes
 
 from .formats import FORMATS, SYM_DIVISORS, ASYM_SHRINK
 from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file, write_json
@@ -111,7 +113,7 @@ def quantize_checkpoint(src: str | Path, out: Path | None = None, scheme: str = 
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise DgError(f"no space left on the device holding {out.parent} "
-                          f"(the output needs about {estimate.weights / 1e9:.1f} GB)") from None
+                          f"(the output needs about {format_bytes(estimate.weights)})") from None
         raise
     except SafetensorError as e:
         raise DgError(f"could not write a shard into {out.parent}: {e}") from None
@@ -148,9 +150,9 @@ def source_tensors(path: Path, shapes: dict) -> list[tuple[str, Path, torch.dtyp
                                               f"expected {list(shapes[key])}")
                     if dtype is None:
                         raise CheckpointError(f"{shard.name}: tensor '{key}' has unsupported dtype {sl.get_dtype()}")
-                    found.append((key, shard, dtype, _numel(shape) * dtype.itemsize))
+                    found.append((key, shard, dtype, math.prod(shape) * dtype.itemsize))
         except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{shard} is corrupt or truncated ({str(e).splitlines()[0] if str(e) else e})") from None
+            raise CheckpointError(f"{shard} is corrupt or truncated ({first_line(e)})") from None
     missing = sorted(set(shapes) - {t[0] for t in found})
     if missing:
         raise CheckpointError(f"{path} is missing tensor(s): {', '.join(missing[:3])}"
@@ -166,7 +168,7 @@ def convert_tensor(shard: Path, name: str, shape, dtype, fmt, device, bar) -> di
     layout = fmt.layout(shape, dtype)
     outs = {s: torch.empty(shp, dtype=dt) for s, (shp, dt) in layout.items()}
     rows = shape[0] if len(shape) >= 2 else 1
-    per_row = _numel(shape) // rows
+    per_row = math.prod(shape) // rows
     step = max(1, BLOCK_ELEMS["cpu" if device.type == "cpu" else "cuda"] // per_row)
     for a in range(0, rows, step):
         b = min(a + step, rows)
@@ -255,13 +257,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
 class _NoBar:
     def advance(self, n: int) -> None:
         pass
@@ -296,7 +291,7 @@ class _Bar(_NoBar):
 
     def tensor_done(self, written: int) -> None:
         self.done += 1
-        self.progress.update(self.task, tensors=f"{self.done}/{self.n}", written=_human(written))
+        self.progress.update(self.task, tensors=f"{self.done}/{self.n}", written=format_bytes(written, 2))
 
     def __enter__(self):
         self.progress.start()
@@ -309,10 +304,3 @@ class _Bar(_NoBar):
 
 def _progress(on: bool, total_bytes: int, n_tensors: int):
     return _Bar(total_bytes, n_tensors) if on else _NoBar()
-
-
-def _human(n: int) -> str:
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n} B"

@@ -22,6 +22,7 @@ on any device and never hold more than a small block of a tensor in fp32 on the 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -228,13 +229,7 @@ class Format:
         return {"": (tuple(shape), dtype)}
 
     def nbytes(self, shape, source_dtype=torch.bfloat16) -> int:
-        total = 0
-        for shp, dtype in self.layout(shape, source_dtype).values():
-            n = 1
-            for d in shp:
-                n *= d
-            total += n * dtype.itemsize
-        return total
+        return sum(math.prod(shp) * dtype.itemsize for shp, dtype in self.layout(shape, source_dtype).values())
 
     def quantize(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
         """A block of whole rows of a weight -> {suffix: tensor} (suffix '' for unpacked formats)."""

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from dgcli.errors import CheckpointError
-from dgcli.loader import MANIFEST_FILE as MANIFEST  # the loader decides by this file whether to call quant
+from dgcli.config import MANIFEST_FILE as MANIFEST  # one name for dg, store and the loader
 
 from .formats import FORMATS
 
