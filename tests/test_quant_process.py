@@ -1,19 +1,18 @@
 """dg quantize as a process: Ctrl-C mid-way leaves nothing loadable, and RAM stays bounded.
 
-The source is a random checkpoint of ~200 MB in the official layout, built here (reduced width,
-fp32), so quantizing it takes long enough to be interrupted.
+The interruption holds the quantizer after its first tensor (on the tiny model) and signals once it
+is there. The memory bound needs a source large enough to measure: a random checkpoint of ~200 MB in
+the official layout, built here (reduced width, fp32).
 """
 
 import json
 import os
-import resource
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
-import torch
 from safetensors.torch import save_file
 
 from dgcli import tiny
@@ -33,29 +32,56 @@ def big_ckpt(tmp_path_factory):
     return path
 
 
-def dg(*args, **kw):
-    return subprocess.Popen([sys.executable, "-m", "dgcli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, **kw)
+# `dg quantize` (dgcli.cli.main) with convert_tensor held after its first tensor, until Ctrl-C: the
+# file argv[1] says that point is reached, so the signal lands mid-way whatever the machine's speed.
+HELD_QUANTIZE = """
+import pathlib, signal, sys
+import quant.convert as convert
+real, ready = convert.convert_tensor, pathlib.Path(sys.argv[1])
+
+def held(*a, **k):
+    out = real(*a, **k)
+    if not ready.exists():
+        ready.write_text("one tensor converted")
+        signal.pause()  # until SIGINT raises KeyboardInterrupt here
+    return out
+
+convert.convert_tensor = held
+sys.argv = ["dg", *sys.argv[2:]]
+from dgcli.cli import main
+main()
+"""
 
 
-def loadable_dirs(parent):
-    return [p for p in parent.iterdir() if (p / "dg_manifest.json").exists() and (p / "config.json").exists()]
+def wait_for(path, proc, err, timeout=120):
+    """Until `path` exists; fails if the process exits first or after `timeout` seconds (a bound, not a measure)."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            pytest.fail(f"dg quantize exited ({proc.returncode}) before converting a tensor: {err.read_text()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"dg quantize converted no tensor within {timeout} s: {err.read_text()}")
+        time.sleep(0.05)
 
 
-def test_interrupted_quantize_leaves_nothing_loadable(big_ckpt, tmp_path):
-    out = tmp_path / "out"
-    proc = dg("quantize", str(big_ckpt), str(out))
-    time.sleep(0.2)
-    deadline = time.time() + 60
-    while time.time() < deadline and not any(p.name.startswith(".out.partial-") for p in tmp_path.iterdir()):
-        time.sleep(0.05)  # wait until it is writing
-    assert proc.poll() is None, "quantize finished before it could be interrupted"
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130
-    assert b"Traceback" not in err
-    assert not out.exists()
-    assert loadable_dirs(tmp_path) == []
+def test_interrupted_quantize_leaves_nothing_loadable(tiny_dir, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    out, ready, err = work / "out", tmp_path / "ready", tmp_path / "stderr"
+    with open(err, "wb") as f:
+        proc = subprocess.Popen([sys.executable, "-c", HELD_QUANTIZE, str(ready), "quantize", str(tiny_dir), str(out)],
+                                stdout=subprocess.DEVNULL, stderr=f, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            wait_for(ready, proc, err)
+            assert [p.name.startswith(".out.partial-") for p in work.iterdir()] == [True]  # it is writing
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=60) == 130
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert b"Traceback" not in err.read_bytes()
+    assert list(work.iterdir()) == []  # no OUT, no partial directory: nothing loadable
 
 
 def test_quantize_ram_stays_bounded(big_ckpt, tmp_path):
