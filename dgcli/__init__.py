@@ -6,7 +6,7 @@ The API is imported lazily so that `dg --version`, `dg list` and `--help` start 
 __version__ = "0.1.0"
 
 _API = {
-    "load": "api", "stream_generate": "api", "generate": "api", "prefill": "api",
+    "load": "api", "stream_generate": "api", "generate": "api", "prefill": "api", "Engine": "engine",
     "PrefillEvent": "events", "StepEvent": "events", "BlockEvent": "events", "DoneEvent": "events",
 }
 __all__ = [*_API, "__version__"]

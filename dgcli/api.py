@@ -19,33 +19,35 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from . import graphs, store
-from .cache import KVCache
+from . import store
 from .config import SamplerSettings
+from .engine import Engine, as_engine
+from .errors import EmptyPromptError
 from .events import BlockEvent, DoneEvent, Event, PrefillEvent
-from .loader import load_model
+from .loader import load_model, load_sampler_defaults
 from .sampler import denoise, useful_length
 from .tokenizer import Tokenizer
 
 
 def load(name_or_path: str | None = None, device=None, dtype=None, cuda_graphs: bool | None = None):
-    """(model, tokenizer) for a model name (see dgcli.store.resolve), weights on device/dtype.
+    """(engine, tokenizer) for a model name (see dgcli.store.resolve), weights on device/dtype.
 
-    cuda_graphs: replay denoising steps from captured CUDA graphs (dgcli/graphs.py); default on for
-    a CUDA device unless DG_CUDA_GRAPHS=0. On CUDA the sampler also takes its statistics from the
-    fused LM head (kernels/lm_head.py) unless DG_FUSED_HEAD=0."""
+    The engine (dgcli/engine.py) holds the model and how it runs: on CUDA a static cache, denoising
+    steps replayed from CUDA graphs (unless cuda_graphs=False or DG_CUDA_GRAPHS=0) and the fused LM
+    head (unless DG_FUSED_HEAD=0); elsewhere the reference's arithmetic. `engine.model` is the
+    plain PyTorch model."""
+    from quant.runtime import prepare_quantized  # dg quantize outputs plug into the loader here
+
     path = store.resolve(name_or_path)
     tokenizer = Tokenizer.from_dir(path)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    model = load_model(path, device=device, dtype=dtype)
-    graphs.use_fast_paths(model, cuda_graphs)
-    return model, tokenizer
+    model = load_model(path, device=device, dtype=dtype, prepare=prepare_quantized)
+    return Engine(model, load_sampler_defaults(path), cuda_graphs=cuda_graphs), tokenizer
 
 
-def sampler_settings(model, **overrides) -> SamplerSettings:
-    base = getattr(model, "sampler_defaults", None) or SamplerSettings()
-    return base.replace(**overrides)
+def sampler_settings(engine, **overrides) -> SamplerSettings:
+    return as_engine(engine).sampler_settings(**overrides)
 
 
 def prompt_ids(tokenizer: Tokenizer, prompt, raw: bool = False, system: str | None = None,
@@ -62,21 +64,23 @@ def prompt_ids(tokenizer: Tokenizer, prompt, raw: bool = False, system: str | No
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def stream_generate(model, tokenizer: Tokenizer, prompt, *, raw: bool = False, system: str | None = None,
-                    think: bool = False, cache: KVCache | None = None,
+def stream_generate(engine, tokenizer: Tokenizer, prompt, *, raw: bool = False, system: str | None = None,
+                    think: bool = False, cache=None,
                     logits_processor: Callable[[torch.Tensor], torch.Tensor] | None = None,
                     **settings) -> Iterator[Event]:
     """Yield the sampler's events, with text filled in on BlockEvent (the new text) and DoneEvent (all of it).
 
-    `cache`: a KV cache already holding a prefix; `prompt` is then only what follows it.
+    `engine`: from dgcli.load (a plain DiffusionGemma works too, with the default policy).
+    `cache`: a KV cache already holding a prefix (`engine.new_cache()`); `prompt` is then only what follows it.
     """
-    s = sampler_settings(model, **settings)
+    engine = as_engine(engine)
+    s = engine.sampler_settings(**settings)
     ids = prompt_ids(tokenizer, prompt, raw=raw, system=system, think=think)
     if not ids and (cache is None or cache.length == 0):
-        raise ValueError("empty prompt")
+        raise EmptyPromptError("empty prompt")
     new_ids: list[int] = []
     shown = ""
-    for event in denoise(model, ids, s, cache=cache, logits_processor=logits_processor):
+    for event in denoise(engine, ids, s, cache=cache, logits_processor=logits_processor):
         if isinstance(event, BlockEvent):
             new_ids += event.token_ids
             text = final_text(tokenizer, new_ids, s)
@@ -88,13 +92,14 @@ def stream_generate(model, tokenizer: Tokenizer, prompt, *, raw: bool = False, s
         yield event
 
 
-def prefill(model, token_ids: list[int], cache) -> PrefillEvent:
-    """Encode token ids onto `cache`, as a generation does first (chat uses it to snapshot a prefix)."""
+def prefill(engine, token_ids: list[int], cache) -> PrefillEvent:
+    """Encode token ids onto `cache`, as a generation does first (chat uses it to mark a prefix)."""
+    engine = as_engine(engine)
     t0 = time.perf_counter()
     if token_ids:
-        model.encode(torch.tensor([token_ids], dtype=torch.long, device=model.device), cache)
-    if model.device.type == "cuda":
-        torch.cuda.synchronize(model.device)
+        engine.prefill(torch.tensor([token_ids], dtype=torch.long, device=engine.device), cache)
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize(engine.device)
     return PrefillEvent(prompt_tokens=len(token_ids), cached_tokens=cache.length, seconds=time.perf_counter() - t0)
 
 

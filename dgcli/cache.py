@@ -13,10 +13,16 @@ sliding layers: the last W-1) and concatenates, so it matches the reference bit 
 canvas, and R more so that `truncate` can take back R tokens; R=0 by default, as every slot costs
 attention time), full layers a buffer of max_tokens+L; the decoder writes the canvas K/V into the
 free slots instead of concatenating. Key order in the ring differs from the reference, so results
-agree to rounding (~1e-6), not bit for bit. `mark`/`rewind` copy the rings (full layers are
-append-only) to come back to a point further back than the rings reach: a chat turn's prompt.
-The decoder reads the canvas positions from a device tensor (`prepare_decode` sets it), so one
-captured CUDA graph serves every position: see dgcli/graphs.py.
+agree to rounding (~1e-6), not bit for bit. The decoder reads the canvas positions from a device
+tensor (`prepare_decode` sets it), so one captured CUDA graph serves every position (dgcli/graphs.py).
+
+One rollback protocol on both (as mlx-lm's `trim` on every cache), so a chat session has one path:
+- `truncate(n) -> bool`: forget every token from position n on; False, and nothing changed, when a
+  sliding layer no longer holds the W-1 tokens before n;
+- `mark()` / `rewind()` / `marked_length`: remember this point and come back to it, however far
+  the sliding layers have moved on (the reference cache keeps its lists: its tensors are never
+  written in place; the static cache copies its rings: full layers are append-only);
+- `reset()`: empty.
 """
 
 from __future__ import annotations
@@ -36,6 +42,11 @@ def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) ->
     return mask
 
 
+def _check_truncate(n: int, length: int) -> None:
+    if not 0 <= n <= length:
+        raise ValueError(f"cannot truncate to {n}: the cache holds {length} tokens")
+
+
 class KVCache:
     def __init__(self, config: ModelConfig):
         n = config.num_hidden_layers
@@ -43,6 +54,7 @@ class KVCache:
         self.keys: list[torch.Tensor | None] = [None] * n
         self.values: list[torch.Tensor | None] = [None] * n
         self.length = 0  # tokens encoded so far = position of the next token
+        self.marked: tuple | None = None  # (length, keys, values) saved by mark()
 
     def cached(self, i: int) -> int:
         return 0 if self.keys[i] is None else self.keys[i].shape[-2]
@@ -61,8 +73,8 @@ class KVCache:
         pos = torch.arange(n_cached + T, device=k.device)
         return k, v, False, window_mask(pos[n_cached:], pos, window)
 
-    def prepare_decode(self, L: int, device=None) -> torch.Tensor:
-        """The canvas positions [L]."""
+    def prepare_decode(self, L: int, device=None, bucket: int | None = None) -> torch.Tensor:
+        """The canvas positions [L] (`bucket` is the static cache's; here every span is exact)."""
         return torch.arange(self.length, self.length + L, device=device)
 
     def decode_kv(self, i, k, v, window):
@@ -70,21 +82,49 @@ class KVCache:
             return k, v, None
         return torch.cat([self.keys[i], k], dim=-2), torch.cat([self.values[i], v], dim=-2), None
 
-    def copy(self) -> "KVCache":
-        """A snapshot: tensors are never modified in place, so sharing them is safe."""
-        c = KVCache.__new__(KVCache)
-        c.keep, c.keys, c.values, c.length = self.keep, list(self.keys), list(self.values), self.length
-        return c
+    def truncate(self, n: int) -> bool:
+        """Forget positions n.. (slices: the tensors themselves are never modified in place)."""
+        _check_truncate(n, self.length)
+        if n == 0:
+            self.reset()
+            return True
+        drop = self.length - n
+        for i, keep in enumerate(self.keep):
+            if keep is not None and self.cached(i) - drop < min(keep, n):
+                return False  # the W-1 tokens before n are no longer all here
+        for i in range(len(self.keys)):
+            if self.keys[i] is not None:
+                end = self.cached(i) - drop
+                self.keys[i], self.values[i] = self.keys[i][:, :, :end], self.values[i][:, :, :end]
+        self.length = n
+        if self.marked is not None and self.marked[0] > n:  # what follows n is about to be replaced
+            self.marked = None
+        return True
+
+    def reset(self) -> None:
+        n = len(self.keys)
+        self.keys, self.values, self.length, self.marked = [None] * n, [None] * n, 0, None
+
+    def mark(self) -> None:
+        self.marked = (self.length, list(self.keys), list(self.values))  # shared tensors: free
+
+    @property
+    def marked_length(self) -> int | None:
+        return None if self.marked is None else self.marked[0]
+
+    def rewind(self) -> None:
+        self.length, keys, values = self.marked
+        self.keys, self.values = list(keys), list(values)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
 
 
 class StaticKVCache:
-    def __init__(self, config: ModelConfig, max_tokens: int, device, dtype, rollback: int | None = None):
+    def __init__(self, config: ModelConfig, max_tokens: int, device, dtype, rollback: int = 0):
         L, W = config.canvas_length, config.sliding_window
         self.max_tokens, self.window = max_tokens, W
-        self.rollback = rollback or 0  # ring slots beyond W-1+L: how far back `truncate` can always go
+        self.rollback = rollback  # ring slots beyond W-1+L: how far back `truncate` can always go
         sliding = any(config.is_sliding(i) for i in range(config.num_hidden_layers))
         self.ring = W - 1 + L + self.rollback if sliding else 0  # slots of each sliding layer
         self.keys, self.values, self.slot_pos = [], [], []
@@ -102,7 +142,6 @@ class StaticKVCache:
         self.canvas_pos = torch.arange(L, device=device)  # positions of the canvas being decoded
         self.slots = torch.arange(max_tokens + L, device=device)
         self.span, self.span_masked = None, False  # full layers attend over slots [:span] (prepare_decode)
-        self.graphs = None  # dgcli.graphs.DecodeGraphs for this cache, made on first use
         self.marked = None  # (length, lowest_kept, copies of the rings) saved by mark()
 
     @property
@@ -125,8 +164,7 @@ class StaticKVCache:
     def truncate(self, n: int) -> bool:
         """Forget every token from position n on (a chat turn that diverges from the cached one).
         False, and nothing changed, when the rings no longer hold the W-1 tokens before n."""
-        if n > self.length:
-            raise ValueError(f"cannot truncate to {n}: the cache holds {self.length} tokens")
+        _check_truncate(n, self.length)
         if n > 0 and max(0, n - self.window + 1) < self.lowest_kept:
             return False
         for ring_pos in self.slot_pos:

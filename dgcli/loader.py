@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .config import ModelConfig, SamplerSettings, read_json
-from .errors import CheckpointError, DgError
+from .errors import CheckpointError, DgError, first_line
 from .model import DiffusionGemma
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -100,7 +100,7 @@ def index_shards(path: Path, expected: dict[str, torch.Size]) -> list[tuple[Path
                             f"{shard.name}: tensor '{key}' has shape {list(shape)}, expected {list(expected[key])}"
                         )
         except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{shard} is corrupt or truncated ({_first_line(e)})") from None
+            raise CheckpointError(f"{shard} is corrupt or truncated ({first_line(e)})") from None
         plan.append((shard, keys))
         seen.update(keys)
     missing = [k for k in expected if k not in seen]
@@ -152,7 +152,7 @@ def read_state_dict(plan, device: torch.device, dtype: torch.dtype) -> dict[str,
                 try:
                     t = f.get_tensor(key)
                 except (SafetensorError, OSError, RuntimeError) as e:
-                    raise CheckpointError(f"{shard} is corrupt or truncated at '{key}' ({_first_line(e)})") from None
+                    raise CheckpointError(f"{shard} is corrupt or truncated at '{key}' ({first_line(e)})") from None
                 keep = keeps_stored_dtype(key, t.is_floating_point())
                 # Always a fresh copy: tensors read from a shard can sit at unaligned addresses, which
                 # sends CPU kernels down other (differently rounded) paths than the reference's.
@@ -160,33 +160,32 @@ def read_state_dict(plan, device: torch.device, dtype: torch.dtype) -> dict[str,
     return tensors
 
 
-def load_model(path: str | Path, device=None, dtype=None) -> DiffusionGemma:
+def load_model(path: str | Path, device=None, dtype=None, prepare=None) -> DiffusionGemma:
+    """The checkpoint at `path` as a DiffusionGemma on device/dtype (inference only).
+
+    prepare(model, path): called on the meta-built model before any weight is read, when the
+    directory is a `dg quantize` output (has MANIFEST_FILE); the quantized runtime plugs in here
+    (`quant.runtime.prepare_quantized`, passed by dgcli.load), so the loader knows nothing of it."""
     path = Path(path)
     config = ModelConfig.from_file(path / "config.json")
     device = resolve_device(device)
     dtype = dtype or default_dtype(path, device)
     with torch.device("meta"):
         model = DiffusionGemma(config)
-    if (path / "dg_manifest.json").exists():  # dg quantize output: verify it, swap in packed modules
-        from quant.runtime import prepare_quantized
-        prepare_quantized(model, path)
+    if (path / MANIFEST_FILE).exists():
+        if prepare is None:
+            raise CheckpointError(f"{path} is a dg quantize output: load it with dgcli.load")
+        prepare(model, path)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     plan = index_shards(path, expected)
     check_fits(weight_bytes(plan, dtype), device)
     model.load_state_dict(read_state_dict(plan, device, dtype), assign=True, strict=True)
-    model.sampler_defaults = load_sampler_defaults(path)
-    model.source = str(path)
     return model.eval().requires_grad_(False)  # inference only: no autograd bookkeeping
 
 
 def load_sampler_defaults(path: Path) -> SamplerSettings:
     gen = path / "generation_config.json"
     return SamplerSettings.from_generation_config(read_json(gen)) if gen.exists() else SamplerSettings()
-
-
-def _first_line(e: Exception) -> str:
-    s = str(e).strip().splitlines()
-    return s[0] if s else type(e).__name__
 
 
 __all__ = ["load_model", "shard_files"]

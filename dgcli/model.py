@@ -109,24 +109,27 @@ class Attention(nn.Module):
         else:  # the canvas attends to the cache and itself; the cache keeps nothing of it
             k, v, mask = cache.decode_kv(i, k, v, window)
             causal = False
-        y = self.attend(q, k, v, mask, causal)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj(self.attend(q, k, v, mask, causal))
 
-    def attend(self, q, k, v, mask, causal):
-        groups = q.shape[1] // k.shape[1]
+    def attend(self, q, k, v, mask, causal) -> torch.Tensor:
+        """SDPA over (B, Hx, T, D) heads -> (B, T, Hq·D). SDPA's output layout is the backend's choice
+        (CUDA's memory-efficient kernel returns a transposed view of a [B, T, H, D] buffer), so this
+        never `view`s it: only splits a dim, permutes, and lets `reshape` copy where it must."""
+        B, Hq, T, D = q.shape
+        groups = Hq // k.shape[1]
         if groups > 1 and mask is not None and mask.shape[-2] == 1:
             # A mask over keys only (the static cache's decoder): fold each group of query heads into
             # the query length and attend once per kv head, instead of copying K/V `groups` times.
-            B, Hq, T, D = q.shape
             y = F.scaled_dot_product_attention(q.reshape(B, k.shape[1], groups * T, D), k, v, attn_mask=mask,
-                                               scale=1.0)
-            return y.view(B, Hq, T, D)
+                                               scale=1.0)  # (B, Hk, groups·T, D)
+            return y.unflatten(2, (groups, T)).permute(0, 3, 1, 2, 4).reshape(B, T, Hq * D)
         # The same SDPA call as the reference makes, so results agree bit for bit: grouped-query
         # attention inside SDPA only without a mask and for head_dim <= 256, else repeated K/V.
         gqa = groups > 1 and mask is None and k.shape[-1] <= 256
         if groups > 1 and not gqa:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=1.0, enable_gqa=gqa)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=1.0, enable_gqa=gqa)
+        return y.transpose(1, 2).reshape(B, T, Hq * D)
 
 
 class MLP(nn.Module):
@@ -346,8 +349,6 @@ class DiffusionGemma(nn.Module):
         D = {t: config.layer_head_dim[config.layer_types.index(t)] for t in set(config.layer_types)}
         self.inv_freq = {t: rope_inv_freq(config, t, D[t]) for t in (SLIDING, FULL) if t in D}
         self._inv_freq_on: dict[torch.device, dict] = {}  # copies per device: no upload per call
-        self.graph_capture = None  # a dgcli.graphs capture backend: decode on a static cache via graphs
-        self.fused_head = False  # the sampler uses decode_stats (set on CUDA by dgcli.load)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -393,47 +394,16 @@ class DiffusionGemma(nn.Module):
         cache.length += ids.shape[1]
 
     @torch.inference_mode()
-    def decode(self, canvas: torch.Tensor, cache: KVCache, sc_logits: torch.Tensor | None = None) -> torch.Tensor:
-        """Decoder mode: canvas (B, L) at positions cache.length.. -> softcapped logits (B, L, V), fp32.
+    def decode(self, canvas: torch.Tensor, cache: KVCache | StaticKVCache, sc_logits: torch.Tensor | None = None,
+               positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Decoder mode: canvas (B, L) -> final-normed hidden states (B, L, H); the cache is only read.
 
-        sc_logits: the previous step's processed logits (in the model dtype), or None on a canvas's
-        first step (a zero self-conditioning signal). The cache is only read. With `graph_capture`
-        set and a static cache, the step replays a captured graph and the logits returned are that
-        graph's output buffer: valid until the next decode on this cache.
-        """
-        return self._decode(canvas, cache, sc_logits, None)
-
-    def can_fuse_head(self) -> bool:
-        """Whether `decode_stats` can run: kernels.lm_head imports and reads this embedding."""
-        try:
-            import kernels.lm_head  # noqa: F401
-        except ImportError:
-            return False
-        return self.model.decoder.embed_tokens.head_weight() is not None
-
-    @torch.inference_mode()
-    def decode_stats(self, canvas, cache, sc_logits, temperature: torch.Tensor):
-        """`decode` with the LM head fused with the sampler's statistics (kernels/lm_head.py): returns
-        HeadOut(proc [L, V] fp32 = softcapped logits / temperature, argmax [L], entropy [L], lse [L])
-        for a batch of one, writing the vocabulary-wide tensor once. Same maths as the sampler's
-        unfused path; rounding differs, so it is the fast path (CUDA), not the reference."""
-        return self._decode(canvas, cache, sc_logits, temperature)
-
-    def _decode(self, canvas, cache, sc_logits, temperature):
-        """Replayed from the cache's CUDA graphs when there are any to use, else run here."""
-        if self.graph_capture is not None and isinstance(cache, StaticKVCache):
-            from .graphs import graphs_for
-
-            return graphs_for(self, cache).decode(canvas, sc_logits, temperature)
-        positions = cache.prepare_decode(canvas.shape[1], device=self.device)
-        return self.decode_at(canvas, cache, sc_logits, positions, temperature=temperature)
-
-    @torch.inference_mode()
-    def decode_at(self, canvas, cache, sc_logits, positions, out: torch.Tensor | None = None,
-                  temperature: torch.Tensor | None = None):
-        """`decode` with the canvas positions given as a device tensor and the cache already prepared
-        (`cache.prepare_decode`): fixed shapes and no host synchronisation, so it can be captured.
-        With a temperature, `decode_stats`'s HeadOut instead of the logits (`out`: its proc buffer)."""
+        sc_logits: the previous step's processed logits (B, L, V) in the model dtype, or None on a
+        canvas's first step (a zero self-conditioning signal). positions: the canvas positions as
+        `cache.prepare_decode` returned them (a device tensor: no host sync, so the pass can be
+        captured as a CUDA graph); None prepares the cache here."""
+        if positions is None:
+            positions = cache.prepare_decode(canvas.shape[1], device=self.device)
         dec = self.model.decoder
         emb = dec.embed_tokens
         x = emb(canvas)
@@ -446,12 +416,11 @@ class DiffusionGemma(nn.Module):
         for i, layer in enumerate(dec.layers):
             cos, sin = rope[self.config.layer_types[i]]
             x = layer(x, cos, sin, cache, i, False, layer.layer_scalar)
-        cap = self.config.final_logit_softcapping
-        if temperature is not None:
-            from kernels.lm_head import lm_head
+        return dec.norm(x)
 
-            weight, scale = emb.head_weight()
-            h = dec.norm(x).reshape(-1, x.shape[-1])
-            return lm_head(h, weight, temperature, cap, scale, out=out)
-        logits = emb.head(dec.norm(x)).float()
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tied LM head: hidden (B, L, H) -> tanh-softcapped logits (B, L, V) in fp32 (into `out`)."""
+        cap = self.config.final_logit_softcapping
+        logits = self.model.decoder.embed_tokens.head(hidden).float()
         return torch.mul(torch.tanh(logits / cap), cap, out=out)

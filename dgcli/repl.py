@@ -1,11 +1,5 @@
-"""`dg chat`: the conversation (ChatSession) and the interactive loop around it (Repl).
+"""`dg chat`: the interactive loop (Repl) around a ChatSession (dgcli/session.py).
 
-ChatSession re-renders the whole conversation with the chat template each turn and reuses the KV
-cache of earlier turns: it keeps cache snapshots (free: the cache's tensors are never written in
-place) for the ids they hold, and when a new prompt starts with those ids only the rest is encoded.
-Two snapshots per turn: after the conversation up to the user's message (templates usually render
-a finished assistant turn differently from the generation prompt, so this is the one that matches
-next turn), and after the whole prompt (it matches when the template renders turns the same way).
 Repl reads input with prompt-toolkit (history file, Alt-Enter or a \"\"\" block for several lines),
 handles slash commands, and shows each answer through a canvas_view. Ctrl-C stops the turn.
 """
@@ -13,7 +7,7 @@ handles slash commands, and shows each answer through a canvas_view. Ctrl-C stop
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
@@ -22,179 +16,7 @@ from rich.text import Text
 from . import store
 from .canvas_view import NOISE_STYLES, CanvasView, PlainView, TokenPieces, consume, format_stats
 from .errors import DgError
-from .events import BlockEvent, DoneEvent, Event, PrefillEvent
-from .api import prefill, prompt_ids, sampler_settings, stream_generate
-
-SETTINGS = {"max_new_tokens": int, "max_denoising_steps": int, "entropy_bound": float, "t_min": float,
-            "t_max": float, "stability_threshold": int, "confidence_threshold": float, "seed": int}
-ALIASES = {"max_tokens": "max_new_tokens", "steps": "max_denoising_steps"}
-
-
-def snapshot(cache):
-    """A copy of the reference KVCache; it shares the tensors, which are never modified in place."""
-    return cache.copy()
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-class ChatSession:
-    """A conversation with one model; no terminal I/O. `turn(text)` yields the engine's events.
-
-    Earlier turns' K/V are reused. The reference cache (CPU) is snapshotted for free at each prompt.
-    The static cache (CUDA, where the denoising steps replay CUDA graphs) is written in place, so
-    there is one, kept across turns with the tokens it holds: rolled back to where a new prompt
-    diverges from them if its rings reach, else rewound to the end of the last user message
-    (marked after its prefill). Its graphs stay valid from turn to turn.
-    """
-
-    def __init__(self, model, tokenizer, *, settings: dict | None = None, system: str | None = None,
-                 think: bool = False, reuse_cache: bool = True, static_cache: bool | None = None,
-                 context: int = 32768):
-        self.model, self.tokenizer = model, tokenizer
-        self.settings = dict(settings or {})
-        self.system, self.think, self.reuse_cache = system, think, reuse_cache
-        self.messages: list[dict] = []  # user/assistant turns; an interrupted answer has "interrupted": True
-        self.last: DoneEvent | None = None
-        self.last_reused = 0  # prompt tokens the last turn took from the cache
-        self.snapshots: list[tuple[list[int], object]] = []  # reference cache: (ids, cache at ids)
-        self.static = model.device.type == "cuda" if static_cache is None else static_cache
-        self.context = context  # tokens the static cache holds
-        self.live: tuple[list[int], object] | None = None  # static cache: (its tokens, the cache)
-
-    def conversation(self) -> list[dict]:
-        msgs = [{"role": m["role"], "content": m["content"]} for m in self.messages]
-        return ([{"role": "system", "content": self.system}] if self.system else []) + msgs
-
-    def clear(self) -> None:
-        self.messages, self.snapshots, self.last, self.last_reused = [], [], None, 0
-        if self.live is not None:
-            self.live = ([], self.live[1])
-
-    def cached_prefix(self, ids: list[int]):
-        """(cache, n): a cache holding ids[:n] already, n as large as the cache allows."""
-        if self.static:
-            if self.live is None:
-                self.live = ([], self.model.new_cache(static=True, max_tokens=self.context))
-            tokens, cache = self.live
-            n = min(common_prefix(tokens[:cache.length], ids), len(ids) - 1) if self.reuse_cache else 0
-            if cache.truncate(n):
-                return cache, n
-            if cache.marked_length is not None and cache.marked_length <= n:  # the last prompt
-                cache.rewind()
-                return cache, cache.length
-            cache.reset()  # the rings no longer reach back there
-            return cache, 0
-        best = max((s for s in self.snapshots if ids[:len(s[0])] == s[0]), key=lambda s: len(s[0]), default=None)
-        if best is None or not self.reuse_cache:
-            return self.model.new_cache(), 0
-        return snapshot(best[1]), len(best[0])
-
-    def prefill(self, cache, ids: list[int]) -> PrefillEvent:
-        return prefill(self.model, ids, cache)
-
-    def turn(self, text: str) -> Iterator[Event]:
-        """Add a user message and yield the answer's events. Closing it early (Ctrl-C) keeps the
-        committed part in the transcript, marked interrupted; an error takes the message back."""
-        self.messages.append({"role": "user", "content": text})
-        committed, done, snaps = "", None, []
-        try:
-            msgs = self.conversation()
-            ids = prompt_ids(self.tokenizer, msgs, think=self.think)
-            history = self.tokenizer.encode(self.tokenizer.apply_chat_template(
-                msgs, add_generation_prompt=False, enable_thinking=self.think), add_special_tokens=False)
-            cache, start = self.cached_prefix(ids)
-            self.last_reused, extra_s = start, 0.0
-            blocks: list[int] = []  # static cache: it holds (ids + blocks)[:cache.length]
-            if self.reuse_cache and start < len(history) < len(ids) and ids[:len(history)] == history:
-                # The conversation so far, without the generation prompt: the next turn's prompt
-                # starts with it, whatever this answer turns out to be.
-                extra_s = self.prefill(cache, ids[start:len(history)]).seconds
-                if self.static:
-                    cache.mark()
-                else:
-                    snaps.append((history, snapshot(cache)))
-                start = len(history)
-            events = stream_generate(self.model, self.tokenizer, ids[start:], cache=cache, **self.settings)
-            try:
-                for ev in events:
-                    if isinstance(ev, PrefillEvent) and not self.static:
-                        snaps.append((ids, snapshot(cache)))
-                    if isinstance(ev, PrefillEvent):
-                        ev.prompt_tokens += start - self.last_reused  # what this turn encoded in both calls
-                        ev.seconds += extra_s
-                    elif isinstance(ev, BlockEvent):
-                        committed += ev.text
-                        blocks += ev.token_ids
-                    elif isinstance(ev, DoneEvent):
-                        ev.prompt_tokens += start - self.last_reused
-                        ev.prefill_seconds += extra_s
-                        ev.total_seconds += extra_s
-                        done = ev
-                    yield ev
-            finally:
-                events.close()
-                if self.static:
-                    self.live = ((ids + blocks)[:cache.length], cache)
-        except (DgError, ValueError):
-            self.messages.pop()
-            raise
-        except BaseException:  # closed by the consumer, or Ctrl-C inside the engine
-            self.messages.append({"role": "assistant", "content": committed, "interrupted": True})
-            self.snapshots = snaps
-            raise
-        self.messages.append({"role": "assistant", "content": done.text if done else committed})
-        self.snapshots, self.last = snaps, done
-
-    # ---- settings and transcript ----
-
-    def set(self, key: str, value: str) -> str:
-        """Change a sampling setting from text ('none' unsets it); returns the canonical name."""
-        key = ALIASES.get(key, key)
-        if key == "temperature":
-            try:
-                t = float(value)
-            except ValueError:
-                raise DgError(f"temperature needs a number, got '{value}'") from None
-            new = {**self.settings, "t_max": t, "t_min": t / 2}
-        elif key in SETTINGS:
-            new = dict(self.settings)
-            if value.lower() in ("none", "default"):
-                new.pop(key, None)
-            else:
-                try:
-                    new[key] = SETTINGS[key](value)
-                except ValueError:
-                    raise DgError(f"{key} needs a number, got '{value}'") from None
-        else:
-            raise DgError(f"unknown setting '{key}'; known: {', '.join([*SETTINGS, 'temperature'])}")
-        sampler_settings(self.model, **new)  # raises ConfigError with the reason
-        self.settings = new
-        return key
-
-    def effective_settings(self) -> dict:
-        s = sampler_settings(self.model, **self.settings).__dict__
-        return {k: s[k] for k in SETTINGS}
-
-    def to_json(self) -> dict:
-        return {"system": self.system, "think": self.think, "settings": self.settings, "messages": self.messages}
-
-    def load_json(self, d: dict) -> None:
-        msgs = d.get("messages") if isinstance(d, dict) else None
-        if not isinstance(msgs, list) or not all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in msgs):
-            raise DgError("not a dg conversation: expected an object with a 'messages' list of {role, content}")
-        self.clear()
-        self.messages = msgs
-        self.system = d.get("system") or None
-        self.think = bool(d.get("think", self.think))
-        self.settings = dict(d.get("settings") or self.settings)
-
+from .session import ChatSession
 
 HELP = """commands:
   /help                 this list

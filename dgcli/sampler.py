@@ -12,9 +12,10 @@ Per block (canvas of L tokens):
   commit the argmax canvas; a block with an EOS anywhere finishes generation (pads after the EOS).
 Random draws, in this order, all from one generator: randint(L) per block, then per step
 multinomial(L×V) and randint(L). `seed=S` reproduces `torch.manual_seed(S); model.generate(...)`.
-On CUDA, `model.fused_head` has the LM head compute the step's statistics in one pass over the
-vocabulary (kernels/lm_head.py): the same decisions up to float rounding, several fewer passes
-over the [L, 262144] fp32 logits.
+The sample is drawn as argmax(p / E), E ~ Exp(1) from the generator: what `torch.multinomial`
+does for one sample, bit for bit, without its two host reads. A step reads the host once, for its
+event and the stop flag together. The decoder pass and the statistics are the engine's (dgcli/engine.py):
+on CUDA it replays graphs and fuses the LM head; the decisions are the same up to float rounding.
 This module knows tokens only; text is the tokenizer layer's job (dgcli/api.py).
 """
 
@@ -28,22 +29,24 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from .cache import KVCache, StaticKVCache
+from .engine import Engine, as_engine, entropy  # noqa: F401 (entropy: the sampler's maths, kept importable here)
+from .errors import CheckpointError, EmptyPromptError
 from .config import SamplerSettings
 from .events import BlockEvent, DoneEvent, Event, PrefillEvent, StepEvent
 
 
-def temperature(cur_step: int, settings: SamplerSettings, device) -> torch.Tensor:
-    """The reference's linear schedule, computed the same way (an int32 step tensor, fp32 result)."""
-    step = torch.tensor(cur_step, device=device, dtype=torch.int32)
-    return settings.t_min + ((settings.t_max - settings.t_min) * (step / settings.max_denoising_steps))
+def temperature_schedule(settings: SamplerSettings) -> torch.Tensor:
+    """Temperatures for cur_step = N .. 1 on the CPU, fp32: the reference's linear schedule computed
+    the same way (an int32 step over N), once per generation instead of an upload per step."""
+    steps = torch.arange(settings.max_denoising_steps, 0, -1, dtype=torch.int32)
+    return settings.t_min + ((settings.t_max - settings.t_min) * (steps / settings.max_denoising_steps))
 
 
-def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy in nats over the last dim, the same arithmetic as torch.distributions.Categorical."""
-    logp = logits - logits.logsumexp(dim=-1, keepdim=True)
-    probs = torch.softmax(logp, dim=-1)
-    return -(torch.clamp(logp, min=torch.finfo(logp.dtype).min) * probs).sum(-1)
+def sample(probs: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """One draw per row of probs (..., V): `torch.multinomial(probs, 1)`'s own algorithm (argmax of
+    p / E with E ~ Exp(1), the same generator calls), so the same numbers, without its host reads."""
+    q = torch.empty_like(probs).exponential_(1, generator=g)
+    return torch.div(probs, q, out=q).argmax(dim=-1)
 
 
 def accept_mask(token_entropy: torch.Tensor, bound: float) -> torch.Tensor:
@@ -96,91 +99,55 @@ def peak_memory(device: torch.device) -> int:
 
 
 def denoise(
-    model,
+    engine: Engine,
     prompt_ids: list[int] | torch.Tensor,
     settings: SamplerSettings,
-    cache: KVCache | StaticKVCache | None = None,
+    cache=None,
     logits_processor: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Iterator[Event]:
-    """Generate after prompt_ids (tokens not yet in `cache`), yielding events (see dgcli/events.py)."""
+    """Generate after prompt_ids (tokens not yet in `cache`), yielding events (see dgcli/events.py).
+    `engine`: a dgcli Engine (a plain model gets one with the default policy)."""
     t_start = time.perf_counter()
-    device = model.device
-    V, L = model.config.vocab_size, model.config.canvas_length
-    N = settings.max_denoising_steps
+    engine = as_engine(engine)
+    device = engine.device
+    L = engine.config.canvas_length
     ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=device).reshape(1, -1)
-    if cache is None:  # preallocated on a GPU (no per-step concatenation); the reference's on the CPU
-        needed = ids.shape[1] + settings.max_new_tokens + model.config.canvas_length
-        cache = model.new_cache(static=device.type == "cuda", max_tokens=needed)
+    if cache is None:
+        cache = engine.new_cache(max_tokens=ids.shape[1] + settings.max_new_tokens + L)
     if ids.shape[1] == 0 and cache.length == 0:
-        raise ValueError("empty prompt: there is nothing to condition on")
+        raise EmptyPromptError("empty prompt: there is nothing to condition on")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     g, seed = make_generator(device, settings.seed)
+    temps = temperature_schedule(settings)
+    block_state = Block(engine, cache, settings, g, temps.to(device), temps.tolist(), logits_processor)
     eos = torch.tensor(settings.eos_token_id, device=device) if settings.eos_token_id else None
     prompt_len = ids.shape[1]
     max_length = cache.length + prompt_len + settings.max_new_tokens
     n_blocks = math.ceil(settings.max_new_tokens / L)
-    # The fused LM head (model.fused_head: on by default on CUDA) unless a processor must see the logits.
-    fused = logits_processor is None and getattr(model, "fused_head", False)
+    captured = engine.capture_seconds
 
     pending = ids
     new_tokens: list[torch.Tensor] = []
     steps_per_block: list[int] = []
-    prefill_s = denoise_s = commit_s = warmup_s = 0.0
+    prefill_s = denoise_s = commit_s = 0.0
     finish_reason = "length"
     for block in range(n_blocks):
         t0 = time.perf_counter()
-        if pending.shape[1]:
-            model.encode(pending, cache)
-        _sync(device)
         if block == 0:
+            if pending.shape[1]:
+                engine.prefill(pending, cache)
+            _sync(device)
             prefill_s = time.perf_counter() - t0
             yield PrefillEvent(prompt_tokens=prompt_len, cached_tokens=cache.length, seconds=prefill_s)
         else:
+            engine.commit(pending, cache)
+            _sync(device)
             commit_s += time.perf_counter() - t0
 
-        canvas = torch.randint(0, V, (1, L), device=device, generator=g)
-        argmax = canvas
-        sc_logits = None
-        stability = StabilityTracker(settings.stability_threshold)
-        steps = 0
-        for cur_step in range(N, 0, -1):
-            t0 = time.perf_counter()
-            captured = _capture_seconds(cache)
-            temp = temperature(cur_step, settings, device)
-            if fused:  # the LM head computes proc, argmax, entropy and lse in one pass
-                head = model.decode_stats(canvas, cache, sc_logits, temp)
-                proc, argmax, h = head.proc.view(1, L, V), head.argmax.view(1, L), head.entropy.view(1, L)
-                probs = torch.exp(proc - head.lse.view(1, L, 1))
-            else:
-                logits = model.decode(canvas, cache, sc_logits)
-                if logits_processor is not None:
-                    logits = logits_processor(logits)
-                proc = logits / temp
-                probs = torch.softmax(proc, dim=-1, dtype=torch.float32)
-                argmax = proc.argmax(dim=-1)
-                h = entropy(proc)
-            warmup = _capture_seconds(cache) - captured  # a new CUDA graph: reported apart
-            warmup_s += warmup
-            sampled = torch.multinomial(probs.view(-1, V), num_samples=1, generator=g).view(1, L)
-            accepted = accept_mask(h, settings.entropy_bound)
-            noise = torch.randint(0, V, (1, L), device=device, generator=g)
-            canvas = torch.where(accepted, sampled, noise)
-            stop = stability(argmax) & (h.mean(dim=-1) < settings.confidence_threshold)
-            sc_logits = proc.to(model.dtype)
-            steps += 1
-            stopped = bool(stop.all())  # the one host sync of a step
-            dt = time.perf_counter() - t0 - warmup
-            denoise_s += dt
-            yield StepEvent(
-                block=block, step=steps, max_steps=N, canvas=canvas[0].tolist(),
-                accepted=accepted[0].tolist(), argmax=argmax[0].tolist(), entropy=h[0].tolist(),
-                temperature=float(temp), stopped=stopped, seconds=dt,
-            )
-            if stopped:
-                break
-
-        committed = argmax
+        argmax, steps = yield from block_state.run(block)
+        denoise_s += block_state.seconds
+        committed = argmax.clone()  # a graph's output buffer: the next replay overwrites it
         finished = cache.length + L >= max_length
         if eos is not None:
             committed, has_eos = pad_after_eos(committed, eos, settings.pad_token_id)
@@ -208,8 +175,69 @@ def denoise(
         seed=seed,
         settings={**settings.__dict__, "seed": seed},
         peak_memory_bytes=peak_memory(device),
-        warmup_seconds=warmup_s,
+        warmup_seconds=engine.capture_seconds - captured,
     )
+
+
+class Block:
+    """Denoising one canvas: `run(block)` yields a StepEvent per step and returns (argmax, steps)."""
+
+    def __init__(self, engine: Engine, cache, settings: SamplerSettings, g: torch.Generator,
+                 temps: torch.Tensor, temps_host: list[float], processor=None):
+        self.engine, self.cache, self.settings, self.g = engine, cache, settings, g
+        self.temps, self.temps_host, self.processor = temps, temps_host, processor
+        self.seconds = 0.0  # denoising time of the last block, graph captures excluded
+
+    def run(self, block: int):
+        engine, s = self.engine, self.settings
+        V, L = engine.config.vocab_size, engine.config.canvas_length
+        canvas = torch.randint(0, V, (1, L), device=engine.device, generator=self.g)
+        sc, out = None, None
+        stability = StabilityTracker(s.stability_threshold)
+        self.seconds = 0.0
+        for i in range(s.max_denoising_steps):
+            t0 = time.perf_counter()
+            captured = engine.capture_seconds
+            out = engine.step(canvas, self.cache, sc, self.temps[i], self.processor)
+            canvas, accepted, stop = self.decide(out, stability)
+            sc = out.proc.to(engine.dtype)
+            # The one host read of a step: the event's lists and the stop flag, in one transfer.
+            host = _to_host(canvas[0], accepted[0], out.argmax[0], out.entropy[0], stop)
+            if not host["finite"]:
+                raise CheckpointError("the model's outputs are NaN or infinite: its weights are broken "
+                                      "(re-download or re-quantize them)")
+            dt = time.perf_counter() - t0 - (engine.capture_seconds - captured)  # a new graph: reported apart
+            self.seconds += dt
+            yield StepEvent(
+                block=block, step=i + 1, max_steps=s.max_denoising_steps, canvas=host["canvas"],
+                accepted=host["accepted"], argmax=host["argmax"], entropy=host["entropy"],
+                temperature=self.temps_host[i], stopped=host["stop"], seconds=dt,
+            )
+            if host["stop"]:
+                break
+        return out.argmax, i + 1
+
+    def decide(self, out, stability: StabilityTracker):
+        """Sample every position; keep the lowest-entropy ones within the entropy bound, renoise the
+        rest; stop when the argmax canvas is stable and the mean entropy below the threshold."""
+        s, V = self.settings, self.engine.config.vocab_size
+        sampled = sample(out.probabilities().view(-1, V), self.g).view(out.argmax.shape)
+        accepted = accept_mask(out.entropy, s.entropy_bound)
+        noise = torch.randint(0, V, sampled.shape, device=sampled.device, generator=self.g)
+        canvas = torch.where(accepted, sampled, noise)
+        stop = stability(out.argmax) & (out.entropy.mean(dim=-1) < s.confidence_threshold)
+        return canvas, accepted, stop
+
+
+def _to_host(canvas, accepted, argmax, entropy, stop) -> dict:
+    """One device-to-host copy for a step's event: ids and entropies travel as float64 (exact)."""
+    L = canvas.shape[0]
+    finite = torch.isfinite(entropy).all().reshape(1)
+    flat = torch.cat([canvas.double(), accepted.double(), argmax.double(), entropy.double(),
+                      stop.double().reshape(1), finite.double()]).tolist()
+    ints = [int(x) for x in flat[:L]], [int(x) for x in flat[2 * L:3 * L]]
+    return {"canvas": ints[0], "accepted": [x != 0 for x in flat[L:2 * L]], "argmax": ints[1],
+            "entropy": flat[3 * L:4 * L], "stop": flat[4 * L] != 0, "finite": flat[4 * L + 1] != 0}
 
 
 def useful_length(token_ids: list[int], eos_ids: list[int] | None) -> int:
@@ -219,11 +247,6 @@ def useful_length(token_ids: list[int], eos_ids: list[int] | None) -> int:
             if t in eos_ids:
                 return i
     return len(token_ids)
-
-
-def _capture_seconds(cache) -> float:
-    graphs = getattr(cache, "graphs", None)
-    return graphs.capture_seconds if graphs is not None else 0.0
 
 
 def _sync(device: torch.device) -> None:

@@ -23,3 +23,24 @@ def tiny():
     import dgcli
 
     return dgcli.load("tiny", device="cpu")
+
+
+def _cuda_layout_sdpa(sdpa):
+    """SDPA returning the same values in the stride order of CUDA's memory-efficient kernel (the one
+    a bool mask gets): a transposed view of a [B, T, H, D] buffer, which `.view` cannot reshape."""
+
+    def wrapped(q, k, v, *args, **kwargs):
+        y = sdpa(q, k, v, *args, **kwargs)  # (B, H, T, D)
+        return y.transpose(1, 2).contiguous().transpose(1, 2)
+
+    return wrapped
+
+
+@pytest.fixture(params=["cpu-layout", "cuda-layout"])
+def sdpa_layout(request, monkeypatch):
+    """Run a fast-path test with the CPU's SDPA output layout, then with CUDA's."""
+    if request.param == "cuda-layout":
+        import torch.nn.functional as F
+
+        monkeypatch.setattr(F, "scaled_dot_product_attention", _cuda_layout_sdpa(F.scaled_dot_product_attention))
+    return request.param

@@ -68,14 +68,14 @@ def test_decoder_logits_match_with_and_without_self_conditioning(pair):
     pos = torch.arange(13, 13 + L)[None]
     with torch.no_grad():
         r = ref(decoder_input_ids=canvas, past_key_values=rc, decoder_position_ids=pos).logits
-    o = ours.decode(canvas, oc)
+    o = ours.logits(ours.decode(canvas, oc))
     assert o.dtype == torch.float32 and o.shape == r.shape
     assert (o - r).abs().max() <= TOL
     sc = r / 0.7  # processed logits of a previous step
     with torch.no_grad():
         r2 = ref(decoder_input_ids=canvas, past_key_values=rc, self_conditioning_logits=sc,
                  decoder_position_ids=pos).logits
-    o2 = ours.decode(canvas, oc, sc)
+    o2 = ours.logits(ours.decode(canvas, oc, sc))
     assert (o2 - r2).abs().max() <= TOL
     assert (r2 - r).abs().max() > 1e-3  # self-conditioning really changed something
     assert [len(k) for k in rc.layers[0].keys] == [len(k) for k in oc.keys[0]]  # the decoder wrote nothing

@@ -10,7 +10,9 @@ import dgcli
 from dgcli.errors import ConfigError, DgError
 from dgcli.events import BlockEvent, DoneEvent, PrefillEvent, StepEvent
 from dgcli.api import prompt_ids
-from dgcli.repl import ChatSession, Repl, line_reader, needs_more, prompt_toolkit_reader, unquote
+from dgcli.engine import Engine
+from dgcli.repl import Repl, line_reader, needs_more, prompt_toolkit_reader, unquote
+from dgcli.session import ChatSession
 
 FAST = {"max_new_tokens": 16, "max_denoising_steps": 2, "seed": 11}
 # Reused and fresh prompts are encoded in different chunks, so K/V differ by float noise (~1e-6).
@@ -53,17 +55,19 @@ def test_reused_answer_is_the_fresh_answer(tiny, seed):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.slow
+@pytest.mark.usefixtures("sdpa_layout")
 def test_static_cache_session_rolls_back_and_answers_as_fresh(tiny, seed):
     """The CUDA way (one static cache kept across turns, truncated where a prompt diverges), on the CPU."""
     model, tok = tiny
     settings = {**EXACT, "seed": seed}
-    s = ChatSession(model, tok, settings=settings, static_cache=True, context=4096)
+    s = ChatSession(Engine(model.model, static_cache=True), tok, settings=settings, context=4096)
     cache, reused = None, []
     for text in ("hello there", "tell me more", "and then?"):
         events = list(s.turn(text))
         fresh = list(dgcli.stream_generate(model, tok, s.conversation()[:-1], **settings))
         assert events[-1].token_ids == fresh[-1].token_ids and events[-1].text == fresh[-1].text
-        tokens, c = s.live
+        tokens, c = s.tokens, s.cache
         assert cache is None or c is cache  # the same buffers (and CUDA graphs) all along
         cache = c
         assert len(tokens) == cache.length
@@ -76,7 +80,7 @@ def test_static_cache_session_rolls_back_and_answers_as_fresh(tiny, seed):
 
 
 def test_static_cache_context_full_is_a_clear_error(tiny):
-    s = ChatSession(*tiny, settings=FAST, static_cache=True, context=64)
+    s = ChatSession(Engine(tiny[0].model, static_cache=True), tiny[1], settings=FAST, context=64)
     with pytest.raises(DgError, match="context full"):
         list(s.turn("hello " * 80))
     assert s.messages == []

@@ -1,0 +1,179 @@
+"""The engine: a loaded model and how it is run. The sampler, chat sessions and the server hand it
+their generations; the model stays plain PyTorch and speed is applied here, from outside it.
+
+What the engine decides once, at construction (defaults: the fast paths on CUDA, the reference's
+arithmetic elsewhere):
+- the cache: the reference's `KVCache` (bit-identical to transformers) or a preallocated
+  `StaticKVCache` (no per-step concatenation, capturable);
+- CUDA graphs: each denoising step replayed from a captured graph (dgcli/graphs.py), only on a
+  static cache; a capture that fails turns them off for this engine, with one warning;
+- the fused LM head: `kernels.lm_head` computes softcap(logits)/T with the argmax, entropy and
+  logsumexp in one pass over the vocabulary, instead of ~20 passes over [L, V] fp32 logits.
+What it exposes: `new_cache`, `prefill(ids, cache)`, `step(canvas, cache, sc, temperature)` ->
+`StepOut`, `commit(canvas, cache)`.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from typing import NamedTuple
+
+import torch
+
+from .cache import KVCache, StaticKVCache
+from .config import SamplerSettings
+from .errors import first_line
+from .model import DiffusionGemma
+from .settings import flag
+
+PREFILL_CHUNK = 2048  # tokens per encoder pass on a static cache: peak memory stays flat in prompt length
+
+
+class StepOut(NamedTuple):
+    """What a denoising step gives the sampler. From a graph, these are buffers that the next step
+    overwrites: keep a copy of anything kept across steps."""
+
+    proc: torch.Tensor  # (1, L, V) fp32: processed logits / temperature
+    argmax: torch.Tensor  # (1, L) int64
+    entropy: torch.Tensor  # (1, L) fp32, nats, of softmax(proc)
+    lse: torch.Tensor | None  # (1, L) fp32 logsumexp(proc) from the fused head; None: use softmax
+
+    def probabilities(self) -> torch.Tensor:
+        """softmax(proc) (1, L, V) fp32: the reference's own call, or exp(proc - lse) from the fused head."""
+        if self.lse is None:
+            return torch.softmax(self.proc, dim=-1, dtype=torch.float32)
+        return torch.exp(self.proc - self.lse.unsqueeze(-1))
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats over the last dim, the same arithmetic as torch.distributions.Categorical."""
+    logp = logits - logits.logsumexp(dim=-1, keepdim=True)
+    probs = torch.softmax(logp, dim=-1)
+    return -(torch.clamp(logp, min=torch.finfo(logp.dtype).min) * probs).sum(-1)
+
+
+class Engine:
+    def __init__(self, model: DiffusionGemma, sampler_defaults: SamplerSettings | None = None, *,
+                 static_cache: bool | None = None, cuda_graphs: bool | None = None, fused_head: bool | None = None,
+                 capture=None, bucket: int | None = None):
+        """None = the default policy: static cache, CUDA graphs (DG_CUDA_GRAPHS) and the fused head
+        (DG_FUSED_HEAD) on CUDA, none of them elsewhere. `capture` replaces the CUDA graph backend
+        (tests pass graphs.TracedCapture); `bucket` the graphs' span rounding (graphs.BUCKET)."""
+        from . import graphs
+
+        self.model = model
+        self.sampler_defaults = sampler_defaults or SamplerSettings()
+        cuda = model.device.type == "cuda"
+        self.static_cache = cuda if static_cache is None else static_cache
+        if fused_head is None:
+            fused_head = cuda and flag("DG_FUSED_HEAD", True)
+        self.fused_head = fused_head and model.model.decoder.embed_tokens.head_weight() is not None
+        if capture is None and (cuda and flag("DG_CUDA_GRAPHS", True) if cuda_graphs is None else cuda_graphs):
+            capture = graphs.CudaCapture()
+        self.capture = capture if self.static_cache else None  # graphs need the static cache's fixed buffers
+        self.bucket = bucket or (graphs.BUCKET if self.capture is not None else None)
+        self._graphed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> GraphedStep
+        self._captured_before = 0.0  # capture time of graphs whose caches are gone
+
+    # ---- what the model is ----
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def cuda_graphs(self) -> bool:
+        return self.capture is not None
+
+    @property
+    def capture_seconds(self) -> float:
+        """CUDA graph warm-up and capture time so far (reported apart from the steps)."""
+        return self._captured_before + sum(g.capture_seconds for g in self._graphed.values())
+
+    def sampler_settings(self, **overrides) -> SamplerSettings:
+        """The checkpoint's generation defaults with `overrides` (the reference's names) applied."""
+        return self.sampler_defaults.replace(**overrides)
+
+    # ---- what the sampler calls ----
+    def new_cache(self, max_tokens: int | None = None, rollback: int = 0) -> KVCache | StaticKVCache:
+        """An empty cache of this engine's kind; a static one holds max_tokens (default: the model's context)."""
+        return self.model.new_cache(static=self.static_cache, max_tokens=max_tokens, rollback=rollback)
+
+    def prefill(self, ids: torch.Tensor, cache: KVCache | StaticKVCache) -> None:
+        """Encode ids (1, T) after what the cache holds. A static cache takes them in chunks, so the
+        pass's temporaries (masks, repeated K/V, fp32 norms) do not grow with the prompt; the
+        reference cache takes them in one pass, as the reference does."""
+        chunk = PREFILL_CHUNK if isinstance(cache, StaticKVCache) else ids.shape[1]
+        for a in range(0, ids.shape[1], max(chunk, 1)):
+            self.model.encode(ids[:, a:a + chunk], cache)
+
+    def commit(self, canvas: torch.Tensor, cache: KVCache | StaticKVCache) -> None:
+        """Encode a finished canvas (1, L) into the cache."""
+        self.model.encode(canvas, cache)
+
+    @torch.inference_mode()
+    def step(self, canvas: torch.Tensor, cache, sc: torch.Tensor | None, temperature: torch.Tensor,
+             processor=None) -> StepOut:
+        """One denoising step: the decoder pass over canvas (1, L) with self-conditioning sc (the
+        previous step's proc in the model dtype, None on a canvas's first step), then the statistics
+        at `temperature` (a 0-d fp32 device tensor). A logits `processor` must see the logits, so
+        it turns the fused head and the graphs off for this step."""
+        fused = self.fused_head and processor is None
+        if self.capture is not None and processor is None and isinstance(cache, StaticKVCache):
+            graphed = self._graphed.get(cache)
+            if graphed is None:
+                from .graphs import GraphedStep
+
+                graphed = self._graphed[cache] = GraphedStep(self, cache, self.capture)
+            try:
+                return graphed(canvas, sc, temperature, fused)
+            except (RuntimeError, NotImplementedError, ValueError) as e:
+                # Something in the step cannot be captured (a host sync, an unsupported kernel):
+                # say so once and go on eagerly; the results are the same, only slower.
+                print(f"dg: CUDA graphs off ({type(e).__name__}: {first_line(e)}); decoding eagerly", file=sys.stderr)
+                self._captured_before = self.capture_seconds
+                self.capture, self._graphed = None, weakref.WeakKeyDictionary()
+        positions = cache.prepare_decode(canvas.shape[1], device=self.device, bucket=self.bucket)
+        return self.stats(canvas, cache, sc, temperature, positions, fused, processor)
+
+    @torch.inference_mode()
+    def stats(self, canvas, cache, sc, temperature, positions, fused: bool, processor=None,
+              out: StepOut | None = None) -> StepOut:
+        """The step itself, with the cache already prepared (no host sync: this is what a graph
+        captures). With `out`, the results are written into its buffers."""
+        model = self.model
+        hidden = model.decode(canvas, cache, sc, positions)
+        L, V = canvas.shape[1], self.config.vocab_size
+        if fused:
+            from kernels.lm_head import lm_head
+
+            weight, scale = model.model.decoder.embed_tokens.head_weight()
+            head = lm_head(hidden.reshape(L, -1), weight, temperature, self.config.final_logit_softcapping, scale,
+                           out=None if out is None else out.proc.view(L, V))
+            result = StepOut(head.proc.view(1, L, V), head.argmax.view(1, L), head.entropy.view(1, L),
+                             head.lse.view(1, L))
+        else:
+            logits = model.logits(hidden, out=None if out is None else out.proc)
+            if processor is not None:
+                logits = processor(logits)
+            proc = logits.div_(temperature) if out is not None else logits / temperature
+            result = StepOut(proc, proc.argmax(dim=-1), entropy(proc), None)
+        if out is None:
+            return result
+        for buf, value in zip(out[1:], result[1:]):
+            if value is not None:
+                buf.copy_(value)
+        return out
+
+
+def as_engine(model_or_engine) -> Engine:
+    """An Engine as given, or one around a plain model with the default policy."""
+    return model_or_engine if isinstance(model_or_engine, Engine) else Engine(model_or_engine)

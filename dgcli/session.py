@@ -1,0 +1,160 @@
+"""A chat conversation with one engine, without any terminal I/O: `ChatSession.turn(text)` yields
+the engine's events; `dg chat` (dgcli/repl.py) and anything else that chats drive it.
+
+Each turn re-renders the whole conversation with the chat template and reuses the K/V of earlier
+turns through the one rollback protocol every cache has (dgcli/cache.py): the session keeps one
+cache and the tokens it holds; a new prompt rolls the cache back to where it diverges from them
+(`truncate`) when the sliding layers still reach that far, else back to the end of the last user
+message (`mark`ed after its prefill, `rewind`), else to nothing. On CUDA the cache is static and
+its captured graphs stay valid from turn to turn; on the CPU it is the reference's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from .api import prefill, prompt_ids, stream_generate
+from .config import TUNABLE_SETTINGS, temperature_shorthand
+from .engine import as_engine
+from .errors import DgError
+from .events import BlockEvent, DoneEvent, Event, PrefillEvent
+
+ALIASES = {"max_tokens": "max_new_tokens", "steps": "max_denoising_steps"}
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class ChatSession:
+    """A conversation with one engine; no terminal I/O. `turn(text)` yields the engine's events."""
+
+    def __init__(self, engine, tokenizer, *, settings: dict | None = None, system: str | None = None,
+                 think: bool = False, reuse_cache: bool = True, context: int = 32768):
+        self.engine, self.tokenizer = as_engine(engine), tokenizer
+        self.settings = dict(settings or {})
+        self.system, self.think, self.reuse_cache = system, think, reuse_cache
+        self.messages: list[dict] = []  # user/assistant turns; an interrupted answer has "interrupted": True
+        self.last: DoneEvent | None = None
+        self.last_reused = 0  # prompt tokens the last turn took from the cache
+        self.context = context  # tokens a static cache holds
+        self.cache = None  # made on the first turn, kept for the whole session
+        self.tokens: list[int] = []  # the ids the cache holds
+
+    def conversation(self) -> list[dict]:
+        msgs = [{"role": m["role"], "content": m["content"]} for m in self.messages]
+        return ([{"role": "system", "content": self.system}] if self.system else []) + msgs
+
+    def clear(self) -> None:
+        self.messages, self.last, self.last_reused, self.tokens = [], None, 0, []
+
+    def cached_prefix(self, ids: list[int]) -> int:
+        """Roll the cache back so that it holds ids[:n], n as large as it allows; returns n."""
+        if self.cache is None:
+            self.cache = self.engine.new_cache(max_tokens=self.context)
+        cache = self.cache
+        n = min(common_prefix(self.tokens[:cache.length], ids), len(ids) - 1) if self.reuse_cache else 0
+        if cache.truncate(n):
+            return n
+        if cache.marked_length is not None and cache.marked_length <= n:  # the last user message
+            cache.rewind()
+            return cache.length
+        cache.reset()  # the sliding layers no longer reach back there
+        return 0
+
+    def turn(self, text: str) -> Iterator[Event]:
+        """Add a user message and yield the answer's events. Closing it early (Ctrl-C) keeps the
+        committed part in the transcript, marked interrupted; an error takes the message back."""
+        self.messages.append({"role": "user", "content": text})
+        committed, done = "", None
+        try:
+            msgs = self.conversation()
+            ids = prompt_ids(self.tokenizer, msgs, think=self.think)
+            history = self.tokenizer.encode(self.tokenizer.apply_chat_template(
+                msgs, add_generation_prompt=False, enable_thinking=self.think), add_special_tokens=False)
+            start = self.cached_prefix(ids)
+            cache = self.cache
+            self.last_reused, extra_s = start, 0.0
+            blocks: list[int] = []  # the cache holds (ids + blocks)[:cache.length]
+            try:
+                if self.reuse_cache and start < len(history) < len(ids) and ids[:len(history)] == history:
+                    # The conversation so far, without the generation prompt: the next turn's prompt
+                    # starts with it, whatever this answer turns out to be.
+                    extra_s = prefill(self.engine, ids[start:len(history)], cache).seconds
+                    cache.mark()
+                    start = len(history)
+                events = stream_generate(self.engine, self.tokenizer, ids[start:], cache=cache, **self.settings)
+                try:
+                    for ev in events:
+                        if isinstance(ev, PrefillEvent):
+                            ev.prompt_tokens += start - self.last_reused  # what this turn encoded in both calls
+                            ev.seconds += extra_s
+                        elif isinstance(ev, BlockEvent):
+                            committed += ev.text
+                            blocks += ev.token_ids
+                        elif isinstance(ev, DoneEvent):
+                            ev.prompt_tokens += start - self.last_reused
+                            ev.prefill_seconds += extra_s
+                            ev.total_seconds += extra_s
+                            done = ev
+                        yield ev
+                finally:
+                    events.close()
+            finally:
+                self.tokens = (ids + blocks)[:cache.length]
+        except (DgError, ValueError):
+            self.messages.pop()
+            raise
+        except BaseException:  # closed by the consumer, or Ctrl-C inside the engine
+            self.messages.append({"role": "assistant", "content": committed, "interrupted": True})
+            raise
+        self.messages.append({"role": "assistant", "content": done.text if done else committed})
+        self.last = done
+
+    # ---- settings and transcript ----
+
+    def set(self, key: str, value: str) -> str:
+        """Change a sampling setting from text ('none' unsets it); returns the canonical name."""
+        key = ALIASES.get(key, key)
+        if key == "temperature":
+            try:
+                t = float(value)
+            except ValueError:
+                raise DgError(f"temperature needs a number, got '{value}'") from None
+            new = {**self.settings, **temperature_shorthand(t)}
+        elif key in TUNABLE_SETTINGS:
+            new = dict(self.settings)
+            if value.lower() in ("none", "default"):
+                new.pop(key, None)
+            else:
+                try:
+                    new[key] = TUNABLE_SETTINGS[key](value)
+                except ValueError:
+                    raise DgError(f"{key} needs a number, got '{value}'") from None
+        else:
+            raise DgError(f"unknown setting '{key}'; known: {', '.join([*TUNABLE_SETTINGS, 'temperature'])}")
+        self.engine.sampler_settings(**new)  # raises ConfigError with the reason
+        self.settings = new
+        return key
+
+    def effective_settings(self) -> dict:
+        s = self.engine.sampler_settings(**self.settings).__dict__
+        return {k: s[k] for k in TUNABLE_SETTINGS}
+
+    def to_json(self) -> dict:
+        return {"system": self.system, "think": self.think, "settings": self.settings, "messages": self.messages}
+
+    def load_json(self, d: dict) -> None:
+        msgs = d.get("messages") if isinstance(d, dict) else None
+        if not isinstance(msgs, list) or not all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in msgs):
+            raise DgError("not a dg conversation: expected an object with a 'messages' list of {role, content}")
+        self.clear()
+        self.messages = msgs
+        self.system = d.get("system") or None
+        self.think = bool(d.get("think", self.think))
+        self.settings = dict(d.get("settings") or self.settings)

@@ -1,0 +1,114 @@
+"""The Engine: the policy it decides once, chunked prefill, the environment switches, and the layering
+that keeps speed outside the model."""
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+
+from dgcli import engine as engine_mod
+from dgcli import settings
+from dgcli.cache import KVCache, StaticKVCache
+from dgcli.config import SamplerSettings
+from dgcli.engine import Engine
+from dgcli.errors import ConfigError
+from dgcli.events import DoneEvent
+from dgcli.sampler import denoise
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_cpu_policy_is_the_reference(tiny):
+    engine = tiny[0]
+    assert isinstance(engine, Engine) and not engine.static_cache and not engine.cuda_graphs
+    assert not engine.fused_head and isinstance(engine.new_cache(), KVCache)
+    forced = Engine(engine.model, static_cache=True)
+    assert isinstance(forced.new_cache(max_tokens=512), StaticKVCache) and not forced.cuda_graphs
+    # the model carries no run-time flags: they are the engine's
+    for flag in ("graph_capture", "fused_head", "sampler_defaults", "source", "quantization"):
+        assert not hasattr(engine.model, flag)
+
+
+@pytest.mark.usefixtures("sdpa_layout")
+def test_chunked_prefill_is_one_pass(tiny, monkeypatch):
+    """A static cache takes a long prompt in chunks; the answer is the one-pass answer."""
+    model = tiny[0].model
+    V = model.config.vocab_size
+    prompt = torch.randint(0, V, (1, 300), generator=torch.Generator().manual_seed(5)).tolist()[0]
+    settings = SamplerSettings(max_new_tokens=256, max_denoising_steps=2, seed=4, eos_token_id=None)
+
+    def answer(chunk):
+        monkeypatch.setattr(engine_mod, "PREFILL_CHUNK", chunk)
+        engine = Engine(model, static_cache=True)
+        cache = engine.new_cache(max_tokens=1024)
+        encoded = []
+        real_encode = model.encode
+        monkeypatch.setattr(model, "encode", lambda ids, c: encoded.append(ids.shape[1]) or real_encode(ids, c))
+        done = [e for e in denoise(engine, prompt, settings, cache=cache) if isinstance(e, DoneEvent)][0]
+        monkeypatch.undo()
+        return done.token_ids, encoded
+
+    one, passes_one = answer(4096)
+    chunked, passes_chunked = answer(128)
+    assert passes_one == [300] and passes_chunked == [128, 128, 44]
+    assert chunked == one
+
+
+def test_switches_have_one_rule(monkeypatch):
+    for value, want in [("0", False), ("false", False), ("OFF", False), ("no", False), ("1", True),
+                        ("true", True), ("On", True), ("", True)]:
+        monkeypatch.setenv("DG_CUDA_GRAPHS", value)
+        assert settings.flag("DG_CUDA_GRAPHS", True) is want, value
+    monkeypatch.setenv("DG_AUTOTUNE", "maybe")
+    with pytest.raises(ConfigError, match="DG_AUTOTUNE='maybe'"):
+        settings.flag("DG_AUTOTUNE", True)
+    monkeypatch.setenv("DG_KERNELS", "Triton")
+    assert settings.kernels_mode() == "triton"
+    monkeypatch.setenv("DG_KERNELS", "fast")
+    with pytest.raises(ConfigError, match="DG_KERNELS"):
+        settings.kernels_mode()
+
+
+def test_every_switch_read_is_documented_in_the_readme():
+    readme = (ROOT / "README.md").read_text()
+    for name in settings.SWITCHES:
+        assert f"`{name}`" in readme, name
+    used = set()
+    for path in [*ROOT.glob("dgcli/*.py"), *ROOT.glob("quant/*.py"), *ROOT.glob("kernels/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("DG_") \
+                    and node.value.isupper():
+                used.add(node.value)
+    assert used <= set(settings.SWITCHES), used - set(settings.SWITCHES)
+
+
+LAYERS = ["errors", "settings", "config", "cache", "model", "loader", "engine", "graphs", "sampler", "events",
+          "api", "session"]
+
+
+def dgcli_imports(name):
+    tree = ast.parse((ROOT / "dgcli" / f"{name}.py").read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 1 and node.module:
+                found.add(node.module.split(".")[0])
+            elif node.level == 1:
+                found.update(a.name for a in node.names)
+            elif node.module:
+                found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+    return found
+
+
+def test_layers_import_only_downwards():
+    """config -> model -> cache -> engine (graphs, kernels plugged in) -> sampler -> api -> session."""
+    model = dgcli_imports("model")
+    assert model & set(LAYERS) <= {"config", "cache", "errors"}
+    assert not any(m.startswith(("kernels", "quant")) for m in model)
+    assert not any(m.startswith(("kernels", "quant")) for m in dgcli_imports("loader") | dgcli_imports("cache"))
+    assert not dgcli_imports("engine") & {"sampler", "api", "session", "repl", "cli"}
+    assert not dgcli_imports("sampler") & {"api", "session", "repl", "cli", "tokenizer"}
+    assert not dgcli_imports("session") & {"repl", "cli", "canvas_view"}
