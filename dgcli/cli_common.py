@@ -21,6 +21,7 @@ except ImportError:  # pragma: no cover
     from click import exceptions as cx
 
 from . import store
+from .config import temperature_shorthand
 from .errors import DgError, first_line
 from .settings import debug
 
@@ -128,7 +129,8 @@ def sampling(max_tokens=None, steps=None, entropy_bound=None, t_min=None, t_max=
             raise BadUsage("--temperature sets --t-min and --t-max; give either it or them")
         if temperature <= 0:
             raise BadUsage("--temperature must be > 0")
-        t_max, t_min = temperature, temperature / 2
+        shorthand = temperature_shorthand(temperature)
+        t_max, t_min = shorthand["t_max"], shorthand["t_min"]
     if entropy_bound is not None and entropy_bound <= 0:
         raise BadUsage("--entropy-bound must be > 0")
     s = dict(max_new_tokens=max_tokens, max_denoising_steps=steps, entropy_bound=entropy_bound, t_min=t_min,

@@ -210,7 +210,7 @@ def test_show_tiny(runner, tiny):
     assert "(builtin)" in r.stdout and "layers        6 (2 full attention" in r.stdout
     assert "chat template yes" in r.stdout and "entropy_bound=0.1" in r.stdout
     d = json.loads(invoke(runner, ["show", "tiny", "--json", "--context", "100"]).stdout)
-    assert d["parameters"] == sum(p.numel() for p in tiny[0].state_dict().values())
+    assert d["parameters"] == sum(p.numel() for p in tiny[0].model.state_dict().values())
     assert d["architecture"]["experts"] == 8 and d["quantization"] is None and d["context"] == 100
     assert d["estimated_vram_bytes"] >= d["weight_bytes"] > 0
 

@@ -36,9 +36,10 @@ def split_into_shards(path):
 def test_sharded_checkpoint_loads_identically(ckpt, tiny):
     split_into_shards(ckpt)
     model = load_model(ckpt, device="cpu")
-    ref_model, _ = tiny
-    for (k, a), (_, b) in zip(sorted(model.state_dict().items()), sorted(ref_model.state_dict().items())):
-        assert torch.equal(a, b), k
+    ours, ref = model.state_dict(), tiny[0].model.state_dict()
+    assert sorted(ours) == sorted(ref)
+    for k, a in ours.items():
+        assert torch.equal(a, ref[k]), k
 
 
 def test_missing_shard(ckpt):
