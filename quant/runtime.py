@@ -161,7 +161,7 @@ class QuantEmbedding(Embedding):
 
         int8 rows: sum_v p_v * s_v * q_v, with the row scale folded into the probabilities, so each
         chunk of codes is read once and converted straight to the compute dtype (exact: |q| <= 127),
-        never decoded through fp32 (that wrote ~20 bytes per weight, 15 GB a step at full size).
+        never decoded through fp32 (which moved ~21 bytes per weight, 15 GB a step at full size).
         p * s alone (~1e-9) would fall below fp16's range: the scales go in relative to their
         geometric mean, which the placeholder scale 1 of an all-zero row (a pad token) cannot skew.
         """
