@@ -15,12 +15,11 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .config import ModelConfig, SamplerSettings, read_json
+from .config import MANIFEST_FILE, ModelConfig, SamplerSettings, read_json
 from .errors import CheckpointError, DgError, first_line
 from .model import DiffusionGemma
 
 INDEX_FILE = "model.safetensors.index.json"
-MANIFEST_FILE = "dg_manifest.json"  # written last by `dg quantize`: its presence marks a whole quantized model
 SKIPPED_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 

@@ -36,10 +36,11 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dgcli.config import FULL, SLIDING, ModelConfig, SamplerSettings  # noqa: E402
-from dgcli.loader import load_model  # noqa: E402
+from dgcli.loader import load_model, load_sampler_defaults  # noqa: E402
 from dgcli.events import BlockEvent, StepEvent  # noqa: E402
 from dgcli.sampler import accept_mask, denoise, entropy  # noqa: E402
 from quant.convert import quantize_checkpoint  # noqa: E402
+from quant.runtime import prepare_quantized  # noqa: E402
 
 VARIANTS = {  # name -> (scheme, budget): no budget = the scheme's smallest formats
     "int4 (S3: experts int4 sym, dense+emb int8)": ("int4", None),
@@ -117,10 +118,13 @@ class Recorder:
         self.calls.append(("encode", ids.clone()))
         return self.model.encode(ids, cache)
 
-    def decode(self, canvas, cache, sc_logits=None):
-        logits = self.model.decode(canvas, cache, sc_logits)
-        sc = None if sc_logits is None else sc_logits.clone()
-        self.calls.append(("decode", canvas.clone(), sc, logits.float().cpu()))
+    def decode(self, canvas, cache, sc_logits=None, positions=None):
+        self.seen = (canvas.clone(), None if sc_logits is None else sc_logits.clone())
+        return self.model.decode(canvas, cache, sc_logits, positions)
+
+    def logits(self, hidden, out=None):
+        logits = self.model.logits(hidden, out=out)
+        self.calls.append(("decode", *self.seen, logits.float().cpu()))
         return logits
 
 
@@ -138,7 +142,7 @@ def replay(model, calls, temps, bound) -> dict:
             model.encode(call[1], cache)
             continue
         _, canvas, sc, ref = call
-        logits = model.decode(canvas, cache, None if sc is None else sc.to(model.dtype)).float().cpu()
+        logits = model.logits(model.decode(canvas, cache, None if sc is None else sc.to(model.dtype))).float().cpu()
         p_ref, p_q = ref.log_softmax(-1), logits.log_softmax(-1)
         kls.append((p_ref.exp() * (p_ref - p_q)).sum(-1).flatten())
         agree.append((ref.argmax(-1) == logits.argmax(-1)).flatten())
@@ -183,7 +187,7 @@ def main(argv=None) -> int:
         g = torch.Generator().manual_seed(args.seed)
         prompts = [torch.randint(3, cfg.vocab_size, (args.prompt_len,), generator=g).tolist()
                    for _ in range(args.prompts)]
-        settings = ref.sampler_defaults.replace(max_new_tokens=args.blocks * cfg.canvas_length)
+        settings = load_sampler_defaults(src).replace(max_new_tokens=args.blocks * cfg.canvas_length)
         settings = SamplerSettings(**{**settings.__dict__, "eos_token_id": None})  # fixed number of blocks
 
         rec = Recorder(ref)
@@ -207,7 +211,7 @@ def main(argv=None) -> int:
                 scheme, budget = spec
                 out = work / f"q-{len(results)}"
                 quantize_checkpoint(src, out, scheme=scheme, budget_bytes=budget, progress=False)
-                model = load_model(out, device=args.device, dtype=dtype)
+                model = load_model(out, device=args.device, dtype=dtype, prepare=prepare_quantized)
             r = replay(model, rec.calls, temps, settings.entropy_bound)
             steps, blocks = sample(model, prompts, settings)
             same = sum(a == b for a, b in zip(blocks, ref_blocks))
