@@ -1,10 +1,9 @@
-"""Shared plumbing for the kernels: Triton availability, the `DG_KERNELS` switch, interpreter
-wrapping for CPU tensors, and an autotuner that survives configurations the compiler rejects."""
+"""Shared plumbing for the kernels: Triton availability, the `DG_KERNELS` switch, launching (or only
+compiling) a kernel, and interpreter wrapping for CPU tensors. Autotuning is in `_tuning`."""
 
 from __future__ import annotations
 
 import os
-import warnings
 
 import torch
 
@@ -38,6 +37,14 @@ def use_triton(t: torch.Tensor) -> bool:
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def launch(kernel, device: torch.device, grid, *args, warmup: bool = False, **kwargs):
+    """Launch `kernel[grid](*args, **kwargs)` on `device`; with warmup=True compile it for those
+    arguments without launching. Either way the compiled kernel comes back (None on the interpreter)."""
+    if warmup:
+        return kernel.warmup(*args, grid=grid, **kwargs)
+    return launchable(kernel, device)[grid](*args, **kwargs)
 
 
 def launchable(kernel, device: torch.device):
@@ -114,40 +121,3 @@ def _fix_interpreter_bf16_dot() -> None:
 
     interpreter.InterpreterBuilder.create_dot = create_dot
     _bf16_fixed = True
-
-
-def autotune_enabled(device: torch.device) -> bool:
-    """DG_AUTOTUNE (on by default; any of settings' off words turns it off), compiled CUDA only."""
-    return device.type == "cuda" and not interpreting() and settings.flag("DG_AUTOTUNE", True)
-
-
-def tuned_tile(cache: dict, key, candidates, run, default, label: str, device: torch.device):
-    """The tile for a call: autotuned once per `key` on CUDA (kept in `cache`), else `default`."""
-    if not autotune_enabled(device):
-        return default
-    if key not in cache:
-        cache[key] = pick_fastest(candidates, run, default, label)[0]
-    return cache[key]
-
-
-def pick_fastest(candidates, run, default, label: str):
-    """Time `run(cfg)` for each candidate with triton.testing.do_bench and return (best cfg, ms).
-
-    A candidate that fails to compile or launch (resource limits, or a backend crash such as
-    `make_ttgir` rejecting a tile on sm_120) is skipped instead of aborting; if all fail, the
-    known-good `default` is returned untimed. Never call this under CUDA-graph capture.
-    """
-    from triton.testing import do_bench
-
-    best, best_ms = None, float("inf")
-    for cfg in candidates:
-        try:
-            ms = do_bench(lambda: run(cfg), warmup=5, rep=25)
-        except Exception:  # noqa: BLE001 - any compiler or launch error just drops this config
-            continue
-        if ms < best_ms:
-            best, best_ms = cfg, ms
-    if best is None:
-        warnings.warn(f"{label}: every autotune candidate failed; using the default config", stacklevel=3)
-        return default, float("nan")
-    return best, best_ms

@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import HAS_TRITON, launchable, tuned_tile, use_triton
+from ._dispatch import HAS_TRITON, launch, use_triton
+from ._tuning import AotSpec, rows_bucket, tuned_tile
 
 
 def quantize_int8_oracle(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,7 +67,12 @@ if HAS_TRITON:
 DEFAULT_TILE = (64, 64, 64, 4, 3)  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages
 _TILES = ((64, 64, 64, 4, 3), (64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4),
           (128, 256, 64, 8, 3), (64, 128, 128, 4, 3), (128, 128, 128, 8, 3), (32, 128, 64, 4, 4))
-_tuned: dict = {}
+_LARGE = frozenset()  # tiles over a 99 KB part's shared memory (python -m kernels.aot measures them)
+
+
+def _tune_key(x, q):
+    """What the tile choice depends on: dtypes, the weight's shape, the row count's bucket."""
+    return (x.dtype, rows_bucket(x.shape[0]), q.shape[0], q.shape[1])
 
 
 def int8_linear_triton(x, q, s, tile: tuple | None = None) -> torch.Tensor:
@@ -80,19 +86,36 @@ def int8_linear_triton(x, q, s, tile: tuple | None = None) -> torch.Tensor:
     if M == 0:
         return y.view(*lead, N)
 
-    def run(cfg):
+    def run(cfg, warmup=False):
         bm, bn, bk, warps, stages = cfg
-        launchable(_int8_linear_kernel, x.device)[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
+        return launch(
+            _int8_linear_kernel, x.device, (triton.cdiv(M, bm), triton.cdiv(N, bn)),
             x, q, s, y, M, N, K, x.stride(0), q.stride(0), y.stride(0),
             EVEN_K=K % bk == 0, FP32=x.dtype == torch.float32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-            num_warps=warps, num_stages=stages,
+            num_warps=warps, num_stages=stages, warmup=warmup,
         )
 
     if tile is None:
-        key = (x.device.index, x.dtype, 1 << max(M - 1, 0).bit_length(), N, K)
-        tile = tuned_tile(_tuned, key, _TILES, run, DEFAULT_TILE, "int8_linear", x.device)
+        tile = tuned_tile("int8_linear", _tune_key(x, q), _TILES, _LARGE, run, DEFAULT_TILE, x.device)
     run(tile)
     return y.view(*lead, N)
+
+
+def _aot():
+    """Compile specs for `python -m kernels.aot`: bf16 activations, the dense projections' shapes
+    (K, N in 2112..4096, all multiples of 16), every candidate tile."""
+    sig = {"x_ptr": "*bf16", "q_ptr": "*i8", "s_ptr": "*fp16", "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32",
+           "stride_xm": "i32", "stride_qn": "i32", "stride_ym": "i32"}
+    for tile in dict.fromkeys((DEFAULT_TILE, *_TILES)):
+        bm, bn, bk, warps, stages = tile
+        yield AotSpec("int8_linear", _int8_linear_kernel, sig,
+                      dict(EVEN_K=True, FP32=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), warps, stages,
+                      dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages),
+                      default=tile == DEFAULT_TILE, large=tile in _LARGE,
+                      divisible=("M", "N", "K", "stride_xm", "stride_qn", "stride_ym"))
+
+
+AOT = list(_aot()) if HAS_TRITON else []
 
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import HAS_TRITON, launchable, tuned_tile, use_triton
+from ._dispatch import HAS_TRITON, launch, use_triton
+from ._tuning import AotSpec, rows_bucket, tuned_tile
 
 
 class HeadOut(NamedTuple):
@@ -147,9 +148,24 @@ if HAS_TRITON:
 
 
 DEFAULT_TILE = (64, 128, 64, 4, 3)  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages
+DEFAULT_TILE_INT8 = (128, 128, 64, 8, 3)  # int8 codes: (64, 128, 64, 4) spills on sm_89 (python -m kernels.aot)
 _TILES = ((64, 128, 64, 4, 3), (64, 128, 128, 4, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
           (64, 256, 64, 8, 4), (128, 128, 128, 8, 3), (128, 64, 64, 4, 4), (256, 128, 64, 8, 3))
-_tuned: dict = {}
+# 120 and 128 KB of shared memory with a bf16/fp16 embedding: more than sm_89/sm_120's 99 KB per block
+_LARGE = frozenset({(64, 256, 64, 8, 4), (128, 128, 128, 8, 3)})
+
+
+def _default(weight) -> tuple:
+    return DEFAULT_TILE_INT8 if weight.dtype == torch.int8 else DEFAULT_TILE
+
+
+def _large(weight) -> frozenset:
+    return frozenset() if weight.dtype == torch.int8 else _LARGE
+
+
+def _tune_key(h, weight, out_dtype):
+    """What the tile choice depends on: dtypes, the embedding's shape, the row count's bucket."""
+    return (h.dtype, weight.dtype, out_dtype, rows_bucket(h.shape[0]), weight.shape[1], weight.shape[0])
 
 
 def lm_head_triton(h, weight, temperature, softcap: float | None = 30.0, weight_scale=None,
@@ -165,27 +181,49 @@ def lm_head_triton(h, weight, temperature, softcap: float | None = 30.0, weight_
         z = torch.empty(0, device=h.device)
         return HeadOut(proc, z.long(), z, z)
 
-    def run(cfg):
+    def run(cfg, warmup=False):
         bm, bn, bk, warps, stages = cfg
         n_tiles = triton.cdiv(V, bn)
         part = torch.empty(4, L, n_tiles, dtype=torch.float32, device=h.device)
         arg = torch.empty(L, n_tiles, dtype=torch.int32, device=h.device)
-        launchable(_lm_head_kernel, h.device)[(triton.cdiv(L, bm), n_tiles)](
-            h, weight, weight_scale if weight_scale is not None else h, temp, proc,
+        kernel = launch(
+            _lm_head_kernel, h.device, (triton.cdiv(L, bm), n_tiles), h, weight, weight_scale if weight_scale is not None else h, temp, proc,
             part[0], part[1], part[2], arg,
             L, V, K, float(softcap or 1.0),
             h.stride(0), weight.stride(0), proc.stride(0), n_tiles,
             HAS_SCALE=weight_scale is not None, HAS_CAP=bool(softcap), EVEN_K=K % bk == 0,
             FP32=h.dtype == torch.float32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-            num_warps=warps, num_stages=stages,
+            num_warps=warps, num_stages=stages, warmup=warmup,
         )
-        return part, arg
+        return kernel if warmup else (part, arg)
 
     if tile is None:
-        key = (h.device.index, h.dtype, weight.dtype, out_dtype, 1 << max(L - 1, 0).bit_length(), K, V)
-        tile = tuned_tile(_tuned, key, _TILES, run, DEFAULT_TILE, "lm_head", h.device)
+        tile = tuned_tile("lm_head", _tune_key(h, weight, out_dtype), _TILES, _large(weight), run, _default(weight),
+                          h.device)
     part, arg = run(tile)
     return HeadOut(proc, *combine(part[0], part[1], part[2], arg))
+
+
+def _aot():
+    """Compile specs for `python -m kernels.aot`: bf16 rows against the bf16 embedding ("lm_head") and
+    the int8 one ("lm_head.int8"), fp32 proc, the real shapes (L 256, H 2816, V 262144), every tile."""
+    for name, w, scaled in (("lm_head", "*bf16", False), ("lm_head.int8", "*i8", True)):
+        sig = {"h_ptr": "*bf16", "w_ptr": w, "ws_ptr": "*fp16" if scaled else "*bf16", "temp_ptr": "*fp32",
+               "out_ptr": "*fp32", "pm_ptr": "*fp32", "ps_ptr": "*fp32", "pt_ptr": "*fp32", "pa_ptr": "*i32",
+               "L": "i32", "V": "i32", "K": "i32", "softcap": "fp32",
+               "stride_hl": "i32", "stride_wv": "i32", "stride_ol": "i32", "stride_pl": "i32"}
+        default, large = (DEFAULT_TILE_INT8, frozenset()) if scaled else (DEFAULT_TILE, _LARGE)
+        for tile in dict.fromkeys((default, *_TILES)):
+            bm, bn, bk, warps, stages = tile
+            yield AotSpec(name, _lm_head_kernel, sig,
+                          dict(HAS_SCALE=scaled, HAS_CAP=True, EVEN_K=True, FP32=False,
+                               BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), warps, stages,
+                          dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages),
+                          default=tile == default, large=tile in large,
+                          divisible=("L", "V", "K", "stride_hl", "stride_wv", "stride_ol"))
+
+
+AOT = list(_aot()) if HAS_TRITON else []
 
 
 def lm_head(h, weight, temperature, softcap: float | None = 30.0, weight_scale=None,

@@ -26,14 +26,15 @@ every weight before the dot.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import torch
 import torch.nn.functional as F
 
 from dgcli.model import moe
 
-from ._dispatch import HAS_TRITON, autotune_enabled, launchable, pick_fastest, use_triton
+from ._dispatch import HAS_TRITON, launch, use_triton
+from ._tuning import AotSpec, autotune_enabled, candidates, chosen, pick_fastest, remembered, rows_bucket, shared_limit
 
 # --------------------------------------------------------------------------------------------------
 # Format oracles: slow, obvious definitions of the format above. Tests check quant/'s packer
@@ -294,31 +295,32 @@ class MoeConfig:
 
 
 DEFAULT_CONFIG = MoeConfig()  # known-good everywhere tl.dot works (M, N, K ≥ 16)
-_tuned: dict = {}
 
 
-def _launch_gate_up(x, index, gate_up_q, gate_up_s, sorted_ids, block_expert, h, group_size, bn, warps, stages, bm):
+def _launch_gate_up(x, index, gate_up_q, gate_up_s, sorted_ids, block_expert, h, group_size, bn, warps, stages, bm,
+                    warmup=False):
     T, H = x.shape
     I = gate_up_q.shape[1] // 2
     grid = (block_expert.numel(), triton.cdiv(I, bn))
-    launchable(_gate_up_kernel, x.device)[grid](
-        x, gate_up_q, gate_up_s, h, sorted_ids, block_expert,
+    return launch(
+        _gate_up_kernel, x.device, grid, x, gate_up_q, gate_up_s, h, sorted_ids, block_expert,
         index.numel(), index.shape[1], I, H,
         x.stride(0), gate_up_q.stride(0), gate_up_q.stride(1), gate_up_s.stride(0), gate_up_s.stride(1), h.stride(0),
         GROUP=group_size, BLOCK_M=bm, BLOCK_N=bn, EVEN_N=I % bn == 0, FP32=x.dtype == torch.float32,
-        num_warps=warps, num_stages=stages,
+        num_warps=warps, num_stages=stages, warmup=warmup,
     )
 
 
-def _launch_down(h, weights, down_q, down_s, sorted_ids, block_expert, y, group_size, bn, warps, stages, bm):
+def _launch_down(h, weights, down_q, down_s, sorted_ids, block_expert, y, group_size, bn, warps, stages, bm,
+                 warmup=False):
     H, I = down_q.shape[1], down_q.shape[2] * 2
     grid = (block_expert.numel(), triton.cdiv(H, bn))
-    launchable(_down_kernel, h.device)[grid](
-        h, down_q, down_s, y, weights, sorted_ids, block_expert,
+    return launch(
+        _down_kernel, h.device, grid, h, down_q, down_s, y, weights, sorted_ids, block_expert,
         weights.numel(), H, I,
         h.stride(0), down_q.stride(0), down_q.stride(1), down_s.stride(0), down_s.stride(1), y.stride(0),
         GROUP=group_size, BLOCK_M=bm, BLOCK_N=bn, EVEN_N=H % bn == 0, FP32=h.dtype == torch.float32,
-        num_warps=warps, num_stages=stages,
+        num_warps=warps, num_stages=stages, warmup=warmup,
     )
 
 
@@ -357,24 +359,38 @@ def _run(cfg: MoeConfig, x, index, weights, gate_up_q, gate_up_s, down_q, down_s
 # Candidates: M ≈ 16 rows per expert on a 256-token canvas, so small BLOCK_M first (quant.md §4).
 _BLOCK_M = (16, 32, 64)
 _TILES = tuple((bn, w, s) for bn in (32, 64, 128) for (w, s) in ((4, 2), (4, 3), (4, 4), (8, 3)))
+_LARGE = frozenset()  # (BLOCK_M, BLOCK_N, warps, stages) over a 99 KB part's shared memory (kernels.aot)
+
+
+def _tune_key(x, index, gate_up_q, group_size):
+    """What the choice depends on: dtype, the experts' shapes, and the (token, slot) pairs per expert
+    in a clamped power-of-two bucket (BLOCK_M ≤ 64 candidates: beyond 128 pairs only the grid grows)."""
+    T, H = x.shape
+    A, E, I = index.shape[1], gate_up_q.shape[0], gate_up_q.shape[1] // 2
+    return (x.dtype, H, I, E, A, group_size, rows_bucket(-(-T * A // E), 1, 128))
 
 
 def _config_for(x, index, weights, gate_up_q, gate_up_s, down_q, down_s, group_size) -> MoeConfig:
     if not autotune_enabled(x.device):
         return DEFAULT_CONFIG
-    T, H = x.shape
-    A, E, I = index.shape[1], gate_up_q.shape[0], gate_up_q.shape[1] // 2
-    key = (x.device.index, x.dtype, 1 << max(T - 1, 0).bit_length(), H, I, E, A, group_size)
-    if key not in _tuned:
-        _tuned[key] = _autotune(x, index, weights, gate_up_q, gate_up_s, down_q, down_s, group_size)
-    return _tuned[key]
+    return remembered(
+        "moe_int4", _tune_key(x, index, gate_up_q, group_size), x.device,
+        lambda: _autotune(x, index, weights, gate_up_q, gate_up_s, down_q, down_s, group_size),
+        DEFAULT_CONFIG, encode=lambda c: list(astuple(c)), decode=lambda v: MoeConfig(*v), valid=_valid,
+    )
 
 
-def _autotune(x, index, weights, gate_up_q, gate_up_s, down_q, down_s, group_size) -> MoeConfig:
+def _valid(c: MoeConfig) -> bool:
+    return (c.block_m in _BLOCK_M and (c.gu_block_n, c.gu_warps, c.gu_stages) in _TILES
+            and (c.dn_block_n, c.dn_warps, c.dn_stages) in _TILES)
+
+
+def _autotune(x, index, weights, gate_up_q, gate_up_s, down_q, down_s, group_size) -> tuple[MoeConfig, float]:
     """Per BLOCK_M: best gate_up tile, best down tile; then the BLOCK_M with the least total time."""
     T, H = x.shape
     A, E, I = index.shape[1], gate_up_q.shape[0], gate_up_q.shape[1] // 2
     pairs_per_expert = T * A / E
+    limit = shared_limit(x.device)
     best, best_ms = DEFAULT_CONFIG, math.inf
     for bm in _BLOCK_M:
         if bm > 16 and bm > 2 * pairs_per_expert:  # mostly padding: never faster
@@ -383,25 +399,58 @@ def _autotune(x, index, weights, gate_up_q, gate_up_s, down_q, down_s, group_siz
         h = torch.zeros(sorted_ids.numel(), I, dtype=x.dtype, device=x.device)
         y = torch.empty(T * A, H, dtype=x.dtype, device=x.device)
         d = DEFAULT_CONFIG
+        tiles = tuple(t[1:] for t in candidates(tuple((bm, *t) for t in _TILES), _LARGE, limit))
         gu, gu_ms = pick_fastest(
-            _TILES,
-            lambda c: _launch_gate_up(x, index, gate_up_q, gate_up_s, sorted_ids, block_expert, h, group_size, *c, bm),
-            (d.gu_block_n, d.gu_warps, d.gu_stages), f"moe_int4 gate_up BLOCK_M={bm}",
+            tiles,
+            lambda c, warmup=False: _launch_gate_up(x, index, gate_up_q, gate_up_s, sorted_ids, block_expert, h,
+                                                    group_size, *c, bm, warmup=warmup),
+            (d.gu_block_n, d.gu_warps, d.gu_stages), f"moe_int4 gate_up BLOCK_M={bm}", limit,
         )
         dn, dn_ms = pick_fastest(
-            _TILES,
-            lambda c: _launch_down(h, weights, down_q, down_s, sorted_ids, block_expert, y, group_size, *c, bm),
-            (d.dn_block_n, d.dn_warps, d.dn_stages), f"moe_int4 down BLOCK_M={bm}",
+            tiles,
+            lambda c, warmup=False: _launch_down(h, weights, down_q, down_s, sorted_ids, block_expert, y,
+                                                 group_size, *c, bm, warmup=warmup),
+            (d.dn_block_n, d.dn_warps, d.dn_stages), f"moe_int4 down BLOCK_M={bm}", limit,
         )
         ms = gu_ms + dn_ms
         if ms < best_ms:  # NaN (all failed) never wins
             best, best_ms = MoeConfig(bm, *gu, *dn), ms
-    return best
+    return best, best_ms
 
 
 def tuned_configs() -> dict:
-    """What the autotuner chose so far, for benchmark reports."""
-    return {str(k): v for k, v in _tuned.items()}
+    """What the autotuner chose so far in this process, for benchmark reports."""
+    return chosen("moe_int4")
+
+
+def _aot():
+    """Compile specs for `python -m kernels.aot`: bf16 activations at the real shapes (H 2816, I 704,
+    E 128, top-8; every size and stride a multiple of 16 except top_k and the scales' row stride),
+    both kernels at every BLOCK_M and tile."""
+    common = {"GROUP": 64, "EVEN_N": True, "FP32": False}
+    gate_up = {"x_ptr": "*bf16", "q_ptr": "*u8", "s_ptr": "*fp16", "h_ptr": "*bf16", "sorted_ptr": "*i32",
+               "block_expert_ptr": "*i32", "num_pairs": "i32", "top_k": "i32", "I": "i32", "K": "i32",
+               "stride_xt": "i32", "stride_qe": "i32", "stride_qn": "i32", "stride_se": "i32", "stride_sn": "i32",
+               "stride_hm": "i32"}
+    down = {"h_ptr": "*bf16", "q_ptr": "*u8", "s_ptr": "*fp16", "y_ptr": "*bf16", "rw_ptr": "*fp32",
+            "sorted_ptr": "*i32", "block_expert_ptr": "*i32", "num_pairs": "i32", "N": "i32", "K": "i32",
+            "stride_hm": "i32", "stride_qe": "i32", "stride_qn": "i32", "stride_se": "i32", "stride_sn": "i32",
+            "stride_ym": "i32"}
+    d = DEFAULT_CONFIG
+    for name, fn, sig, default, divisible in (
+        ("moe_int4.gate_up", _gate_up_kernel, gate_up, (d.block_m, d.gu_block_n, d.gu_warps, d.gu_stages),
+         ("num_pairs", "I", "K", "stride_xt", "stride_qe", "stride_qn", "stride_se", "stride_hm")),
+        ("moe_int4.down", _down_kernel, down, (d.block_m, d.dn_block_n, d.dn_warps, d.dn_stages),
+         ("num_pairs", "N", "K", "stride_hm", "stride_qe", "stride_qn", "stride_se", "stride_ym")),
+    ):
+        for cfg in dict.fromkeys((default, *((bm, *t) for bm in _BLOCK_M for t in _TILES))):
+            bm, bn, warps, stages = cfg
+            yield AotSpec(name, fn, sig, dict(common, BLOCK_M=bm, BLOCK_N=bn), warps, stages,
+                          dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages),
+                          default=cfg == default, large=cfg in _LARGE, divisible=divisible)
+
+
+AOT = list(_aot()) if HAS_TRITON else []
 
 
 # --------------------------------------------------------------------------------------------------

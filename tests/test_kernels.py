@@ -233,15 +233,15 @@ def test_dispatch_env(monkeypatch):
                                       ("no", False), ("OFF", False)])
 def test_autotune_switch(monkeypatch, value, on):
     """DG_AUTOTUNE follows dgcli.settings' on/off words (DG_AUTOTUNE=false used to leave it on)."""
-    from kernels import _dispatch
+    from kernels._tuning import autotune_enabled
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setenv("DG_AUTOTUNE", value)
-    assert _dispatch.autotune_enabled(torch.device("cuda")) is on
-    assert not _dispatch.autotune_enabled(torch.device("cpu"))
+    assert autotune_enabled(torch.device("cuda")) is on
+    assert not autotune_enabled(torch.device("cpu"))
     monkeypatch.setenv("DG_AUTOTUNE", "maybe")
     with pytest.raises(ConfigError, match="DG_AUTOTUNE"):
-        _dispatch.autotune_enabled(torch.device("cuda"))
+        autotune_enabled(torch.device("cuda"))
 
 
 def test_dispatch_forced_triton_on_cpu(interpret, monkeypatch):
@@ -280,3 +280,167 @@ def test_gpu_real_shapes(T, dtype, monkeypatch):
         torch.testing.assert_close(got, want, **TOL[dtype])
     got = moe_int4(*case).float()  # autotuned
     torch.testing.assert_close(got, want, **TOL[dtype])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Autotuning: candidates, persistence under $DG_HOME (CPU: fake kernels, the timing monkeypatched)
+
+
+class FakeKernels:
+    """`run(cfg, warmup)` for pick_fastest: compiling reports `shared[cfg]` bytes, timing costs `ms[cfg]`."""
+
+    def __init__(self, shared, ms, compile_error=None):
+        self.shared, self.ms, self.compile_error = shared, ms, compile_error
+        self.timed = []
+        self.running = None
+
+    def __call__(self, cfg, warmup=False):
+        from types import SimpleNamespace
+
+        if warmup:
+            if self.compile_error and cfg in self.compile_error:
+                raise self.compile_error[cfg]
+            return SimpleNamespace(metadata=SimpleNamespace(shared=self.shared[cfg]))
+        self.running = cfg
+
+    def time(self, fn):
+        fn()
+        self.timed.append(self.running)
+        return self.ms[self.running]
+
+
+@pytest.fixture
+def tuning(monkeypatch, tmp_path):
+    """Autotuning as on a CUDA device named "Fake GPU" with a 99 KB part's shared memory, DG_HOME in tmp."""
+    from kernels import _tuning
+
+    monkeypatch.setenv("DG_HOME", str(tmp_path))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("DG_AUTOTUNE", raising=False)
+    monkeypatch.setattr(_tuning, "_memo", {})
+    monkeypatch.setattr(_tuning, "_files", {})
+    monkeypatch.setattr(_tuning, "_device_name", lambda device: "Fake GPU")
+    monkeypatch.setattr(_tuning, "shared_limit", lambda device: 101376)
+    return _tuning
+
+
+TUNE_TILES = ((1, 1), (2, 2), (3, 3))
+
+
+def test_tuning_persists_and_is_reused(tuning, monkeypatch, tmp_path):
+    import json
+
+    fake = FakeKernels(shared={t: 1000 for t in TUNE_TILES}, ms={(1, 1): 3.0, (2, 2): 1.0, (3, 3): 2.0})
+    monkeypatch.setattr(tuning, "_time", fake.time)
+    cuda = torch.device("cuda")
+    assert tuning.tuned_tile("k", ("bf16", 256), TUNE_TILES, frozenset(), fake, (1, 1), cuda) == (2, 2)
+    assert sorted(fake.timed) == sorted(TUNE_TILES)
+    stored = json.loads((tmp_path / "tuning" / "k.json").read_text())
+    import triton
+
+    assert stored == {f"Fake GPU | triton {triton.__version__} | bf16/256": [2, 2]}
+    assert not [p for p in (tmp_path / "tuning").iterdir() if p.name != "k.json"]  # no temp file left
+
+    # a new process: nothing in memory, the file answers and nothing is timed
+    monkeypatch.setattr(tuning, "_memo", {})
+    monkeypatch.setattr(tuning, "_files", {})
+    monkeypatch.setattr(tuning, "_time", lambda fn: pytest.fail("re-tuned a stored choice"))
+    assert tuning.tuned_tile("k", ("bf16", 256), TUNE_TILES, frozenset(), fake, (1, 1), cuda) == (2, 2)
+    # another device name is another entry: tuned again
+    monkeypatch.setattr(tuning, "_device_name", lambda device: "Other GPU")
+    monkeypatch.setattr(tuning, "_time", fake.time)
+    fake.ms[(3, 3)] = 0.5
+    assert tuning.tuned_tile("k", ("bf16", 256), TUNE_TILES, frozenset(), fake, (1, 1), cuda) == (3, 3)
+    assert len(json.loads((tmp_path / "tuning" / "k.json").read_text())) == 2
+
+
+def test_tuning_file_corrupt_or_stale_is_retuned(tuning, monkeypatch, tmp_path):
+    import json
+
+    fake = FakeKernels(shared={t: 1000 for t in TUNE_TILES}, ms={(1, 1): 3.0, (2, 2): 1.0, (3, 3): 2.0})
+    monkeypatch.setattr(tuning, "_time", fake.time)
+    path = tmp_path / "tuning" / "k.json"
+    path.parent.mkdir()
+    path.write_text('{"Fake GPU | triton')  # cut short by a crash
+    assert tuning.tuned_tile("k", ("bf16",), TUNE_TILES, frozenset(), fake, (1, 1), torch.device("cuda")) == (2, 2)
+    assert fake.timed and list(json.loads(path.read_text()).values()) == [[2, 2]]
+
+    # a stored tile that is no longer a candidate is tuned again
+    entry = next(iter(json.loads(path.read_text())))
+    path.write_text(json.dumps({entry: [9, 9]}))
+    monkeypatch.setattr(tuning, "_memo", {})
+    monkeypatch.setattr(tuning, "_files", {})
+    fake.timed.clear()
+    assert tuning.tuned_tile("k", ("bf16",), TUNE_TILES, frozenset(), fake, (1, 1), torch.device("cuda")) == (2, 2)
+    assert fake.timed
+
+
+def test_tuning_off_or_interpreted_uses_default(tuning, monkeypatch):
+    monkeypatch.setattr(tuning, "_time", lambda fn: pytest.fail("timed with autotuning off"))
+    fake = FakeKernels(shared={}, ms={})
+    monkeypatch.setenv("DG_AUTOTUNE", "false")
+    assert tuning.tuned_tile("k", (), TUNE_TILES, frozenset(), fake, (1, 1), torch.device("cuda")) == (1, 1)
+    monkeypatch.setenv("DG_AUTOTUNE", "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert tuning.tuned_tile("k", (), TUNE_TILES, frozenset(), fake, (1, 1), torch.device("cuda")) == (1, 1)
+
+
+def test_candidates_over_shared_memory_are_never_timed(tuning, monkeypatch):
+    # (3, 3) would be fastest but needs 128 KB; (2, 2) does not compile at all
+    fake = FakeKernels(shared={(1, 1): 50_000, (2, 2): 0, (3, 3): 131072}, ms={(1, 1): 2.0, (2, 2): 1.0, (3, 3): 0.1},
+                       compile_error={(2, 2): RuntimeError("PassManager::run failed")})
+    monkeypatch.setattr(tuning, "_time", fake.time)
+    assert tuning.pick_fastest(TUNE_TILES, fake, (1, 1), "k", limit=101376) == ((1, 1), 2.0)
+    assert fake.timed == [(1, 1)]
+    # nothing fits: the default, untimed, with a warning
+    fake.timed.clear()
+    with pytest.warns(UserWarning, match="no autotune candidate"):
+        cfg, ms = tuning.pick_fastest(TUNE_TILES, fake, (1, 1), "k", limit=1000)
+    assert cfg == (1, 1) and ms != ms and not fake.timed
+
+
+def test_large_tiles_are_not_candidates_on_99kb_parts():
+    from kernels import _tuning
+    from kernels.lm_head import _LARGE, _TILES
+
+    assert _LARGE and _LARGE < set(_TILES)
+    small = _tuning.candidates(_TILES, _LARGE, 101376)  # sm_89, sm_120
+    assert not set(small) & _LARGE and len(small) == len(_TILES) - len(_LARGE)
+    assert _tuning.candidates(_TILES, _LARGE, 232448) == _TILES  # sm_90
+
+
+@pytest.mark.parametrize("where", ["compile", "time"])
+def test_out_of_memory_surfaces(tuning, monkeypatch, where):
+    fake = FakeKernels(shared={t: 0 for t in TUNE_TILES}, ms={t: 1.0 for t in TUNE_TILES})
+    oom = torch.cuda.OutOfMemoryError("CUDA out of memory")
+    if where == "compile":
+        fake.compile_error = {(2, 2): oom}
+        monkeypatch.setattr(tuning, "_time", fake.time)
+    else:
+        monkeypatch.setattr(tuning, "_time", lambda fn: (_ for _ in ()).throw(oom))
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        tuning.pick_fastest(TUNE_TILES, fake, (1, 1), "k", limit=101376)
+
+
+def test_other_errors_surface(tuning, monkeypatch):
+    """Only compiler rejections drop a candidate; a bug in the launcher is not swallowed."""
+    fake = FakeKernels(shared={t: 0 for t in TUNE_TILES}, ms={}, compile_error={(1, 1): TypeError("bad argument")})
+    with pytest.raises(TypeError):
+        tuning.pick_fastest(TUNE_TILES, fake, (1, 1), "k", limit=101376)
+
+
+def test_tune_keys_ignore_what_does_not_change_the_choice():
+    """Prompt lengths in a chat vary; the keys must not (beyond the buckets that matter)."""
+    from kernels.int8_linear import _tune_key as int8_key
+    from kernels.lm_head import _tune_key as head_key
+
+    q = torch.zeros(64, 32, dtype=torch.int8)
+    keys = {int8_key(torch.zeros(m, 32), q) for m in (300, 777, 4096)}
+    assert len(keys) == 1 and int8_key(torch.zeros(1, 32), q) == int8_key(torch.zeros(9, 32), q)
+    assert int8_key(torch.zeros(40, 32), q) != int8_key(torch.zeros(256, 32), q)
+    w = torch.zeros(100, 32)
+    assert head_key(torch.zeros(256, 32), w, torch.float32) == head_key(torch.zeros(512, 32), w, torch.float32)
+    _, index, _, q1, *_ = make_case(1, 64, 64, 128, 8)
+    moe_key = [M._tune_key(torch.zeros(t, 64), index.expand(t, 8), q1.expand(128, -1, -1), 64) for t in (2000, 5000)]
+    assert moe_key[0] == moe_key[1]
+    assert "cuda:0" not in str(moe_key) and not any(isinstance(k, torch.device) for k in moe_key[0])
