@@ -42,6 +42,15 @@ class RMSNorm(nn.Module):
             h = h * self.weight.float()
         return h.type_as(x)
 
+    # Two uses that a fused kernel does in the same pass (kernels.fused_norms swaps this module on CUDA):
+    def add_to(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """The residual add after a sublayer: x + norm(h)."""
+        return x + self(h)
+
+    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The q/k norms: norm(x), then the rotary embedding (x: (B, T, Hx, D))."""
+        return apply_rope(self(x), cos, sin)
+
 
 def rope_inv_freq(config: ModelConfig, layer_type: str, head_dim: int) -> torch.Tensor:
     """Inverse frequencies [D/2] in fp32. "proportional": only the first partial·D/2 pairs rotate,
@@ -91,10 +100,10 @@ class Attention(nn.Module):
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         B, T, _ = x.shape
         D = self.head_dim
-        q = apply_rope(self.q_norm(self.q_proj(x).view(B, T, -1, D)), cos, sin)
+        q = self.q_norm.rope(self.q_proj(x).view(B, T, -1, D), cos, sin)
         k_raw = self.k_proj(x).view(B, T, -1, D)
         v = self.v_proj(x).view(B, T, -1, D) if self.v_proj is not None else k_raw
-        k = apply_rope(self.k_norm(k_raw), cos, sin)
+        k = self.k_norm.rope(k_raw, cos, sin)
         v = self.v_norm(v)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, Hx, T, D)
 
@@ -250,13 +259,13 @@ class Layer(nn.Module):
         h = self.self_attn(self.input_layernorm(x), cos, sin, cache, i, encode, kv_only)
         if kv_only:
             return None
-        x = x + self.post_attention_layernorm(h)
+        x = self.post_attention_layernorm.add_to(x, h)
         dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x)))
         flat = x.reshape(-1, x.shape[-1])
         weights, index = self.router(flat)  # routes on the raw residual
         moe = self.experts(self.pre_feedforward_layernorm_2(flat), index, weights)
         moe = self.post_feedforward_layernorm_2(moe.reshape(x.shape))
-        x = x + self.post_feedforward_layernorm(dense + moe)
+        x = self.post_feedforward_layernorm.add_to(x, dense + moe)
         return x * scalar
 
 
