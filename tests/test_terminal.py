@@ -1,10 +1,21 @@
-"""dg as a user runs it: a real pseudo-terminal for `dg chat`, real pipes for `dg run` and `dg pull`."""
+"""dg as a user runs it: a real pseudo-terminal for `dg chat`, real pipes for `dg run` and `dg pull`.
+
+Every generation is seeded, so each test sees the same answers every run. The ones that generate are
+`slow` (a fresh interpreter loads torch and the model each time): `pytest -m "not slow"` skips them.
+"""
 
 import os
+import signal
 import subprocess
 import sys
 
 import pytest
+
+DG = [sys.executable, "-m", "dgcli"]
+# Tiny, raw "the", seed 0, 2 steps a block: an answer of 5 blocks, so a reader can leave or
+# interrupt it after the first one while dg still has blocks to write.
+LONG_RUN = ["run", "--model", "tiny", "--raw", "--max-tokens", "4096", "--steps", "2", "--seed", "0", "--device", "cpu",
+            "the"]
 
 
 def env(tmp_path, **extra):
@@ -13,9 +24,10 @@ def env(tmp_path, **extra):
     return e
 
 
+@pytest.mark.slow
 def test_chat_in_a_terminal(tmp_path):
     pexpect = pytest.importorskip("pexpect")
-    child = pexpect.spawn(sys.executable, ["-m", "dgcli", "chat", "--model", "tiny", "--fps", "20"],
+    child = pexpect.spawn(sys.executable, ["-m", "dgcli", "chat", "--model", "tiny", "--fps", "20", "--seed", "0"],
                           env=env(tmp_path), dimensions=(40, 120), encoding="utf-8", timeout=120)
     try:
         child.expect_exact("dg chat · tiny")
@@ -48,9 +60,10 @@ def test_chat_in_a_terminal(tmp_path):
     assert child.exitstatus == 0, child.before
 
 
+@pytest.mark.slow
 def test_ctrl_c_twice_at_the_prompt_leaves(tmp_path):
     pexpect = pytest.importorskip("pexpect")
-    child = pexpect.spawn(sys.executable, ["-m", "dgcli", "chat", "--model", "tiny"], env=env(tmp_path),
+    child = pexpect.spawn(sys.executable, ["-m", "dgcli", "chat", "--model", "tiny", "--seed", "0"], env=env(tmp_path),
                           dimensions=(40, 120), encoding="utf-8", timeout=120)
     try:
         child.expect_exact(">>>")
@@ -64,21 +77,20 @@ def test_ctrl_c_twice_at_the_prompt_leaves(tmp_path):
     assert child.exitstatus == 0
 
 
+@pytest.mark.slow
 def test_closed_pipe_ends_quietly(tmp_path):
-    dg = [sys.executable, "-m", "dgcli"]
-    cmd = f"echo hi | {' '.join(dg)} run --model tiny --max-tokens 64 --steps 2 | head -c 5; echo \" ${{PIPESTATUS[1]}}\""
+    cmd = f"echo hi | {' '.join(DG)} run --model tiny --max-tokens 64 --steps 2 --seed 0 | head -c 5; " \
+          f"echo \" ${{PIPESTATUS[1]}}\""
     p = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=env(tmp_path), timeout=300)
     out, status = p.stdout.rsplit(" ", 1)
     assert len(out) <= 5 and int(status) in (0, 141)
     assert "Traceback" not in p.stderr and "Error" not in p.stderr, p.stderr
 
 
+@pytest.mark.slow
 def test_closed_pipe_mid_answer_exits_141(tmp_path):
     # Read a little of a long answer, then close the pipe while dg still has blocks to write.
-    cmd = ["run", "--model", "tiny", "--raw", "--max-tokens", "2048", "--steps", "8", "--seed", "0", "--device", "cpu",
-           "the"]  # a seed whose answer runs past the first block
-    p = subprocess.Popen([sys.executable, "-m", "dgcli", *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         env=env(tmp_path))
+    p = subprocess.Popen([*DG, *LONG_RUN], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(tmp_path))
     p.stdout.read(1)
     p.stdout.close()
     err = p.stderr.read().decode()
@@ -86,7 +98,7 @@ def test_closed_pipe_mid_answer_exits_141(tmp_path):
 
 
 def test_pull_with_the_hub_unreachable(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "dgcli", "pull", "google/diffusiongemma-26B-A4B-it"],
+    p = subprocess.run([*DG, "pull", "google/diffusiongemma-26B-A4B-it"],
                        capture_output=True, text=True, timeout=120,
                        env=env(tmp_path, HF_HUB_OFFLINE="0", HF_ENDPOINT="http://127.0.0.1:9",
                                HF_HUB_CACHE=str(tmp_path / "hf")))
@@ -97,17 +109,13 @@ def test_pull_with_the_hub_unreachable(tmp_path):
 
 
 def test_python_m_dgcli(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "dgcli", "--version"], capture_output=True, text=True, env=env(tmp_path))
+    p = subprocess.run([*DG, "--version"], capture_output=True, text=True, env=env(tmp_path))
     assert p.returncode == 0 and p.stdout.startswith("dg ")
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_run_exits_130(tmp_path):
-    import signal
-
-    cmd = ["run", "--model", "tiny", "--raw", "--max-tokens", "4096", "--steps", "24", "--seed", "0", "--device", "cpu",
-           "the"]
-    p = subprocess.Popen([sys.executable, "-m", "dgcli", *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         env=env(tmp_path))
+    p = subprocess.Popen([*DG, *LONG_RUN], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(tmp_path))
     p.stdout.read(1)  # the first block is out: generation is under way
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=120)
