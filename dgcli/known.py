@@ -2,6 +2,7 @@
 
 Used where dg must reason about the real model without its weights: the conformance test, the VRAM
 planner and the full-size benchmark (built on the `meta` device or with random weights).
+This is the one copy in the repository: import it, and deep-copy it before changing anything in it.
 """
 
 _S, _F = "sliding_attention", "full_attention"
