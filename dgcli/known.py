@@ -74,3 +74,12 @@ DIFFUSIONGEMMA_26B_A4B_GENERATION = {
     "eos_token_id": [1, 106, 50],
     "pad_token_id": 0,
 }
+
+
+def text_config() -> dict:
+    """A fresh flat copy of the text config with `canvas_length`, the form the benchmarks' presets
+    override field by field (the top level's EOS list is not in it: the text config's own id is)."""
+    import copy
+
+    top = DIFFUSIONGEMMA_26B_A4B
+    return {**copy.deepcopy(top["text_config"]), "canvas_length": top["canvas_length"]}

@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -85,3 +86,13 @@ def test_every_dg_variable_is_a_documented_switch():
             for m in re.findall(r"\bDG_[A-Z0-9_]*[A-Z0-9]", f.read_text(encoding="utf-8"))}
     assert "DG_HOME" in used and "DG_DEBUG" in used
     assert used <= set(SWITCHES), sorted(used - set(SWITCHES))
+
+
+def test_known_flat_text_config_is_the_same_model_and_a_copy():
+    from dgcli import known
+
+    flat = known.text_config()
+    flat["layer_types"][0] = "changed"
+    assert DIFFUSIONGEMMA_26B_A4B["text_config"]["layer_types"][0] == "sliding_attention"
+    a, b = ModelConfig.from_dict(known.text_config()), ModelConfig.from_dict(real())
+    assert a.canvas_length == 256 and dataclasses.replace(a, eos_token_id=b.eos_token_id) == b
