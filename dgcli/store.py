@@ -213,7 +213,9 @@ def pull(name: str) -> Path:
     except hf.RevisionNotFoundError:
         raise DgError(f"{name} has no 'main' revision on the Hub") from None
     except hf.LocalEntryNotFoundError as e:
-        why = "offline mode is on (HF_HUB_OFFLINE)" if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false") \
+        from huggingface_hub import constants  # the hub's own reading of HF_HUB_OFFLINE
+
+        why = "offline mode is on (HF_HUB_OFFLINE)" if constants.HF_HUB_OFFLINE \
             else "the Hugging Face Hub could not be reached"
         if isinstance(e, hf.IncompleteSnapshotError):
             why += "; the partial download is kept and resumes next time"
