@@ -1,0 +1,61 @@
+"""Swap the model's RMSNorms for ones that run kernels.rmsnorm: one kernel a norm instead of ~8, the
+residual add and the q/k RoPE inside it.
+
+`install(model)` replaces every `dgcli.model.RMSNorm` module (a module swap, as gpt-fast swaps in its
+quantized linears; dgcli/model.py is not edited) with a `FusedRMSNorm` holding the same parameter
+objects, so state-dict keys and weights are unchanged. Each call asks `kernels._dispatch.use_triton`
+(Triton on CUDA, `DG_KERNELS` overrides) and otherwise runs the parent's PyTorch methods.
+The Engine installs it on CUDA (dgcli/engine.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dgcli.model import RMSNorm
+
+from ._dispatch import use_triton
+from .rmsnorm import MAX_WIDTH, rmsnorm_add_triton, rmsnorm_rope_triton, rmsnorm_triton
+
+
+class FusedRMSNorm(RMSNorm):
+    """RMSNorm whose forward, add_to and rope each run one Triton kernel when dispatch says so."""
+
+    @classmethod
+    def replacing(cls, norm: RMSNorm) -> FusedRMSNorm:
+        """A FusedRMSNorm over `norm`'s own parameter (the same object: no copy, ties kept)."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.eps = norm.eps
+        new.weight = norm.weight
+        new.train(norm.training)
+        return new
+
+    def _fits(self, x: torch.Tensor) -> bool:
+        return use_triton(x) and x.shape[-1] <= MAX_WIDTH
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fits(x):
+            return rmsnorm_triton(x, self.weight, self.eps)
+        return super().forward(x)
+
+    def add_to(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        if x.shape == h.shape and self._fits(h):
+            return rmsnorm_add_triton(x, h, self.weight, self.eps)
+        return super().add_to(x, h)  # broadcasting adds: the reference's own
+
+    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4 and cos.shape == sin.shape == (x.shape[1], x.shape[3]) and self._fits(x):
+            return rmsnorm_rope_triton(x, self.weight, self.eps, cos, sin)
+        return super().rope(x, cos, sin)
+
+
+def install(model: nn.Module) -> int:
+    """Replace every plain RMSNorm under `model` by a FusedRMSNorm; returns how many were replaced
+    (0 on a second call)."""
+    swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+             if type(child) is RMSNorm]
+    for parent, name, child in swaps:
+        setattr(parent, name, FusedRMSNorm.replacing(child))
+    return len(swaps)
