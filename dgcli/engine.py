@@ -66,10 +66,16 @@ class Engine:
         self.sampler_defaults = sampler_defaults or SamplerSettings()
         cuda = model.device.type == "cuda"
         self.static_cache = cuda if static_cache is None else static_cache
+        # The switches are read (and a bad value refused) on every device, used on CUDA only.
+        fused_env, graphs_env = flag("DG_FUSED_HEAD", True), flag("DG_CUDA_GRAPHS", True)
         if fused_head is None:
-            fused_head = cuda and flag("DG_FUSED_HEAD", True)
+            fused_head = cuda and fused_env
         self.fused_head = fused_head and model.model.decoder.embed_tokens.head_weight() is not None
-        if capture is None and (cuda and flag("DG_CUDA_GRAPHS", True) if cuda_graphs is None else cuda_graphs):
+        if cuda:  # each RMSNorm (with its residual add or RoPE) one Triton kernel instead of ~8
+            from kernels.fused_norms import install
+
+            install(model)
+        if capture is None and (cuda and graphs_env if cuda_graphs is None else cuda_graphs):
             capture = graphs.CudaCapture()
         self.capture = capture if self.static_cache else None  # graphs need the static cache's fixed buffers
         self.bucket = bucket or (graphs.BUCKET if self.capture is not None else None)
