@@ -53,16 +53,13 @@ def launchable(kernel, device: torch.device):
     CPU tensors need Triton's interpreter. If triton was imported before TRITON_INTERPRET was set
     (another test module got there first), the kernel and triton's own jit helpers (tl.max, tl.sum,
     tl.zeros...) are compiled JITFunctions; interpret them on the fly for the duration of the launch.
+    The same holds for an interpreted kernel that calls helpers from a module imported earlier.
     """
     if device.type != "cpu":
         return kernel
     if not interpreting():
         raise RuntimeError("a Triton kernel on CPU tensors needs TRITON_INTERPRET=1 (or DG_KERNELS=ref)")
-    from triton.runtime.interpreter import InterpretedFunction
-
-    _fix_interpreter_bf16_dot()
-    if isinstance(kernel, InterpretedFunction):
-        return kernel
+    _fix_interpreter_bf16()
     return _Interpreted(kernel)
 
 
@@ -72,6 +69,8 @@ _as_interpreted: dict = {}  # id(JITFunction) -> (it, InterpretedFunction); JITF
 def _interpreted(fn):
     from triton.runtime.interpreter import InterpretedFunction
 
+    if isinstance(fn, InterpretedFunction):
+        return fn
     if id(fn) not in _as_interpreted:
         _as_interpreted[id(fn)] = (fn, InterpretedFunction(fn.fn))  # holding fn keeps its id unique
     return _as_interpreted[id(fn)][1]
@@ -98,10 +97,11 @@ class _Interpreted:
 _bf16_fixed = False
 
 
-def _fix_interpreter_bf16_dot() -> None:
-    """Triton 3.9's interpreter stores bf16 as raw uint16 bits and its `create_dot` multiplies those
-    bits as integers. Widen bf16 operands to fp32 (exact) first, so bf16 kernels can be checked on CPU.
-    Touches only the interpreter; compiled kernels are unaffected."""
+def _fix_interpreter_bf16() -> None:
+    """Triton 3.9's interpreter stores bf16 as raw uint16 bits, and its `create_dot` and float
+    add/sub/mul/div work on those bits as integers. Widen bf16 operands to fp32 (exact) first, and
+    round arithmetic results back to bf16 (to nearest even, as the GPU does), so bf16 kernels can be
+    checked on CPU. Touches only the interpreter; compiled kernels are unaffected."""
     global _bf16_fixed
     if _bf16_fixed:
         return
@@ -109,15 +109,31 @@ def _fix_interpreter_bf16_dot() -> None:
     import triton.language as tl
     from triton.runtime import interpreter
 
-    original = interpreter.InterpreterBuilder.create_dot
+    B = interpreter.InterpreterBuilder
 
     def widen(h):
         if h.dtype == tl.bfloat16:
             return interpreter.TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
         return h
 
-    def create_dot(self, a, b, d, *args, **kwargs):
-        return original(self, widen(a), widen(b), d, *args, **kwargs)
+    def narrow(h):
+        bits = h.data.astype(np.float32).view(np.uint32)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16  # round to nearest even (NaN stays NaN)
+        return interpreter.TensorHandle(bits.astype(np.uint16), tl.bfloat16)
 
-    interpreter.InterpreterBuilder.create_dot = create_dot
+    original_dot = B.create_dot
+
+    def create_dot(self, a, b, d, *args, **kwargs):
+        return original_dot(self, widen(a), widen(b), d, *args, **kwargs)
+
+    B.create_dot = create_dot
+    for name in ("create_fadd", "create_fsub", "create_fmul", "create_fdiv"):
+        original = getattr(B, name)
+
+        def op(self, lhs, rhs, original=original):
+            if lhs.dtype == tl.bfloat16 and rhs.dtype == tl.bfloat16:
+                return narrow(original(self, widen(lhs), widen(rhs)))
+            return original(self, lhs, rhs)
+
+        setattr(B, name, op)
     _bf16_fixed = True

@@ -16,11 +16,18 @@ The Triton path (the design of vLLM's fused_moe / exllama, re-implemented):
    the gate and up tiles together and writes h = gelu_tanh(g)·u once, in x's dtype.
 3. `_down_kernel`: same tiling over H. It multiplies by the routing weight in the epilogue and writes
    y[pair], which is summed over the A slots in a fixed order (deterministic, no atomics).
-Dequantisation happens in registers and costs almost nothing. K is tiled by one scale group, split
-into its even (low-nibble) and odd (high-nibble) columns. So a tile is two `tl.dot`s of the small
-integers (q - 8), exact in fp16/bf16, and the group's fp16 scale multiplies the fp32 partial product
-per output column (the Marlin/exllama order). That is both cheaper and more exact than scaling
-every weight before the dot.
+K is tiled by one scale group, split into its even (low-nibble) and odd (high-nibble) columns. So a
+tile is two `tl.dot`s of the small integers (q - 8), exact in fp16/bf16, and the group's fp16 scale
+multiplies the fp32 partial product per output column (the Marlin/exllama order). That is both
+cheaper and more exact than scaling every weight before the dot.
+
+Dequantisation (`_nibbles`) uses no int-to-float conversion (I2F is a quarter-rate instruction, and
+the first version issued 64 of them per loop iteration per thread): the nibble is OR'd into the low
+mantissa bits of a constant whose mantissa unit is 1 (bf16 128.0 = 0x4300, fp16 1024.0 = 0x6400,
+fp32 2^23), so the bits read as constant + nibble, and one subtract of constant + 8 (the zero point
+folded in) leaves nibble - 8 exactly. `python -m kernels.aot` shows the main loops without I2F.
+A weight tile is dequantised once per BLOCK_M rows of its expert; the autotuner's BLOCK_M 32 and 64
+serve experts with more rows from one conversion.
 """
 
 from __future__ import annotations
@@ -159,6 +166,23 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
+    def _nibbles(b, HIGH: tl.constexpr, DT: tl.constexpr):
+        """Packed bytes (uint8) -> their low or high nibble minus 8, in DT (see the module docstring)."""
+        if DT == tl.bfloat16:
+            v = b.to(tl.uint16)
+            v = (v >> 4) if HIGH else (v & 0xF)
+            w = (v | 0x4300).to(tl.bfloat16, bitcast=True) - 136.0  # 128 + nibble - (128 + 8)
+        elif DT == tl.float16:
+            v = b.to(tl.uint16)
+            v = (v >> 4) if HIGH else (v & 0xF)
+            w = (v | 0x6400).to(tl.float16, bitcast=True) - 1032.0  # 1024 + nibble - (1024 + 8)
+        else:
+            v = b.to(tl.uint32)
+            v = (v >> 4) if HIGH else (v & 0xF)
+            w = (v | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0  # 2^23 + nibble - (2^23 + 8)
+        return w
+
+    @triton.jit
     def _gate_up_kernel(
         x_ptr, q_ptr, s_ptr, h_ptr, sorted_ptr, block_expert_ptr,
         num_pairs, top_k, I, K,
@@ -191,19 +215,19 @@ if HAS_TRITON:
             xe = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
             xo = tl.load(x_ptrs + 1, mask=row_ok[:, None], other=0.0)
             if EVEN_N:
-                bg = tl.load(g_ptrs).to(tl.int32)
-                bu = tl.load(u_ptrs).to(tl.int32)
+                bg = tl.load(g_ptrs)
+                bu = tl.load(u_ptrs)
                 sg = tl.load(gs_ptrs).to(tl.float32)
                 su = tl.load(us_ptrs).to(tl.float32)
             else:
-                bg = tl.load(g_ptrs, mask=n_ok[None, :], other=0x88).to(tl.int32)
-                bu = tl.load(u_ptrs, mask=n_ok[None, :], other=0x88).to(tl.int32)
+                bg = tl.load(g_ptrs, mask=n_ok[None, :], other=0x88)
+                bu = tl.load(u_ptrs, mask=n_ok[None, :], other=0x88)
                 sg = tl.load(gs_ptrs, mask=n_ok, other=0.0).to(tl.float32)
                 su = tl.load(us_ptrs, mask=n_ok, other=0.0).to(tl.float32)
-            g_lo = ((bg & 0xF) - 8).to(tl.float32).to(xe.dtype)
-            g_hi = ((bg >> 4) - 8).to(tl.float32).to(xe.dtype)
-            u_lo = ((bu & 0xF) - 8).to(tl.float32).to(xe.dtype)
-            u_hi = ((bu >> 4) - 8).to(tl.float32).to(xe.dtype)
+            g_lo = _nibbles(bg, False, xe.dtype)
+            g_hi = _nibbles(bg, True, xe.dtype)
+            u_lo = _nibbles(bu, False, xe.dtype)
+            u_hi = _nibbles(bu, True, xe.dtype)
             if FP32:
                 pg = tl.dot(xe, g_lo, input_precision="ieee")
                 pg = tl.dot(xo, g_hi, pg, input_precision="ieee")
@@ -258,13 +282,13 @@ if HAS_TRITON:
             ae = tl.load(a_ptrs)
             ao = tl.load(a_ptrs + 1)
             if EVEN_N:
-                b = tl.load(b_ptrs).to(tl.int32)
+                b = tl.load(b_ptrs)
                 s = tl.load(s_ptrs).to(tl.float32)
             else:
-                b = tl.load(b_ptrs, mask=n_ok[None, :], other=0x88).to(tl.int32)
+                b = tl.load(b_ptrs, mask=n_ok[None, :], other=0x88)
                 s = tl.load(s_ptrs, mask=n_ok, other=0.0).to(tl.float32)
-            lo = ((b & 0xF) - 8).to(tl.float32).to(ae.dtype)
-            hi = ((b >> 4) - 8).to(tl.float32).to(ae.dtype)
+            lo = _nibbles(b, False, ae.dtype)
+            hi = _nibbles(b, True, ae.dtype)
             if FP32:
                 p = tl.dot(ae, lo, input_precision="ieee")
                 p = tl.dot(ao, hi, p, input_precision="ieee")

@@ -195,6 +195,28 @@ def test_triton_matches_reference(interpret, T, H, I, E, A, cfg, dtype):
     torch.testing.assert_close(got.float(), want.float(), **TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_nibble_dequantisation_is_exact(interpret, dtype):
+    """The kernels' mantissa trick gives nibble - 8 exactly for all 256 byte values, both nibbles."""
+    import triton
+    import triton.language as tl
+
+    from kernels._dispatch import launchable
+
+    @triton.jit
+    def unpack(b_ptr, lo_ptr, hi_ptr):
+        offs = tl.arange(0, 256)
+        b = tl.load(b_ptr + offs)
+        tl.store(lo_ptr + offs, M._nibbles(b, False, lo_ptr.dtype.element_ty))
+        tl.store(hi_ptr + offs, M._nibbles(b, True, hi_ptr.dtype.element_ty))
+
+    b = torch.arange(256, dtype=torch.uint8)
+    lo, hi = torch.empty(256, dtype=dtype), torch.empty(256, dtype=dtype)
+    launchable(unpack, b.device)[(1,)](b, lo, hi)
+    assert torch.equal(lo, ((b & 0xF).float() - 8).to(dtype))
+    assert torch.equal(hi, ((b >> 4).float() - 8).to(dtype))
+
+
 def test_triton_skewed_routing_and_group_32(interpret):
     """All tokens on the same experts (runs of 33 rows over 3 blocks of 16), other experts empty."""
     x, *rest = make_case(33, 64, 128, 8, 2, seed=5, group_size=32, skew=True)
