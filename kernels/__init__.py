@@ -3,7 +3,10 @@ with the same signature (`<name>_ref`, which defines correctness and runs anywhe
 (`<name>`) that picks Triton on CUDA and the reference otherwise. `DG_KERNELS=ref|triton` overrides
 the choice for A/B runs; `DG_KERNELS=triton` on CPU tensors needs `TRITON_INTERPRET=1` (the tests'
 way of checking the kernels without a GPU). `DG_AUTOTUNE=off` skips autotuning (default tiles). Both
-switches are read through `dgcli.settings`.
+switches are read through `dgcli.settings`. Autotuned choices are kept in `$DG_HOME/tuning/` (see
+`_tuning`). `python -m kernels.aot` compiles every kernel for sm_89, sm_90 and sm_120 without a GPU
+and reports shared memory, registers, spills and the main loop's instructions; each module declares
+what to compile in its `AOT` list.
 
 - moe_int4:    routed experts on packed 4-bit weights (group 64), the bulk of every step's bytes
 - lm_head:     LM head + softcap + temperature + argmax/entropy/logsumexp, one pass over the vocabulary

@@ -77,12 +77,15 @@ def compile_spec(spec: AotSpec, target: str) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton.compiler.compiler import make_backend
+    from triton.runtime.jit import JITFunction
 
     cap = TARGETS[target]
     limit = SMEM_LIMIT[cap]
     row = dict(kernel=spec.kernel, target=target, config=spec.config, default=spec.default,
                candidate=spec.candidate(limit), ok=False, shared_limit=limit)
     fn = spec.fn
+    if not isinstance(fn, JITFunction):  # @triton.jit gave an InterpretedFunction
+        raise RuntimeError("the kernels were imported with TRITON_INTERPRET set: run python -m kernels.aot without it")
     names = fn.arg_names
     missing = [n for n in names if n not in spec.signature and n not in spec.constexprs]
     if missing:
@@ -142,7 +145,6 @@ def _compile_job(i: int) -> dict:
 def rows(targets=None, kernels=None, configs=CONFIGS, jobs: int | None = None):
     """Yield a JSON-ready row per (spec, target), in spec order; `jobs` processes compile in parallel."""
     global _JOBS
-    os.environ.pop("TRITON_INTERPRET", None)  # compile for real even if a caller interprets
     targets = list(targets or TARGETS)
     unknown = [t for t in targets if t not in TARGETS]
     if unknown:
@@ -171,8 +173,12 @@ def main(argv=None) -> int:
     configs = CONFIGS if a.configs == "all" else tuple(a.configs.split(","))
     if not set(configs) <= set(CONFIGS):
         p.error(f"--configs {a.configs}: expected all or a comma list of {', '.join(CONFIGS)}")
-    for row in rows(a.target, a.kernel, configs, a.jobs):
-        print(json.dumps(row), flush=True)
+    try:
+        for row in rows(a.target, a.kernel, configs, a.jobs):
+            print(json.dumps(row), flush=True)
+    except (RuntimeError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
