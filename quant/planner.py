@@ -1,22 +1,30 @@
 """VRAM planner: what a model needs on the GPU at a given context, and which formats fit a budget.
 
-Counts, for one sequence and one canvas (quant.md §2):
+Counts, for one sequence and one canvas of L tokens on CUDA as the engine runs it (static cache,
+CUDA graphs, fused LM head), every buffer the code allocates, itemised:
 - weights, per tensor, from the model built on the `meta` device and the format each tensor gets
   (unquantized tensors at 16 bits, as they run on a GPU);
-- KV cache in bf16: sliding layers keep a ring of min(window, context) + canvas positions, full
-  layers the whole context + canvas;
-- one canvas step's activations: fp32 logits [L×V], one fp32 working copy for the sampler, the
-  previous step's logits and the soft-embedding probabilities in 16 bits, hidden states and MoE
-  intermediates, and the dequantization scratch of the plain-PyTorch path. Attention is assumed
-  fused (no [L × context] score matrix);
-- CUDA context and cuBLAS/Triton workspace, 0.5 GiB outside torch's allocator.
+- the static KV cache in bf16: sliding layers a ring of W-1+L slots, full layers max_tokens+L;
+- the larger of two peaks, which never coincide:
+  - a denoising step: the CUDA graph's fixed buffers (proc fp32 [L x V] and the self-conditioning
+    input bf16), the graph's memory pool (the step's temporaries; at most the self-conditioning
+    softmax, fp32 then bf16 [L x V]), and the sampler's buffers (the previous proc in bf16, the
+    probabilities and the sampling noise in fp32 [L x V]);
+  - the prefill's last chunk (the engine prefills PREFILL_CHUNK tokens at a time), at its largest:
+    at long context a full layer's attention (keys and values repeated over the query heads for
+    the whole context; the mask, its negation and the additive bias [chunk x context] that
+    attention turns it into), else a sliding layer's, or the routed experts over the chunk;
+  (with CUDA graphs off a step holds less: no graph buffers or pool, so this stays an upper bound);
+- chat's snapshot of the sliding rings (`StaticKVCache.mark`), held while a turn runs;
+- CUDA context and cuBLAS/Triton workspace, 0.5 GiB outside torch's allocator (an assumption).
+scripts/step_model.py traces the same step and prefill on meta tensors and records what is live;
+tests/test_quant_planner.py holds this count to it (within 5%).
 GB = 1e9 bytes, GiB = 2^30. The budget is compared in bytes.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +39,9 @@ from .schemes import FORMAT_GROUP, UPGRADE_ORDER, get_scheme, smallest, tensor_f
 GiB = 2**30
 CUDA_CONTEXT_BYTES = GiB // 2
 EMBED_CHUNK_ROWS = 4096  # rows of a packed embedding dequantized at a time (quant.runtime)
+PREFILL_CHUNK = 2048  # tokens per prefill pass: dgcli.engine.PREFILL_CHUNK (a test keeps them equal)
+PEAKS = ("decode step", "prefill")  # sections of which only the larger counts
+MOE_BLOCK_M = 16  # kernels.moe_int4's default row block: each expert's rows are padded to it
 RUNTIME_16BIT = torch.bfloat16  # what unquantized tensors cost at run time
 DEFAULT_BUDGET = 18_000_000_000
 DEFAULT_CONTEXT = 32768
@@ -53,7 +64,7 @@ class BudgetError(DgError):
 
 @dataclass
 class Row:
-    section: str  # weights | kv cache | activations | runtime
+    section: str  # weights | kv cache | decode step | prefill | chat | runtime
     label: str
     nbytes: int
 
@@ -76,8 +87,13 @@ class Estimate:
         return self.section("weights")
 
     @property
+    def peak_section(self) -> str:
+        """The larger of the decode step's and the prefill's peaks: only that one counts."""
+        return max(PEAKS, key=self.section)
+
+    @property
     def total(self) -> int:
-        return sum(r.nbytes for r in self.rows)
+        return sum(r.nbytes for r in self.rows if r.section not in PEAKS) + self.section(self.peak_section)
 
     @property
     def total_bytes(self) -> int:
@@ -90,7 +106,8 @@ class Estimate:
     def to_dict(self) -> dict:
         return {"scheme": self.scheme, "groups": self.groups, "context": self.context, "canvas": self.canvas,
                 "budget_bytes": self.budget_bytes, "total_bytes": self.total, "weights_bytes": self.weights,
-                "fits": self.fits, "rows": [r.__dict__ for r in self.rows], "notes": self.notes}
+                "peak": self.peak_section, "fits": self.fits, "rows": [r.__dict__ for r in self.rows],
+                "notes": self.notes}
 
     def table(self) -> str:
         """A plain-text table (GB and GiB per row), for `dg quantize` and `dg show`."""
@@ -104,8 +121,10 @@ class Estimate:
             sec = r.section if r.section != last else ""
             last = r.section
             lines.append(f"  {sec:<12}{r.label:<{width}}{_gb(r.nbytes)}")
-        for name in ("weights", "kv cache", "activations"):
-            lines.append(f"  {'':<12}{'= ' + name:<{width}}{_gb(self.section(name))}")
+        for name in ("weights", "kv cache", *PEAKS):
+            counted = "" if name not in PEAKS else ("   (the larger peak: counted)" if name == self.peak_section
+                                                     else "   (the smaller peak: not counted)")
+            lines.append(f"  {'':<12}{'= ' + name:<{width}}{_gb(self.section(name))}{counted}")
         total = f"  {'total':<12}{'':<{width}}{_gb(self.total)}"
         if self.budget_bytes is not None:
             spare = self.budget_bytes - self.total
@@ -155,10 +174,13 @@ def estimate(config: ModelConfig, formats: dict[str, str] | None = None, context
             f = "/".join(sorted(fmts_of[g]))
             rows.append(Row("weights", f"{WEIGHT_LABELS[g]} [{f}]", per_group[g]))
 
-    # KV cache, bf16: 2 (K and V) x kv heads x head dim x 2 bytes per position and layer.
-    sliding = [i for i in range(config.num_hidden_layers) if config.is_sliding(i)]
-    full = [i for i in range(config.num_hidden_layers) if not config.is_sliding(i)]
-    ring = min(config.sliding_window, context) + L
+    # KV cache, bf16: 2 (K and V) x kv heads x head dim x 2 bytes per position and layer, as
+    # dgcli.cache.StaticKVCache allocates it, with its int64 maps of slot positions.
+    n_layers = config.num_hidden_layers
+    sliding = [i for i in range(n_layers) if config.is_sliding(i)]
+    full = [i for i in range(n_layers) if not config.is_sliding(i)]
+    ring = config.sliding_window - 1 + L
+    span = context + L
 
     def kv(layers, positions):
         return sum(2 * config.layer_kv_heads[i] * config.layer_head_dim[i] * 2 for i in layers) * positions
@@ -166,23 +188,58 @@ def estimate(config: ModelConfig, formats: dict[str, str] | None = None, context
     if sliding:
         rows.append(Row("kv cache", f"sliding: {len(sliding)} layers x ring of {ring:,}", kv(sliding, ring)))
     if full:
-        rows.append(Row("kv cache", f"full: {len(full)} layers x {context + L:,} positions", kv(full, context + L)))
+        rows.append(Row("kv cache", f"full: {len(full)} layers x {span:,} positions", kv(full, span)))
+    rows.append(Row("kv cache", "slot and canvas positions (int64)", 8 * (len(sliding) * ring + span + L)))
 
-    V, H = config.vocab_size, config.hidden_size
-    A, I, Hq = config.top_k_experts, config.moe_intermediate_size, config.num_attention_heads
-    D = max(config.layer_head_dim)
-    rows.append(Row("activations", f"logits fp32 [{L} x {V:,}]", L * V * 4))
-    rows.append(Row("activations", "sampler working copy fp32", L * V * 4))
-    rows.append(Row("activations", "self-conditioning logits + probs, 16-bit", 2 * L * V * 2))
-    hidden = 8 * L * H * 4 + 4 * L * Hq * D * 2 + 2 * L * A * (3 * I + H) * 2 + 3 * L * config.intermediate_size * 2
-    rows.append(Row("activations", "hidden states, attention, MoE intermediates", hidden))
-    scratch = _dequant_scratch(shapes, formats)
-    if scratch:
-        rows.append(Row("activations", "dequantization scratch (PyTorch path)", scratch))
+    V, H, Hq = config.vocab_size, config.hidden_size, config.num_attention_heads
+    A, I = config.top_k_experts, config.moe_intermediate_size
+    LV = L * V
+    # A denoising step (graphs on, the CUDA default).
+    rows.append(Row("decode step", f"CUDA graph buffers [{L} x {V:,}]: proc fp32, self-conditioning bf16", LV * 6))
+    layer_stage = 8 * L * H * 4 + 4 * L * Hq * max(config.layer_head_dim) * 2 + 2 * L * A * (3 * I + H) * 2
+    soft_stage = LV * 2 + _dequant_scratch(shapes, formats)
+    rows.append(Row("decode step", "graph pool: the step's temporaries (self-conditioning softmax fp32, bf16)",
+                    max(LV * 6, soft_stage, layer_stage)))
+    rows.append(Row("decode step", "sampler: previous proc bf16, probabilities and noise fp32", LV * 10))
+    # The prefill's last chunk: its largest temporaries (a full layer's masked attention at long
+    # context, else a sliding layer's, or the routed experts over the chunk), with the residual.
+    chunk = min(context, PREFILL_CHUNK)
+    stages = [_prefill_attention(config, chunk, context, i) for i in range(n_layers - 1)]  # the last: K/V only
+    E, pairs = config.num_experts, chunk * A
+    stages.append((pairs * H * 2 + (pairs + E * (MOE_BLOCK_M - 1)) * I * 2 + chunk * H * 4 + 5 * chunk * H * 2,
+                   f"experts over the chunk: {pairs:,} slot outputs and intermediates, slot sum, dense branch"))
+    nbytes, label = max(stages)
+    rows.append(Row("prefill", label, nbytes))
+    rows.append(Row("prefill", f"residual and normed input [{chunk:,} x {H:,}]", 2 * chunk * H * 2))
+    if sliding:
+        rows.append(Row("chat", "sliding rings' snapshot for a turn's rewind",
+                        kv(sliding, ring) + 8 * len(sliding) * ring))
     rows.append(Row("runtime", "CUDA context + cuBLAS/Triton workspace", CUDA_CONTEXT_BYTES))
 
-    notes = ["text weights only (the vision tower is not loaded)"]
+    notes = ["text weights only (the vision tower is not loaded)",
+             "the chat snapshot is only held by `dg chat`; `dg run` needs that much less"]
     return Estimate(rows, context, L, groups or _groups_of(formats, shapes), budget_bytes, scheme, notes)
+
+
+def _prefill_attention(config: ModelConfig, chunk: int, context: int, i: int) -> tuple[int, str]:
+    """(bytes, label) of what layer i's attention holds in the prefill's last chunk
+    (dgcli.cache.StaticKVCache.encode_kv, Attention.attend, and CUDA's SDPA with a mask).
+
+    A full layer attends over the cache's first `context` slots (views); a sliding layer over its
+    ring concatenated with the chunk (new K/V tensors). With a mask, K/V are repeated over the
+    query heads; the bool mask [chunk x keys] is negated and turned into a bf16 bias (mask,
+    negation and bias live together: 4 bytes per element), which the memory-efficient kernel pads
+    into a copy when the keys are not a multiple of 8 (mask, bias and copy: 5 bytes). The chunk's
+    queries and new K/V are alive too."""
+    Hq, Hk, D = config.num_attention_heads, config.layer_kv_heads[i], config.layer_head_dim[i]
+    sliding = config.is_sliding(i)
+    keys = config.sliding_window - 1 + config.canvas_length + chunk if sliding else context
+    kv = 2 * Hq * keys * D * 2 if Hq > Hk else 0
+    kv += 2 * Hk * keys * D * 2 if sliding else 0  # the concatenated ring + chunk
+    mask = (5 if keys % 8 else 4) * chunk * keys
+    own = Hq * chunk * D * 2 + 2 * Hk * chunk * D * 2
+    kind = "sliding" if sliding else "full"
+    return kv + mask + own, f"{kind} layer attention: K/V over {Hq} heads, mask and bias [{chunk:,} x {keys:,}]"
 
 
 def _dequant_scratch(shapes, formats) -> int:
@@ -261,25 +318,3 @@ def estimate_for_dir(path: str | Path, context: int = DEFAULT_CONTEXT, budget_by
 
             raise CheckpointError(f"{manifest} is not a valid dg manifest") from None
     return estimate(config, formats, context, budget_bytes=budget_bytes, scheme=scheme)
-
-
-def free_device_memory() -> int | None:
-    """Free bytes on the current CUDA device (what a budget should really be), or None without one."""
-    if not torch.cuda.is_available():
-        return None
-    free, _total = torch.cuda.mem_get_info()
-    return free
-
-
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_bytes(text: str | int) -> int:
-    """'18GB' -> 18e9, '16GiB' -> 16*2^30, '18G' -> 18e9 (GB), 123 -> 123."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise DgError(f"cannot read '{text}' as a size (examples: 18GB, 16GiB, 24000000000)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])

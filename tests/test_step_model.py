@@ -1,0 +1,130 @@
+"""scripts/step_model.py: the traced model of a denoising step (kernels, bytes, peak memory) on the
+reduced config, fast; the full-size run is marked slow."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CONTEXTS = (1024, 4096)
+
+
+def load_step_model():
+    spec = importlib.util.spec_from_file_location("dg_step_model", ROOT / "scripts" / "step_model.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def sm():
+    return load_step_model()
+
+
+@pytest.fixture(scope="module")
+def reduced(sm):
+    return sm.run("reduced", CONTEXTS)
+
+
+def test_report_structure(sm, reduced):
+    assert reduced["model"] is True and "not a measurement" in reduced["note"]
+    assert reduced["formats"] == {"experts": "int4_sym_g64", "dense": "int8_row", "embedding": "int8_row"}
+    assert list(reduced["contexts"]) == [str(c) for c in CONTEXTS]
+    for r in reduced["contexts"].values():
+        for key in ("kernels_per_step", "bytes_per_step", "floor_bytes", "peak_live_bytes_decode",
+                    "peak_live_bytes_prefill", "chat_snapshot_bytes"):
+            assert r[key] > 0, key
+        assert set(r["by_part"]) == set(sm.PARTS)
+        assert sum(p["kernels"] for p in r["by_part"].values()) == r["kernels_per_step"]
+        assert sum(p["bytes"] for p in r["by_part"].values()) == r["bytes_per_step"]
+        assert set(r["predicted_ms"]) == set(sm.GPUS) == {"RTX 4090", "RTX 5090", "H100 SXM"}
+        ms = r["bytes_per_step"] / sm.GPUS["RTX 4090"] * 1e3 + r["kernels_per_step"] * reduced["per_kernel_us"] * 1e-3
+        assert r["predicted_ms"]["RTX 4090"] == pytest.approx(ms, abs=0.01)
+        assert r["floor_bytes"] < r["dram_bytes_per_step"] <= r["bytes_per_step"]
+        assert r["host_syncs_per_step"] == 0  # a step that CUDA graphs can capture
+        assert r["eager"]["kernels_per_step"] > 0
+
+
+def test_substituted_kernels_count_once_per_call(reduced):
+    """The CUDA path is what is traced: each Triton kernel and each attention is ONE kernel. The
+    plain-PyTorch path would decode 128 experts one by one: hundreds of ops per layer."""
+    layers = 6
+    r = reduced["contexts"]["1024"]
+    calls = r["calls_by_part"]
+    assert calls["experts"]["gate_up_kernel"] == calls["experts"]["down_kernel"] == layers
+    assert r["by_part"]["experts"]["kernels"] <= 40 * layers
+    assert calls["attention"]["attention"] == layers
+    assert calls["attention"]["int8_linear_kernel"] == 5 * 4 + 3  # q, k, v, o; full layers have no v_proj
+    assert calls["dense"]["int8_linear_kernel"] == 3 * layers
+    assert calls["head"]["lm_head_kernel"] == 1
+    # kernels.fused_norms, as the Engine installs it on CUDA: one kernel a norm (11 a layer and the
+    # final one; self-conditioning's two count there), the q/k RoPE and residual adds inside.
+    assert calls["norms"] == {"rmsnorm_kernel": 9 * layers + 1, "rmsnorm_rope_kernel": 2 * layers}
+    assert "lm_head_kernel" not in calls["sampler"] and "exponential_" in calls["sampler"]
+
+
+def test_bytes_grow_with_context_in_attention_only(reduced):
+    """Shapes decide the kernels, so a longer context adds no kernel; it adds bytes, all in
+    attention (the full layer reads more of the cache), and the cache itself."""
+    short, long = (reduced["contexts"][str(c)] for c in CONTEXTS)
+    assert long["kernels_per_step"] == short["kernels_per_step"]
+    assert long["bytes_per_step"] > short["bytes_per_step"]
+    for part in reduced["contexts"]["1024"]["by_part"]:
+        grew = long["by_part"][part]["bytes"] - short["by_part"][part]["bytes"]
+        assert grew > 0 if part == "attention" else grew == 0, part
+    assert long["floor_bytes"] - short["floor_bytes"] == long["kv_cache_bytes"] - short["kv_cache_bytes"] > 0
+    assert long["eager"]["bytes_per_step"] > short["eager"]["bytes_per_step"]
+
+
+def test_prefill_peak_grows_as_the_planner_counts(sm, reduced):
+    """A longer prompt's prefill holds a larger cache, and its last chunk's full layer attends over
+    more keys (K/V repeated over the heads, a mask and its bias), as quant.planner counts them.
+    Dropping a substitution (e.g. attention decomposed into [chunk x context] score matrices per
+    head) breaks this."""
+    from dgcli.config import ModelConfig
+    from quant.planner import estimate, model_shapes
+    from quant.schemes import tensor_formats
+
+    sm_config = ModelConfig.from_dict(sm.CONFIGS["reduced"])
+    shapes = model_shapes(sm_config)
+    formats = tensor_formats(shapes, reduced["formats"])
+    short, long = (reduced["contexts"][str(c)] for c in CONTEXTS)
+    e_short, e_long = (estimate(sm_config, formats, c, shapes=shapes) for c in CONTEXTS)
+    grew = long["peak_live_bytes_prefill"] - short["peak_live_bytes_prefill"]
+    expected = (e_long.section("kv cache") + e_long.section("prefill")
+                - e_short.section("kv cache") - e_short.section("prefill"))
+    assert grew > long["kv_cache_bytes"] - short["kv_cache_bytes"] > 0
+    assert grew == pytest.approx(expected, rel=0.05)
+
+
+def test_last_chunk_shortcut_keeps_the_prefill_peak(sm):
+    """The report traces only the prefill's last chunk; the peak is the same as with every chunk."""
+    cut = sm.run("reduced", [4096], eager=False)["contexts"]["4096"]
+    full = sm.run("reduced", [4096], eager=False, full_prefill=True)["contexts"]["4096"]
+    assert cut["prefill"]["traced_from"] == 2048 and full["prefill"]["traced_from"] == 0
+    assert cut["peak_live_bytes_prefill"] == full["peak_live_bytes_prefill"]
+    assert cut["peak_live_bytes_decode"] == full["peak_live_bytes_decode"]
+
+
+def test_command_line_prints_json(sm, capsys):
+    import json
+
+    assert sm.main(["--config", "reduced", "--contexts", "1024", "--no-eager", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert "eager" not in report["contexts"]["1024"] and report["config"] == "reduced"
+
+
+@pytest.mark.slow
+def test_full_size_step(sm):
+    """The released config at 8k and 32k: the int4 experts are the largest item, one layer's
+    packed experts (404.4 MB of codes and scales) read once per layer."""
+    report = sm.run("full", (8192, 32768), eager=False)
+    for r in report["contexts"].values():
+        experts = r["calls_by_part"]["experts"]
+        assert experts["gate_up_kernel"] == experts["down_kernel"] == 30
+        assert max(r["by_part"], key=lambda p: r["by_part"][p]["dram_bytes"]) == "experts"
+        assert r["by_part"]["experts"]["dram_bytes"] > 30 * 404.4e6
+        assert 14.5e9 < r["floor_bytes"] < r["bytes_per_step"]
