@@ -149,6 +149,7 @@ def test_presets_derive_from_the_released_config():
         bench.run_bench(config="tiny", device="cpu", steps=0)
 
 
+@pytest.mark.slow
 def test_script_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--config", "tiny", "--device", "cpu",

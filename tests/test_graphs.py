@@ -36,6 +36,7 @@ def run(engine, prompt, settings):
     return steps, blocks, done, cache
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fused", [False, True], ids=["logits", "fused-head"])
 def test_graph_replays_generate_what_eager_decoding_does(tiny, fused):
     model = tiny[0].model

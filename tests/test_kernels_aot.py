@@ -56,6 +56,7 @@ def test_every_kernel_declares_one_default():
         assert sum(s.default for s in aot.specs() if s.kernel == name) == 1, name
 
 
+@pytest.mark.slow
 def test_defaults_compile_everywhere_within_limits_without_spills(quick):
     defaults = [r for r in quick if r["default"]]
     assert sorted((r["kernel"], r["target"]) for r in defaults) == sorted((k, t) for k in names() for t in TARGETS)

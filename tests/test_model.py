@@ -1,5 +1,6 @@
 """Model pieces that parity tests cannot reach: the experts fallback path, RoPE, the encoder mask."""
 
+import pytest
 import torch
 
 from dgcli import model as M
@@ -51,6 +52,7 @@ def test_encoder_window_mask():
     assert not window_mask(q, torch.tensor([-1, 7]), None)[3, 0]  # empty slots are never visible
 
 
+@pytest.mark.slow
 def test_static_cache_matches_the_reference_cache(tiny):
     """Ring buffers for sliding layers and slack for the canvas give the reference's logits."""
     model = tiny[0].model

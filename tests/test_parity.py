@@ -114,6 +114,7 @@ def run_ours(ours, prompt, seed, boost=None, **settings):
     return events
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 7])
 def test_generation_token_identical_random(pair, seed):
     ref, ours = pair

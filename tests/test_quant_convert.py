@@ -109,6 +109,7 @@ def test_output_layout_and_manifest(q_tiny, tiny_dir):
     assert (q_tiny / "config.json").read_bytes() == (tiny_dir / "config.json").read_bytes()
 
 
+@pytest.mark.slow
 def test_loads_generates_and_equals_the_dequantized_model(q_tiny, tiny):
     engine, tok = dgcli.load(str(q_tiny), device="cpu")
     model = engine.model

@@ -65,6 +65,7 @@ def wait_for(path, proc, err, timeout=120):
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_interrupted_quantize_leaves_nothing_loadable(tiny_dir, tmp_path):
     work = tmp_path / "work"
     work.mkdir()
@@ -84,6 +85,7 @@ def test_interrupted_quantize_leaves_nothing_loadable(tiny_dir, tmp_path):
     assert list(work.iterdir()) == []  # no OUT, no partial directory: nothing loadable
 
 
+@pytest.mark.slow
 def test_quantize_ram_stays_bounded(big_ckpt, tmp_path):
     size = (big_ckpt / "model.safetensors").stat().st_size
     assert size > 150e6
