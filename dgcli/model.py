@@ -5,7 +5,7 @@ One set of weights run in two modes (reference: transformers 5.23.0 `models/diff
   the commit of a finished canvas);
 - decoder mode: bidirectional over the canvas + the whole cache, never writing it; the input is the
   canvas embedding mixed with a self-conditioning signal from the previous step's logits.
-Architecture notes (what a re-implementation gets wrong, see shared/docs/model.md §6):
+Architecture notes (what a re-implementation gets wrong):
 - sliding layers (head_dim 256, 8 kv heads, default RoPE θ=1e4) and full layers (head_dim 512,
   2 kv heads, K=V: V is the weightless-RMSNormed raw k_proj output, "proportional" RoPE θ=1e6 with
   only the first 25% of frequency pairs non-zero); attention scaling 1.0, q/k RMSNorm instead;

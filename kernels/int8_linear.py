@@ -1,11 +1,11 @@
 """Weight-only int8 linear (W8A16): y = x @ (q · s[:, None])ᵀ, one scale per output row.
 
-For the dense projections and the embedding when the VRAM planner puts them in int8 (quant.md §2:
+For the dense projections and the embedding when the VRAM planner puts them in int8 (docs/quantization.md:
 scheme S3). Weights q int8 [N, K], scales s [N] (fp16/bf16/fp32), activations x [M, K] in
 fp16/bf16/fp32; the output is [M, N] in x's dtype. The int8 codes convert exactly to fp16/bf16
 inside the kernel and go to `tl.dot` with fp32 accumulation; the row scale multiplies the
 accumulator in the epilogue, so there is no rounding of q·s. At M = 256 (one canvas) these GEMMs
-are compute-bound on GeForce cards (quant.md §3b), so this halves their weight traffic but not
+are compute-bound on GeForce cards (docs/benchmarks.md, floors), so this halves their weight traffic but not
 their FLOPs. The W8A8 integer-tensor-core path is a separate, opt-in kernel.
 """
 

@@ -13,7 +13,7 @@ Sampling itself is left to the caller. torch.multinomial's draws must match the 
 stream for seeded runs, so they cannot be fused without giving up seed-for-seed parity.
 
 The embedding may be the model's float matrix [V, H] or int8 with one scale per vocabulary row
-(`weight_scale` [V]; quant.md §2e); the scale is applied to the fp32 accumulator. Logits are
+(`weight_scale` [V]; docs/quantization.md); the scale is applied to the fp32 accumulator. Logits are
 rounded to h's dtype before the softcap, as `Embedding.head` in the model does.
 """
 

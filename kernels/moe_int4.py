@@ -380,7 +380,7 @@ def _run(cfg: MoeConfig, x, index, weights, gate_up_q, gate_up_s, down_q, down_s
     return y.view(T, A, H).sum(1, dtype=torch.float32).to(x.dtype)  # fixed-order sum over slots
 
 
-# Candidates: M ≈ 16 rows per expert on a 256-token canvas, so small BLOCK_M first (quant.md §4).
+# Candidates: M ≈ 16 rows per expert on a 256-token canvas, so small BLOCK_M first.
 _BLOCK_M = (16, 32, 64)
 _TILES = tuple((bn, w, s) for bn in (32, 64, 128) for (w, s) in ((4, 2), (4, 3), (4, 4), (8, 3)))
 _LARGE = frozenset()  # (BLOCK_M, BLOCK_N, warps, stages) over a 99 KB part's shared memory (kernels.aot)

@@ -14,7 +14,7 @@ named `<weight name>.<suffix>`:
                  scales = bnb's absmax, float32 [N, K/64]; w = NF4_CODE[q] * absmax.
 - bf16 / keep    not packed: stored under the original name (bf16, or the source dtype).
 
-Group formats need K % 64 == 0 (704 and 2112 are multiples of 64, not of 128: quant.md §0).
+Group formats need K % 64 == 0 (704 and 2112, the released config's widths, are multiples of 64, not of 128).
 Quantizers are round-to-nearest with a per-group scale search (see quantize_int4_sym); they run
 on any device and never hold more than a small block of a tensor in fp32 on the CPU.
 """

@@ -136,7 +136,7 @@ class Estimate:
 
 
 def _gb(n: int) -> str:
-    """Decimal and binary units side by side (quant.md: "18 GB" is ambiguous)."""
+    """Decimal and binary units side by side ("18 GB" is ambiguous between 10^9 and 2^30)."""
     for dec, b, unit in ((1e9, GiB, "G"), (1e6, 2**20, "M"), (1e3, 2**10, "k")):
         if n >= dec or unit == "k":
             return f"{n / dec:8.2f} {unit}B {n / b:8.2f} {unit.upper()}iB"

@@ -32,13 +32,13 @@ FORMAT_GROUP = {"experts": "experts", "attention": "dense", "mlp": "dense", "sel
 
 # name -> {format group: allowed formats, most preferred first}. Upgrade order: dense, then embedding.
 SCHEMES: dict[str, dict[str, list[str]]] = {
-    # quant.md S3 (default): experts int4 sym g64; dense and embedding int8 per row unless the
+    # The default: experts int4 sym g64; dense and embedding int8 per row unless the
     # budget allows bf16 (S2/S1).
     "int4": {"experts": ["int4_sym_g64"], "dense": ["bf16", "int8_row"], "embedding": ["bf16", "int8_row"]},
     # The same with asymmetric experts (+0.25 bpw), kept for measurement.
     "int4-asym": {"experts": ["int4_asym_g64"], "dense": ["bf16", "int8_row"],
                   "embedding": ["bf16", "int8_row"]},
-    # quant.md S6, for comparison: dense projections in bitsandbytes NF4; fixed, no upgrades.
+    # For comparison: dense projections in bitsandbytes NF4; fixed, no upgrades.
     "nf4": {"experts": ["int4_sym_g64"], "dense": ["nf4_g64"], "embedding": ["int8_row"]},
 }
 UPGRADE_ORDER = ("dense", "embedding")

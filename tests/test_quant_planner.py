@@ -1,4 +1,4 @@
-"""The VRAM planner on the released 26B-A4B config (built on meta): quant.md's weight arithmetic,
+"""The VRAM planner on the released 26B-A4B config (built on meta): the weight arithmetic of docs/quantization.md,
 and the rest against what scripts/step_model.py traces the engine allocating."""
 
 import importlib.util
@@ -30,7 +30,7 @@ def test_default_scheme_fits_18gb_at_32k_itemised(real):
     groups, e = plan(real, "int4", context=32768, budget_bytes=18_000_000_000)
     assert groups == {"experts": "int4_sym_g64", "dense": "int8_row", "embedding": "int8_row"}  # S3
     assert e.fits and e.total < 18e9
-    assert e.weights == pytest.approx(14.56e9, abs=0.01e9)  # quant.md table 2a, S3
+    assert e.weights == pytest.approx(14.56e9, abs=0.01e9)  # the default scheme's weights (docs/quantization.md)
     assert any("less than 5%" in n for n in e.notes)  # 17.8 GB: fits, without the 5% headroom
     rows = {r.label: r.nbytes for r in e.rows}
     L, V = 256, 262144
