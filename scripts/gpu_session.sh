@@ -2,7 +2,7 @@
 # Everything a GPU session should measure, in one go (device time is scarce): the CUDA test cases,
 # then the benchmarks, each report as JSON in OUT_DIR (default $OUT, else ./gpu-out). Record the
 # figures, with the device named, in docs/benchmarks.md.
-#   bash scripts/gpu_session.sh kernels    # CUDA tests + the MoE kernel alone (< 7 min)
+#   bash scripts/gpu_session.sh kernels    # the CPU proofs (AOT compiles, step model) + CUDA tests + the MoE kernel (< 9 min)
 #   bash scripts/gpu_session.sh speed      # full 26B-A4B shape, int4 experts, graphs on and off (< 8 min)
 #   bash scripts/gpu_session.sh reference  # bf16 against transformers, same shapes (< 5 min)
 # One stage per device call: a call may run 10 minutes at most.
@@ -17,9 +17,13 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$log" 2>
 python -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" >> "$log" 2>&1
 
 if [[ $stage == kernels ]]; then
-# 1. Kernels and CUDA graphs against their references, on the GPU, at the real shapes.
+# 0. What CI proves without a GPU, rerun here so its figures sit beside the measured ones.
+timeout 240 python -m kernels.aot --jobs 16 > "$out/aot.jsonl" 2>> "$log"
+timeout 90 python scripts/step_model.py --json --out "$out/step_model.json" 2>> "$log"
+# 1. Kernels, CUDA graphs and the engine against their references, on the GPU, at the real shapes
+#    (the CUDA-only cases that CPU runs skip, plus every fast-path test under the device's own layouts).
 timeout 300 python -m pytest -q -rs tests/test_kernels.py tests/test_kernels_int8.py tests/test_kernels_lm_head.py \
-    tests/test_graphs.py 2>&1 | tail -40 > "$out/tests.txt"
+    tests/test_kernels_norm.py tests/test_graphs.py tests/test_cache.py tests/test_engine.py 2>&1 | tail -40 > "$out/tests.txt"
 
 # 2. The MoE kernel alone: GB/s against the device.
 timeout 120 python scripts/bench.py --config full --moe-only --out "$out/moe.json" 2>> "$log"
