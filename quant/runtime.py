@@ -13,7 +13,8 @@ The plain-PyTorch path dequantizes per expert / per weight / per vocabulary chun
 activations' dtype, and runs everywhere. On CUDA symmetric int4 experts go through
 `kernels.moe_int4` (its dispatcher picks Triton; DG_KERNELS=ref forces its reference), int8 projections and
 the int8 LM head through `kernels.int8_linear` (Triton only: the codes are read once, never decoded
-into a bf16 copy), and NF4 weights use bitsandbytes.
+into a bf16 copy), and NF4 weights use bitsandbytes. The int8 soft embedding goes through
+`kernels.int8_soft` on every device (its reference off CUDA).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from dgcli.errors import CheckpointError
 from dgcli.model import Embedding, Experts
 from kernels._dispatch import use_triton
 from kernels.int8_linear import int8_linear
+from kernels.int8_soft import int8_soft
 from kernels.moe_int4 import moe_int4
 
 from .formats import FORMATS, GROUP, nf4_code
@@ -157,27 +159,19 @@ class QuantEmbedding(Embedding):
             yield a, b, self.weight.dequantize(dtype, slice(a, b))
 
     def soft(self, probs: torch.Tensor) -> torch.Tensor:
-        """probs (B, L, V) -> (B, L, H), accumulated in fp32 over vocabulary chunks.
+        """probs (B, L, V) -> (B, L, H), accumulated in fp32.
 
-        int8 rows: sum_v p_v * s_v * q_v, with the row scale folded into the probabilities, so each
-        chunk of codes is read once and converted straight to the compute dtype (exact: |q| <= 127),
-        never decoded through fp32 (which moved ~21 bytes per weight, 15 GB a step at full size).
-        p * s alone (~1e-9) would fall below fp16's range: the scales go in relative to their
-        geometric mean, which the placeholder scale 1 of an all-zero row (a pad token) cannot skew.
-        """
+        int8 rows: kernels.int8_soft (Triton on CUDA reads each code once; elsewhere its reference
+        converts each chunk of codes once to the dtype), never a decode of the table through fp32
+        (which moved ~21 bytes per weight, 15 GB a step at full size). Other formats: decoded a
+        chunk of rows at a time."""
         w, dtype = self.weight, probs.dtype
+        if w.format.name == "int8_row":
+            return int8_soft(probs, w.qweight, w.scales).to(dtype) * self.embed_scale()
         acc = torch.zeros(*probs.shape[:-1], w.shape[1], dtype=torch.float32, device=probs.device)
-        if w.format.name != "int8_row":
-            for a, b, chunk in self.chunks(dtype):
-                acc += torch.matmul(probs[..., a:b], chunk).float()
-            return acc.to(dtype) * self.embed_scale()
-        scales = w.scales.float()
-        typical = scales.clamp_min(1e-30).log().mean().exp()  # a device scalar: no host sync
-        rel = scales / typical
-        for a, b in _spans(w.shape[0]):
-            p = (probs[..., a:b] * rel[a:b]).to(dtype)
-            acc += torch.matmul(p, w.qweight[a:b].to(dtype)).float()
-        return (acc * typical).to(dtype) * self.embed_scale()
+        for a, b, chunk in self.chunks(dtype):
+            acc += torch.matmul(probs[..., a:b], chunk).float()
+        return acc.to(dtype) * self.embed_scale()
 
     def head_weight(self):
         if self.weight.format.name != "int8_row":  # kernels.lm_head reads int8 rows, not 4-bit groups
