@@ -23,7 +23,7 @@ from kernels._tuning import SMALL_SMEM, SMEM_LIMIT  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = ("sm_89", "sm_90", "sm_120")
-KNOWN = ("int8_linear", "lm_head", "lm_head.int8", "moe_int4.gate_up", "moe_int4.down")  # at least these
+KNOWN = ("int8_linear", "lm_head", "lm_head.int8", "moe_int4.gate_up", "moe_int4.down", "int8_soft")  # at least these
 
 
 def run_aot(*args) -> list[dict]:
@@ -72,6 +72,7 @@ def test_defaults_compile_everywhere_within_limits_without_spills(quick):
             assert r["sass_scope"] == "loop" and (r["sass"].get("HMMA") or r["sass"].get("HGMMA")), r
 
 
+@pytest.mark.slow
 def test_moe_main_loops_have_no_int_to_float(quick):
     """The int4 dequantisation is a mantissa trick (OR + one subtract), not I2F per weight."""
     rows = [r for r in quick if r["kernel"].startswith("moe_int4") and r["default"]]
@@ -82,6 +83,7 @@ def test_moe_main_loops_have_no_int_to_float(quick):
         assert r["sass"].get("HFMA2", 0) + r["sass"].get("HADD2", 0) > 0  # the packed subtract is there
 
 
+@pytest.mark.slow
 def test_large_tiles_cannot_fit_99kb_parts_and_are_not_offered_there(quick):
     large = [r for r in quick if not r["default"]]
     head = {tuple(r["config"].values())[:3] for r in large if r["kernel"] == "lm_head"}
