@@ -75,6 +75,7 @@ class Engine:
             from kernels.fused_norms import install
 
             install(model)
+            __import__("kernels.fused_router", fromlist=["install"]).install(model)  # the router: 3 kernels, not ~12
         if capture is None and (cuda and graphs_env if cuda_graphs is None else cuda_graphs):
             capture = graphs.CudaCapture()
         self.capture = capture if self.static_cache else None  # graphs need the static cache's fixed buffers

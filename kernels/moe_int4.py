@@ -11,7 +11,8 @@ Shapes: T tokens, A slots per token (top-k), P = T·A (token, slot) pairs, E exp
 
 The Triton path (the design of vLLM's fused_moe / exllama, re-implemented):
 1. `moe_align`: sort the P pairs by expert and pad each expert's run to a multiple of BLOCK_M, with a
-   static upper bound on the padded length and no host sync (CUDA-graph friendly).
+   static upper bound on the padded length and no host sync (CUDA-graph friendly); one single-program
+   Triton kernel (a counting sort, `_align_kernel`), `moe_align_ref` the same in ~25 PyTorch ops.
 2. `_gate_up_kernel`: one program per (BLOCK_M rows of one expert, BLOCK_N columns of I). It computes
    the gate and up tiles together and writes h = gelu_tanh(g)·u once, in x's dtype.
 3. `_down_kernel`: same tiling over H. It multiplies by the routing weight in the epilogue and writes
@@ -128,8 +129,9 @@ def moe_int4_ref(x, index, weights, gate_up_q, gate_up_s, down_q, down_s, group_
 # Routing layout
 
 
-def moe_align(index: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sort (token, slot) pairs by expert, each expert's run padded to a multiple of block_m.
+def moe_align_ref(index: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort (token, slot) pairs by expert, each expert's run padded to a multiple of block_m
+    (stable: an expert's pairs in their original order).
 
     Returns sorted_ids int32 [cap] (pair id t·A+j, or P for padding) and block_expert int32
     [cap / block_m] (the expert of each row block, -1 for blocks past the end). cap is a static
@@ -152,6 +154,38 @@ def moe_align(index: torch.Tensor, num_experts: int, block_m: int) -> tuple[torc
     block_expert = torch.searchsorted(cum_padded, block_start, right=True)
     block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
     return sorted_ids, block_expert
+
+
+def moe_align(index: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`moe_align_ref`'s outputs; one Triton kernel on CUDA (instead of ~25), else the reference."""
+    return (moe_align_triton if use_triton(index) else moe_align_ref)(index, num_experts, block_m)
+
+
+def moe_align_triton(index: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`moe_align_ref` in one single-program kernel (`_align_kernel`): same outputs, bit for bit."""
+    if not 0 < num_experts <= MAX_ALIGN_EXPERTS:
+        raise ValueError(f"num_experts={num_experts} must be in 1..{MAX_ALIGN_EXPERTS}")
+    flat = index.reshape(-1)
+    P, dev = flat.numel(), flat.device
+    cap = _round_up(P + min(num_experts, P) * (block_m - 1), block_m)
+    sorted_ids = torch.empty(cap, dtype=torch.int32, device=dev)
+    block_expert = torch.empty(cap // block_m, dtype=torch.int32, device=dev)
+    if cap == 0:
+        return sorted_ids, block_expert
+    if cap >= MAX_ALIGN_SLOTS:  # beyond the kernel's 16-bit counters (P over ~60k pairs): the reference
+        return moe_align_ref(index, num_experts, block_m)
+    launch(_align_kernel, dev, (1,), flat.contiguous(), sorted_ids, block_expert, P, num_experts, block_m, cap,
+           cap // block_m, triton.cdiv(P, ALIGN_LANES), BLOCK_E=max(16, 1 << (num_experts - 1).bit_length()),
+           LANES=ALIGN_LANES, BLOCK_B=ALIGN_BLOCK_B, BLOCK_W=ALIGN_BLOCK_W, num_warps=ALIGN_WARPS)
+    return sorted_ids, block_expert
+
+
+MAX_ALIGN_EXPERTS = 256  # E/2 counters a thread (compiled without spills at E = 128)
+MAX_ALIGN_SLOTS = 1 << 16  # cap must stay below: the counters are 16 bits
+ALIGN_WARPS = 4
+ALIGN_LANES = 32 * ALIGN_WARPS  # a lane a thread; each walks P / LANES pairs in order
+ALIGN_BLOCK_B = 32  # row blocks per step of the block-expert loop
+ALIGN_BLOCK_W = 1024  # slots per step of the padding loop
 
 
 def _round_up(n: int, m: int) -> int:
@@ -181,6 +215,57 @@ if HAS_TRITON:
             v = (v >> 4) if HIGH else (v & 0xF)
             w = (v | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0  # 2^23 + nibble - (2^23 + 8)
         return w
+
+    @triton.jit
+    def _align_kernel(index_ptr, sorted_ptr, block_expert_ptr, P, E, block_m, cap, num_blocks, run,
+                      BLOCK_E: tl.constexpr, LANES: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_W: tl.constexpr):
+        """moe_align_ref in one program, a counting sort over LANES lanes: lane c owns the `run`
+        consecutive pairs from c·run, so ranks in lane order are ranks in pair order (stable).
+        Tiles are [expert pairs, lanes]: a lane's column sits in one thread (LANES = 32 x warps), so
+        the per-pair work needs no communication between threads; each int32 holds the 16-bit
+        counters of experts 2r (low half) and 2r+1 (high half), as every count and slot is < 2^16
+        (cap < 2^16; no half carries into the other), which halves the registers and the work.
+        (1) counts[r, c]: lane c's pairs of experts 2r, 2r+1, one compare-and-add per step;
+        (2) each expert's padded start, each lane's first slot for it (start + the lanes before it),
+        each row block's expert (searchsorted over the padded ends), and padding everywhere;
+        a barrier, so the padding is written before (3) writes pairs over it;
+        (3) each lane walks its pairs again, writing each at its next slot for that expert."""
+        HALF_E: tl.constexpr = BLOCK_E // 2
+        lanes = tl.arange(0, LANES)
+        rows = tl.arange(0, HALF_E)
+        counts = tl.zeros((HALF_E, LANES), dtype=tl.int32)
+        nxt = tl.load(index_ptr + lanes * run, mask=lanes * run < P, other=-1)  # -1 >> 1: no row
+        for j in range(0, run):  # (1)
+            e = nxt.to(tl.int32)
+            pair = lanes * run + j + 1
+            nxt = tl.load(index_ptr + pair, mask=pair < P, other=-1)  # a step ahead (last: unused)
+            counts += tl.where(rows[:, None] == (e >> 1)[None, :], (1 << (e & 1) * 16)[None, :], 0)
+        total = tl.sum(counts, axis=1)  # (2)
+        total = tl.reshape(tl.join(total & 0xFFFF, (total >> 16) & 0xFFFF), (BLOCK_E,))  # expert order
+        padded = (total + block_m - 1) // block_m * block_m
+        ends = tl.cumsum(padded, axis=0)
+        start_lo, start_hi = tl.split(tl.reshape(ends - padded, (HALF_E, 2)))
+        slot = (start_lo | (start_hi << 16))[:, None] + tl.cumsum(counts, axis=1) - counts
+        ends = tl.where(tl.arange(0, BLOCK_E) < E, ends, cap)  # past every block start
+        for b in range(0, num_blocks, BLOCK_B):  # [blocks, experts]: the experts across threads
+            blocks = b + tl.arange(0, BLOCK_B)
+            be = tl.sum((ends[None, :] <= (blocks * block_m)[:, None]).to(tl.int32), axis=1)
+            tl.store(block_expert_ptr + blocks, tl.where(be < E, be, -1), mask=blocks < num_blocks)
+        for a in range(0, cap, BLOCK_W):
+            offs = a + tl.arange(0, BLOCK_W)
+            tl.store(sorted_ptr + offs, tl.zeros_like(offs) + P, mask=offs < cap)
+        tl.debug_barrier()
+        nxt = tl.load(index_ptr + lanes * run, mask=lanes * run < P, other=-1)
+        for j in range(0, run):  # (3)
+            e = nxt.to(tl.int32)
+            pair = lanes * run + j
+            ok = pair < P
+            nxt = tl.load(index_ptr + pair + 1, mask=pair + 1 < P, other=-1)
+            hit = rows[:, None] == (e >> 1)[None, :]
+            shift = (e & 1) * 16
+            dest = (tl.sum(tl.where(hit, slot, 0), axis=0) >> shift) & 0xFFFF
+            tl.store(sorted_ptr + dest, pair, mask=ok)
+            slot += tl.where(hit, (1 << shift)[None, :], 0)
 
     @triton.jit
     def _gate_up_kernel(
@@ -450,7 +535,7 @@ def tuned_configs() -> dict:
 def _aot():
     """Compile specs for `python -m kernels.aot`: bf16 activations at the real shapes (H 2816, I 704,
     E 128, top-8; every size and stride a multiple of 16 except top_k and the scales' row stride),
-    both kernels at every BLOCK_M and tile."""
+    both kernels at every BLOCK_M and tile; the routing layout (moe_align) for 128 experts."""
     common = {"GROUP": 64, "EVEN_N": True, "FP32": False}
     gate_up = {"x_ptr": "*bf16", "q_ptr": "*u8", "s_ptr": "*fp16", "h_ptr": "*bf16", "sorted_ptr": "*i32",
                "block_expert_ptr": "*i32", "num_pairs": "i32", "top_k": "i32", "I": "i32", "K": "i32",
@@ -472,6 +557,13 @@ def _aot():
             yield AotSpec(name, fn, sig, dict(common, BLOCK_M=bm, BLOCK_N=bn), warps, stages,
                           dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages),
                           default=cfg == default, large=cfg in _LARGE, divisible=divisible)
+    # the routing layout: block_m is an argument, so one compile serves every BLOCK_M
+    align = dict(BLOCK_E=128, LANES=ALIGN_LANES, BLOCK_B=ALIGN_BLOCK_B, BLOCK_W=ALIGN_BLOCK_W)
+    yield AotSpec("moe_align", _align_kernel,
+                  {"index_ptr": "*i64", "sorted_ptr": "*i32", "block_expert_ptr": "*i32", "P": "i32", "E": "i32",
+                   "block_m": "i32", "cap": "i32", "num_blocks": "i32", "run": "i32"},
+                  align, ALIGN_WARPS, 1, dict(align, num_warps=ALIGN_WARPS), default=True,
+                  divisible=("P", "E", "block_m", "cap"))
 
 
 AOT = list(_aot()) if HAS_TRITON else []

@@ -21,7 +21,8 @@ pytest.importorskip("triton", reason="triton is not installed (the references ar
 
 M = importlib.import_module("kernels.moe_int4")  # the module: kernels.moe_int4 is also the function
 from kernels.moe_int4 import (  # noqa: E402
-    MoeConfig, moe_align, moe_int4, moe_int4_ref, moe_int4_triton, pack_int4_oracle, unpack_int4_oracle,
+    MoeConfig, moe_align, moe_align_ref, moe_align_triton, moe_int4, moe_int4_ref, moe_int4_triton, pack_int4_oracle,
+    unpack_int4_oracle,
 )
 
 CUDA = torch.cuda.is_available()
@@ -150,11 +151,17 @@ def test_reference_validates_shapes():
 # Routing layout
 
 
-@pytest.mark.parametrize("T,E,A,block_m", [(1, 4, 2, 16), (33, 4, 2, 16), (33, 8, 3, 32), (5, 128, 8, 16)])
-def test_moe_align(T, E, A, block_m):
+ALIGN_CASES = [(1, 4, 2, 16), (33, 4, 2, 16), (33, 8, 3, 32), (5, 128, 8, 16)]
+
+
+@pytest.mark.parametrize("impl", ["ref", "triton"])
+@pytest.mark.parametrize("T,E,A,block_m", ALIGN_CASES)
+def test_moe_align(T, E, A, block_m, impl, monkeypatch):
+    if impl == "triton":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
     g = torch.Generator().manual_seed(T)
     index = torch.stack([torch.randperm(E, generator=g)[:A] for _ in range(T)])
-    sorted_ids, block_expert = moe_align(index, E, block_m)
+    sorted_ids, block_expert = (moe_align_ref if impl == "ref" else moe_align_triton)(index, E, block_m)
     P = T * A
     assert sorted_ids.numel() % block_m == 0 and block_expert.numel() == sorted_ids.numel() // block_m
     real = sorted_ids[sorted_ids < P]
@@ -170,6 +177,56 @@ def test_moe_align(T, E, A, block_m):
             assert ids.numel() > 0 and (flat[ids.long()] == e).all()
     used = block_expert[block_expert >= 0]
     assert torch.equal(used, used.sort().values)  # experts in order, one run each
+
+
+def routings(T, E, A, seed):
+    """Routings the kernel must lay out as the reference does: random (most experts present),
+    skewed (a few experts take every token: long runs over many blocks, most experts empty)."""
+    g = torch.Generator().manual_seed(seed)
+    yield torch.stack([torch.randperm(E, generator=g)[:A] for _ in range(T)])
+    hot = torch.randperm(E, generator=g)[:A + 2]
+    yield torch.stack([hot[torch.randperm(A + 2, generator=g)[:A]] for _ in range(T)])
+
+
+@pytest.mark.parametrize("T,E,A,block_m", [(1, 4, 2, 16), (3, 5, 2, 16), (33, 8, 3, 32), (40, 128, 8, 16),
+                                           (37, 128, 8, 64), (300, 16, 4, 16)],
+                         ids=["1", "E5", "33", "P320", "P296-bm64", "P1200"])
+def test_moe_align_triton_is_the_reference(T, E, A, block_m, monkeypatch):
+    """Bit for bit, under the interpreter: P below and above the kernel's 128 lanes and not a multiple
+    of them or of block_m, experts without pairs, E not a power of two."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for skewed, index in enumerate(routings(T, E, A, seed=T)):
+        if skewed and E > A + 2:
+            assert (torch.bincount(index.reshape(-1), minlength=E) == 0).any()
+        got, want = moe_align_triton(index, E, block_m), moe_align_ref(index, E, block_m)
+        assert got[0].dtype == got[1].dtype == torch.int32
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_moe_align_dispatch(monkeypatch):
+    """CUDA tensors (DG_KERNELS=triton here) take the kernel, one launch; past its 16-bit counters,
+    the reference."""
+    launches = []
+    monkeypatch.setenv("DG_KERNELS", "triton")
+    monkeypatch.setattr(M, "launch", lambda *a, **k: launches.append(a[0]))
+    index = torch.zeros(4, 2, dtype=torch.long)
+    moe_align(index, 4, 16)
+    assert launches == [M._align_kernel]
+    monkeypatch.setattr(M, "MAX_ALIGN_SLOTS", 32)  # cap 16 + 2·15 -> 48: over
+    got = moe_align(index, 4, 16)
+    assert len(launches) == 1 and all(torch.equal(a, b) for a, b in zip(got, moe_align_ref(index, 4, 16)))
+
+
+def test_moe_int4_with_the_align_kernel(monkeypatch):
+    """The experts' Triton path with the layout from the kernel (DG_KERNELS=triton) gives the same
+    output as with the reference's layout, bit for bit."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    case = make_case(7, 128, 64, 4, 2, seed=5)
+    want = moe_int4_triton(*case, config=MoeConfig())  # CPU tensors: moe_align takes the reference
+    calls = []
+    monkeypatch.setenv("DG_KERNELS", "triton")
+    monkeypatch.setattr(M, "moe_align_triton", lambda *a: calls.append(1) or moe_align_triton(*a))
+    assert torch.equal(moe_int4_triton(*case, config=MoeConfig()), want) and calls
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -286,6 +343,19 @@ def test_cpu_triton_without_interpreter_is_refused(monkeypatch):
 
 gpu = pytest.mark.skipif(not CUDA or INTERPRETED_AT_IMPORT,
                          reason="needs a CUDA device (and TRITON_INTERPRET unset at import)")
+
+
+@gpu
+@pytest.mark.parametrize("T", [1, 37, 256, 2048])
+def test_gpu_moe_align(T, monkeypatch):
+    """The compiled single-program layout kernel against the reference, bit for bit (canvas and
+    prefill-chunk sizes; a skewed routing: long runs, empty experts)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for index in routings(T, 128, 8, seed=T):
+        index = index.cuda()
+        for block_m in (16, 32, 64):
+            got, want = moe_align_triton(index, 128, block_m), moe_align_ref(index, 128, block_m)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 @gpu

@@ -1,0 +1,61 @@
+"""Swap the model's expert routers for ones that run kernels.router: the norm and scales in one
+kernel, the projection (a matmul), then softmax, top-k, renormalisation and per-expert scale in one
+kernel: 3 kernels a layer instead of ~12.
+
+`install(model)` replaces every `dgcli.model.Router` (a module swap, as kernels.fused_norms does for
+the RMSNorms; dgcli/model.py is not edited) with a `FusedRouter` holding the same parameter and
+submodule objects, so state-dict keys and weights are unchanged. Each call asks
+`kernels._dispatch.use_triton` (Triton on CUDA, `DG_KERNELS` overrides) and otherwise runs the
+parent's forward. The Engine installs it on CUDA (dgcli/engine.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dgcli.model import Router
+
+from ._dispatch import use_triton
+from .rmsnorm import MAX_WIDTH
+from .router import MAX_EXPERTS, router_norm_triton, router_topk_triton
+
+
+class FusedRouter(Router):
+    """Router whose forward runs kernels.router around its projection when dispatch says so.
+    The norm keeps the model's three roundings (norm, ·scale, ·root_size): see kernels/router.py."""
+
+    @classmethod
+    def replacing(cls, router: Router) -> FusedRouter:
+        """A FusedRouter over `router`'s own parameters and submodules (the same objects, no copies)."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.top_k = router.top_k
+        new.root_size = router.root_size
+        new.norm = router.norm  # registration order as Router.__init__: same state-dict order
+        new.proj = router.proj
+        new.scale = router.scale
+        new.per_expert_scale = router.per_expert_scale
+        new.train(router.training)
+        return new
+
+    def _fits(self, x: torch.Tensor) -> bool:
+        return (use_triton(x) and self.norm.weight is None and x.shape[-1] <= MAX_WIDTH
+                and self.top_k <= self.per_expert_scale.numel() <= MAX_EXPERTS)
+
+    def forward(self, x: torch.Tensor):
+        if not self._fits(x):
+            return super().forward(x)
+        logits = self.proj(router_norm_triton(x, self.scale, self.root_size, self.norm.eps))
+        weights, index = router_topk_triton(logits.reshape(-1, logits.shape[-1]), self.per_expert_scale, self.top_k)
+        return weights.view(*logits.shape[:-1], -1), index.view(*logits.shape[:-1], -1)
+
+
+def install(model: nn.Module) -> int:
+    """Replace every plain Router under `model` by a FusedRouter; returns how many were replaced
+    (0 on a second call)."""
+    swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+             if type(child) is Router]
+    for parent, name, child in swaps:
+        setattr(parent, name, FusedRouter.replacing(child))
+    return len(swaps)
