@@ -71,11 +71,11 @@ class Engine:
         if fused_head is None:
             fused_head = cuda and fused_env
         self.fused_head = fused_head and model.model.decoder.embed_tokens.head_weight() is not None
-        if cuda:  # each RMSNorm (with its residual add or RoPE) one Triton kernel instead of ~8
-            from kernels.fused_norms import install
+        if cuda:  # one Triton kernel per RMSNorm (with its residual add or RoPE), two for the router
+            from kernels import fused_norms, fused_router
 
-            install(model)
-            __import__("kernels.fused_router", fromlist=["install"]).install(model)  # the router: 3 kernels, not ~12
+            fused_norms.install(model)
+            fused_router.install(model)
         if capture is None and (cuda and graphs_env if cuda_graphs is None else cuda_graphs):
             capture = graphs.CudaCapture()
         self.capture = capture if self.static_cache else None  # graphs need the static cache's fixed buffers

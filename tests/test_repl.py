@@ -62,7 +62,7 @@ def test_static_cache_session_rolls_back_and_answers_as_fresh(tiny, seed):
     """The CUDA way (one static cache kept across turns, truncated where a prompt diverges), on the CPU."""
     model, tok = tiny
     settings = {**EXACT, "seed": seed}
-    s = ChatSession(Engine(model.model, static_cache=True), tok, settings=settings, context=4096)
+    s = ChatSession(Engine(model.model, model.sampler_defaults, static_cache=True), tok, settings=settings, context=4096)
     cache, reused = None, []
     for text in ("hello there", "tell me more", "and then?"):
         events = list(s.turn(text))
@@ -81,7 +81,7 @@ def test_static_cache_session_rolls_back_and_answers_as_fresh(tiny, seed):
 
 
 def test_static_cache_context_full_is_a_clear_error(tiny):
-    s = ChatSession(Engine(tiny[0].model, static_cache=True), tiny[1], settings=FAST, context=64)
+    s = ChatSession(Engine(tiny[0].model, tiny[0].sampler_defaults, static_cache=True), tiny[1], settings=FAST, context=64)
     with pytest.raises(DgError, match="context full"):
         list(s.turn("hello " * 80))
     assert s.messages == []
