@@ -127,15 +127,23 @@ class StaticKVCache:
         self.rollback = rollback  # ring slots beyond W-1+L: how far back `truncate` can always go
         sliding = any(config.is_sliding(i) for i in range(config.num_hidden_layers))
         self.ring = W - 1 + L + self.rollback if sliding else 0  # slots of each sliding layer
+        # Every sliding layer holds the same positions in the same slots, so they share one map of
+        # slot -> absolute position (-1: empty), and a pass builds their mask once, at the first of
+        # them (on a GPU that is ~10 fewer kernels per layer). Full layers hold slot == position.
+        self.ring_pos = torch.full((self.ring,), -1, device=device, dtype=torch.long) if sliding else None
         self.keys, self.values, self.slot_pos = [], [], []
         for i in range(config.num_hidden_layers):
             size = self.ring if config.is_sliding(i) else max_tokens + L
             shape = (1, config.layer_kv_heads[i], size, config.layer_head_dim[i])
             self.keys.append(torch.zeros(shape, device=device, dtype=dtype))
             self.values.append(torch.zeros(shape, device=device, dtype=dtype))
-            # absolute position held by each ring slot (-1: empty); full layers hold slot == position
-            self.slot_pos.append(torch.full((size,), -1, device=device, dtype=torch.long)
-                                 if config.is_sliding(i) else None)
+            self.slot_pos.append(self.ring_pos if config.is_sliding(i) else None)
+        self.dtype = dtype
+        layers = range(config.num_hidden_layers)
+        self.first_sliding = next((i for i in layers if config.is_sliding(i)), None)
+        self.last_sliding = max((i for i in layers if config.is_sliding(i)), default=None)
+        self.first_full = next((i for i in layers if not config.is_sliding(i)), None)
+        self._sliding_pass = self._full_pass = None  # what the first layer of a kind built for this pass
         self.length = 0
         self.lowest_kept = 0  # sliding rings still hold every position from here to length
         # Decoder state on the device, so a captured graph reads it instead of baking it in:
@@ -167,9 +175,8 @@ class StaticKVCache:
         _check_truncate(n, self.length)
         if n > 0 and max(0, n - self.window + 1) < self.lowest_kept:
             return False
-        for ring_pos in self.slot_pos:
-            if ring_pos is not None:
-                ring_pos.masked_fill_(ring_pos >= n, -1)
+        if self.ring_pos is not None:
+            self.ring_pos.masked_fill_(self.ring_pos >= n, -1)
         self.length = n
         self.lowest_kept = min(self.lowest_kept, n)
         if self.marked is not None and self.marked[0] > n:  # its full-layer slots will be overwritten
@@ -181,9 +188,9 @@ class StaticKVCache:
 
     def mark(self) -> None:
         """Remember this point, so that `rewind` can come back to it (a copy of the sliding rings)."""
-        rings = [(k.clone(), v.clone(), p.clone()) for k, v, p in zip(self.keys, self.values, self.slot_pos)
-                 if p is not None]
-        self.marked = (self.length, self.lowest_kept, rings)
+        rings = [(k.clone(), v.clone()) for k, v, p in zip(self.keys, self.values, self.slot_pos) if p is not None]
+        ring_pos = None if self.ring_pos is None else self.ring_pos.clone()
+        self.marked = (self.length, self.lowest_kept, rings, ring_pos)
 
     @property
     def marked_length(self) -> int | None:
@@ -191,12 +198,13 @@ class StaticKVCache:
 
     def rewind(self) -> None:
         """Back to the marked point, in place: the buffers, and the CUDA graphs on them, stay."""
-        length, lowest, rings = self.marked
+        length, lowest, rings, ring_pos = self.marked
         sliding = [i for i, p in enumerate(self.slot_pos) if p is not None]
-        for i, (k, v, p) in zip(sliding, rings):
+        for i, (k, v) in zip(sliding, rings):
             self.keys[i].copy_(k)
             self.values[i].copy_(v)
-            self.slot_pos[i].copy_(p)
+        if ring_pos is not None:
+            self.ring_pos.copy_(ring_pos)
         self.length, self.lowest_kept = length, lowest
 
     def _check_room(self, n: int, canvas: bool = False) -> None:
@@ -214,18 +222,20 @@ class StaticKVCache:
             keys, values = self.keys[i][:, :, :start + T], self.values[i][:, :, :start + T]
             return keys, values, False, window_mask(new_pos, torch.arange(start + T, device=k.device), None)
         # sliding layer: attend over the ring plus the new tokens, then keep the newest in the ring
-        ring_pos = self.slot_pos[i]
+        ring_pos, size = self.ring_pos, self.ring
+        if i == self.first_sliding:  # the mask and the slots, once for all sliding layers of this pass
+            committed = torch.where(ring_pos < start, ring_pos, -1)  # drop a decoded canvas left in the ring
+            keep = slice(max(0, T - size), T)
+            self._sliding_pass = (window_mask(new_pos, torch.cat([committed, new_pos]), window), keep,
+                                  new_pos[keep] % size)
+        mask, keep, slots = self._sliding_pass
         keys = torch.cat([self.keys[i], k], dim=-2)
         values = torch.cat([self.values[i], v], dim=-2)
-        committed = torch.where(ring_pos < start, ring_pos, -1)  # drop a decoded canvas left in the ring
-        mask = window_mask(new_pos, torch.cat([committed, new_pos]), window)
-        size = self.ring
-        keep = slice(max(0, T - size), T)
-        slots = new_pos[keep] % size
         self.keys[i][:, :, slots] = k[:, :, keep]
         self.values[i][:, :, slots] = v[:, :, keep]
-        ring_pos[slots] = new_pos[keep]
-        self.lowest_kept = max(self.lowest_kept, start + T - size)
+        if i == self.last_sliding:  # the shared map moves on once every sliding layer has read it
+            ring_pos[slots] = new_pos[keep]
+            self.lowest_kept = max(self.lowest_kept, start + T - size)
         return keys, values, False, mask
 
     def decode_kv(self, i, k, v, window):
@@ -236,16 +246,26 @@ class StaticKVCache:
             keys, values = self.keys[i][:, :, :self.span], self.values[i][:, :, :self.span]
             if not self.span_masked:
                 return keys, values, None
-            return keys, values, (self.slots[:self.span] <= pos[-1])[None, :]  # a bucket: hide the slack
+            if i == self.first_full:  # a bucket: hide the slack (one mask for all full layers)
+                self._full_pass = self._bias(self.slots[:self.span] <= pos[-1])
+            return keys, values, self._full_pass
         # The ring holds the last W-1 tokens; the canvas takes L other slots. The next commit
         # rewrites those slots with the committed canvas, so nothing of it leaks into the cache.
-        ring_pos = self.slot_pos[i]
-        slots = pos % self.ring
+        if i == self.first_sliding:
+            slots = pos % self.ring
+            self.ring_pos.index_copy_(0, slots, pos)
+            visible = (self.ring_pos >= 0) & (self.ring_pos > pos[0] - window)  # the last W-1 tokens + the canvas
+            self._sliding_pass = (slots, self._bias(visible))
+        slots, mask = self._sliding_pass
         self.keys[i].index_copy_(2, slots, k)
         self.values[i].index_copy_(2, slots, v)
-        ring_pos.index_copy_(0, slots, pos)
-        visible = (ring_pos >= 0) & (ring_pos > pos[0] - window)  # the last W-1 tokens and the canvas
-        return self.keys[i], self.values[i], visible[None, :]
+        return self.keys[i], self.values[i], mask
+
+    def _bias(self, visible: torch.Tensor) -> torch.Tensor:
+        """A key mask as SDPA's additive bias [1, S] (0 or -inf), made once a pass: SDPA would
+        otherwise turn a bool mask into one in every layer."""
+        bias = torch.zeros(visible.shape, dtype=self.dtype, device=visible.device)
+        return bias.masked_fill_(~visible, float("-inf"))[None, :]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)

@@ -19,7 +19,8 @@ What is traced, and how:
   full layers' head dim 512 is over its limit): the bool mask negated and made an additive bias in
   q's dtype, padded (a copy) to a multiple of 8 keys, then ONE fused kernel reading q, k, v, bias;
 - the engine as CUDA runs it by default (dgcli/engine.py: static cache, fused LM head, CUDA graphs,
-  RMSNorms swapped for kernels.fused_norms: the Engine swaps them on CUDA only, so this script does).
+  RMSNorms and routers swapped for kernels.fused_norms / fused_router: the Engine swaps them on CUDA
+  only, so this script does).
   The graph backend here replays the step by running it, its allocations in a modelled private pool
   that keeps its peak, as a CUDA graph's pool does. A prompt of the context's length is prefilled
   (only its last chunk is traced: it holds the most; --full-prefill traces every chunk), then a
@@ -399,7 +400,7 @@ def cuda_paths(rec: Recorder):
 
 def build(config: ModelConfig):
     """(model on meta in the default int4 scheme, its format groups, weight bytes)."""
-    from kernels.fused_norms import install as install_fused_norms
+    from kernels import fused_norms, fused_router
     from quant.planner import plan
     from quant.runtime import quantize_modules
     from quant.schemes import tensor_formats
@@ -410,7 +411,8 @@ def build(config: ModelConfig):
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     quantize_modules(model, tensor_formats(shapes, groups))
     model.to(torch.bfloat16)  # as loaded on CUDA; packed codes and scales keep their dtypes
-    install_fused_norms(model)  # the Engine does it on CUDA only, so not on meta: done here
+    fused_norms.install(model)  # the Engine does these on CUDA only, so not on meta: done here
+    fused_router.install(model)
     storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes()
                 for t in list(model.parameters()) + list(model.buffers())}
     return model, groups, sum(storages.values())
