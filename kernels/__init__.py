@@ -8,9 +8,15 @@ switches are read through `dgcli.settings`. Autotuned choices are kept in `$DG_H
 and reports shared memory, registers, spills and the main loop's instructions; each module declares
 what to compile in its `AOT` list.
 
-- moe_int4:    routed experts on packed 4-bit weights (group 64), the bulk of every step's bytes
+- moe_int4:    routed experts on packed 4-bit weights (group 64), the bulk of every step's bytes; and
+               moe_align, the (token, slot) pairs sorted and padded per expert, in one kernel
 - lm_head:     LM head + softcap + temperature + argmax/entropy/logsumexp, one pass over the vocabulary
 - int8_linear: weight-only int8 (per-row scale) linear for dense projections
+- int8_soft:   the self-conditioning soft embedding, probs @ int8 codes, each code read once
+- rmsnorm:     RMSNorm alone, with the residual add, or with the q/k RoPE, one kernel each
+- router:      the router's norm, and its softmax/top-k/renormalise/per-expert scale
+- fused_norms, fused_router: module swaps that put those kernels under the model on CUDA (the
+               Engine applies them; the model file is not edited)
 """
 
 from .int8_linear import int8_linear, int8_linear_ref
