@@ -1,10 +1,10 @@
 """CUDA graphs for the denoising step, applied from outside the model (the engine wraps its step).
 
-A step makes about 160 tensor op calls per layer, some 5,000 for 30 layers (counted with the torch
-profiler on the CPU: bf16, reduced config, grouped matmuls as one call each). Launched one by one
-from Python, at a few microseconds each, that is milliseconds per step, the order of the step's
-memory-bound floor on an H100 (an estimate: not yet timed on a GPU). So the step is captured once
-as a CUDA graph and replayed: one launch per step.
+A full-size step is about 1,100 GPU kernels on CUDA (scripts/step_model.py, a model: norms, router
+and soft embedding fused by dg's kernels; ~5,600 before those). Launched one by one from Python,
+at a few microseconds each, that is milliseconds per step, the order of the step's memory-bound
+floor on an H100 (an estimate: not yet timed on a GPU). So the step is captured once as a CUDA
+graph and replayed: one launch per step.
 
 What makes the step capturable (see `DiffusionGemma.decode`, `Engine.stats` and `StaticKVCache`):
 - fixed buffers: the canvas ids, the self-conditioning logits, the temperature and every output
