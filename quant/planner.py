@@ -32,6 +32,7 @@ import torch
 
 from dgcli.config import ModelConfig
 from dgcli.errors import DgError
+from dgcli.units import format_bytes_both
 
 from .formats import FORMATS
 from .schemes import FORMAT_GROUP, UPGRADE_ORDER, get_scheme, smallest, tensor_formats, tensor_group
@@ -137,9 +138,7 @@ class Estimate:
 
 def _gb(n: int) -> str:
     """Decimal and binary units side by side ("18 GB" is ambiguous between 10^9 and 2^30)."""
-    for dec, b, unit in ((1e9, GiB, "G"), (1e6, 2**20, "M"), (1e3, 2**10, "k")):
-        if n >= dec or unit == "k":
-            return f"{n / dec:8.2f} {unit}B {n / b:8.2f} {unit.upper()}iB"
+    return format_bytes_both(n, 2, width=8)
 
 
 def model_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -189,7 +188,7 @@ def estimate(config: ModelConfig, formats: dict[str, str] | None = None, context
         rows.append(Row("kv cache", f"sliding: {len(sliding)} layers x ring of {ring:,}", kv(sliding, ring)))
     if full:
         rows.append(Row("kv cache", f"full: {len(full)} layers x {span:,} positions", kv(full, span)))
-    rows.append(Row("kv cache", "slot and canvas positions (int64)", 8 * (len(sliding) * ring + span + L)))
+    rows.append(Row("kv cache", "slot and canvas positions (int64)", 8 * ((ring if sliding else 0) + span + L)))
 
     V, H, Hq = config.vocab_size, config.hidden_size, config.num_attention_heads
     A, I = config.top_k_experts, config.moe_intermediate_size
@@ -213,7 +212,7 @@ def estimate(config: ModelConfig, formats: dict[str, str] | None = None, context
     rows.append(Row("prefill", f"residual and normed input [{chunk:,} x {H:,}]", 2 * chunk * H * 2))
     if sliding:
         rows.append(Row("chat", "sliding rings' snapshot for a turn's rewind",
-                        kv(sliding, ring) + 8 * len(sliding) * ring))
+                        kv(sliding, ring) + 8 * ring))  # the sliding layers share one position map
     rows.append(Row("runtime", "CUDA context + cuBLAS/Triton workspace", CUDA_CONTEXT_BYTES))
 
     notes = ["text weights only (the vision tower is not loaded)",

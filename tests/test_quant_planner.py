@@ -8,22 +8,15 @@ from pathlib import Path
 import pytest
 
 from dgcli.config import FULL, SLIDING, ModelConfig
+from dgcli.known import DIFFUSIONGEMMA_26B_A4B
 from quant.planner import CUDA_CONTEXT_BYTES, MOE_BLOCK_M, PREFILL_CHUNK, BudgetError, estimate, model_shapes, plan
 from quant.schemes import tensor_formats, tensor_group
 
 ROOT = Path(__file__).resolve().parent.parent
 
-REAL = dict(
-    text_config=dict(vocab_size=262144, hidden_size=2816, intermediate_size=2112, num_hidden_layers=30,
-                     num_attention_heads=16, num_key_value_heads=8, head_dim=256, global_head_dim=512,
-                     num_global_key_value_heads=2, sliding_window=1024, layer_types=([SLIDING] * 5 + [FULL]) * 5,
-                     num_experts=128, top_k_experts=8, moe_intermediate_size=704),
-    canvas_length=256)
-
-
 @pytest.fixture(scope="module")
 def real():
-    return ModelConfig.from_dict(REAL)
+    return ModelConfig.from_dict(DIFFUSIONGEMMA_26B_A4B)  # the released config, its one copy
 
 
 def test_default_scheme_fits_18gb_at_32k_itemised(real):
