@@ -45,6 +45,24 @@ class StepOut(NamedTuple):
             return torch.softmax(self.proc, dim=-1, dtype=torch.float32)
         return torch.exp(self.proc - self.lse.unsqueeze(-1))
 
+    def sample(self, g: torch.Generator) -> torch.Tensor:
+        """One token per position (1, L): what `torch.multinomial(self.probabilities(), 1)` draws
+        from g. From the fused head, `kernels.sample` reads proc and the Exp(1) draws once and writes
+        no vocabulary-sized tensor (the same expf and correctly rounded division as torch's)."""
+        if self.lse is None:
+            V = self.proc.shape[-1]
+            return multinomial(self.probabilities().view(-1, V), g).view(self.argmax.shape)
+        from kernels.sample import sample
+
+        return sample(self.proc, self.lse, g)
+
+
+def multinomial(probs: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """One draw per row of probs (..., V): `torch.multinomial(probs, 1)`'s own algorithm (argmax of
+    p / E with E ~ Exp(1), the same generator calls), so the same numbers, without its host reads."""
+    q = torch.empty_like(probs).exponential_(1, generator=g)
+    return torch.div(probs, q, out=q).argmax(dim=-1)
+
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy in nats over the last dim, the same arithmetic as torch.distributions.Categorical."""

@@ -13,7 +13,8 @@ Per block (canvas of L tokens):
 Random draws, in this order, all from one generator: randint(L) per block, then per step
 multinomial(L×V) and randint(L). `seed=S` reproduces `torch.manual_seed(S); model.generate(...)`.
 The sample is drawn as argmax(p / E), E ~ Exp(1) from the generator: what `torch.multinomial`
-does for one sample, bit for bit, without its two host reads. A step reads the host once, for its
+does for one sample, bit for bit, without its two host reads (`StepOut.sample`; from the fused
+head, one kernel reads proc and E once). A step reads the host once, for its
 event and the stop flag together. The decoder pass and the statistics are the engine's (dgcli/engine.py):
 on CUDA it replays graphs and fuses the LM head; the decisions are the same up to float rounding.
 This module knows tokens only; text is the tokenizer layer's job (dgcli/api.py).
@@ -30,6 +31,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from .engine import Engine, as_engine, entropy  # noqa: F401 (entropy: the sampler's maths, kept importable here)
+from .engine import multinomial as sample  # noqa: F401 (the draw, for tests and scripts)
 from .errors import CheckpointError, EmptyPromptError
 from .config import SamplerSettings
 from .events import BlockEvent, DoneEvent, Event, PrefillEvent, StepEvent
@@ -40,13 +42,6 @@ def temperature_schedule(settings: SamplerSettings) -> torch.Tensor:
     the same way (an int32 step over N), once per generation instead of an upload per step."""
     steps = torch.arange(settings.max_denoising_steps, 0, -1, dtype=torch.int32)
     return settings.t_min + ((settings.t_max - settings.t_min) * (steps / settings.max_denoising_steps))
-
-
-def sample(probs: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """One draw per row of probs (..., V): `torch.multinomial(probs, 1)`'s own algorithm (argmax of
-    p / E with E ~ Exp(1), the same generator calls), so the same numbers, without its host reads."""
-    q = torch.empty_like(probs).exponential_(1, generator=g)
-    return torch.div(probs, q, out=q).argmax(dim=-1)
 
 
 def accept_mask(token_entropy: torch.Tensor, bound: float) -> torch.Tensor:
@@ -221,7 +216,7 @@ class Block:
         """Sample every position; keep the lowest-entropy ones within the entropy bound, renoise the
         rest; stop when the argmax canvas is stable and the mean entropy below the threshold."""
         s, V = self.settings, self.engine.config.vocab_size
-        sampled = sample(out.probabilities().view(-1, V), self.g).view(out.argmax.shape)
+        sampled = out.sample(self.g)
         accepted = accept_mask(out.entropy, s.entropy_bound)
         noise = torch.randint(0, V, sampled.shape, device=sampled.device, generator=self.g)
         canvas = torch.where(accepted, sampled, noise)

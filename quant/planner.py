@@ -199,7 +199,7 @@ def estimate(config: ModelConfig, formats: dict[str, str] | None = None, context
     soft_stage = LV * 2 + _dequant_scratch(shapes, formats)
     rows.append(Row("decode step", "graph pool: the step's temporaries (self-conditioning softmax fp32, bf16)",
                     max(LV * 6, soft_stage, layer_stage)))
-    rows.append(Row("decode step", "sampler: previous proc bf16, probabilities and noise fp32", LV * 10))
+    rows.append(Row("decode step", "sampler: previous proc bf16, the Exp(1) draws fp32 (kernels.sample)", LV * 6))
     # The prefill's last chunk: its largest temporaries (a full layer's masked attention at long
     # context, else a sliding layer's, or the routed experts over the chunk), with the residual.
     chunk = min(context, PREFILL_CHUNK)

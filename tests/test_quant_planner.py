@@ -30,8 +30,9 @@ def test_default_scheme_fits_18gb_at_32k_itemised(real):
     assert rows["sliding: 25 layers x ring of 1,279"] == 25 * 8 * 1024 * 1279  # W-1+L slots, as StaticKVCache
     assert rows["full: 5 layers x 33,024 positions"] == 5 * 4 * 1024 * 33024
     # A step: graph buffers (proc fp32, sc bf16), the pool's sc softmax (fp32 + bf16), the sampler
-    # (previous proc bf16, probabilities and noise fp32): 22 bytes per [L x V] element.
-    assert e.section("decode step") == 22 * L * V
+    # (previous proc bf16, the Exp(1) draws fp32; kernels.sample needs no probabilities): 18 bytes
+    # per [L x V] element.
+    assert e.section("decode step") == 18 * L * V
     assert e.section("chat") == rows["sliding: 25 layers x ring of 1,279"] + 1279 * 8  # one shared position map
     # The prefill's last chunk grows with the context (a full layer's K/V repeated 8x over it): just
     # under a step at 32k, over it at 64k. Only the larger counts.
