@@ -24,7 +24,7 @@ def test_default_scheme_fits_18gb_at_32k_itemised(real):
     assert groups == {"experts": "int4_sym_g64", "dense": "int8_row", "embedding": "int8_row"}  # S3
     assert e.fits and e.total < 18e9
     assert e.weights == pytest.approx(14.56e9, abs=0.01e9)  # the default scheme's weights (docs/quantization.md)
-    assert any("less than 5%" in n for n in e.notes)  # 17.8 GB: fits, without the 5% headroom
+    assert any("less than 5%" in n for n in e.notes)  # 17.7 GB: fits, without the 5% headroom
     rows = {r.label: r.nbytes for r in e.rows}
     L, V = 256, 262144
     assert rows["sliding: 25 layers x ring of 1,279"] == 25 * 8 * 1024 * 1279  # W-1+L slots, as StaticKVCache
@@ -34,10 +34,10 @@ def test_default_scheme_fits_18gb_at_32k_itemised(real):
     # per [L x V] element.
     assert e.section("decode step") == 18 * L * V
     assert e.section("chat") == rows["sliding: 25 layers x ring of 1,279"] + 1279 * 8  # one shared position map
-    # The prefill's last chunk grows with the context (a full layer's K/V repeated 8x over it): just
-    # under a step at 32k, over it at 64k. Only the larger counts.
-    assert e.peak_section == "decode step" and e.section("prefill") > 0.9 * e.section("decode step")
-    assert e.total == (e.weights + e.section("kv cache") + e.section("decode step") + e.section("chat")
+    # The prefill's last chunk grows with the context (a full layer's K/V repeated 8x over it): at
+    # 32k just over a step (whose sampler no longer holds probabilities). Only the larger counts.
+    assert e.peak_section == "prefill" and e.section("decode step") > 0.8 * e.section("prefill")
+    assert e.total == (e.weights + e.section("kv cache") + e.section("prefill") + e.section("chat")
                        + CUDA_CONTEXT_BYTES)
     table = e.table()
     assert "(the larger peak: counted)" in table and "(the smaller peak: not counted)" in table
