@@ -25,7 +25,7 @@ from .cache import KVCache, StaticKVCache
 from .config import SamplerSettings
 from .errors import first_line
 from .model import DiffusionGemma
-from .settings import flag
+from .settings import flag, kernels_mode
 
 PREFILL_CHUNK = 2048  # tokens per encoder pass on a static cache: peak memory stays flat in prompt length
 
@@ -86,6 +86,7 @@ class Engine:
         self.static_cache = cuda if static_cache is None else static_cache
         # The switches are read (and a bad value refused) on every device, used on CUDA only.
         fused_env, graphs_env = flag("DG_FUSED_HEAD", True), flag("DG_CUDA_GRAPHS", True)
+        kernels_mode()  # DG_KERNELS too: a bad value fails here, not at the first kernel call
         if fused_head is None:
             fused_head = cuda and fused_env
         self.fused_head = fused_head and model.model.decoder.embed_tokens.head_weight() is not None
