@@ -288,6 +288,11 @@ class Embedding(nn.Module):
         """probs (B, L, V) in the weight dtype -> (B, L, H), scaled like a lookup."""
         return torch.matmul(probs, self.weight) * self.embed_scale()
 
+    def soft_logits(self, sc_logits: torch.Tensor) -> torch.Tensor:
+        """The self-conditioning input from logits (B, L, V): their fp32 softmax rounded to the weight
+        (model) dtype, then `soft`. A quantized replacement may fuse the two (no probabilities written)."""
+        return self.soft(F.softmax(sc_logits, dim=-1, dtype=torch.float32).to(self.weight.dtype))
+
     def head(self, h: torch.Tensor) -> torch.Tensor:
         return F.linear(h, self.weight)
 
@@ -419,7 +424,7 @@ class DiffusionGemma(nn.Module):
         if sc_logits is None:
             soft = torch.zeros_like(x)
         else:
-            soft = emb.soft(F.softmax(sc_logits, dim=-1, dtype=torch.float32).to(self.dtype))
+            soft = emb.soft_logits(sc_logits)
         x = dec.self_conditioning(x, soft)
         rope = self._rope(positions, x.dtype)
         for i, layer in enumerate(dec.layers):

@@ -19,6 +19,14 @@ fp16's range; the weight q · s sits in its normal range.
 There the scale goes into the probabilities, relative to the scales' geometric mean (so fp16 keeps
 p · s/typical in range), and each chunk of codes is converted once to the dtype: 5 bytes per weight
 moved (1 read, 2 written, 2 read by the matmul) where a scaled fp32 decode moves 13 or more.
+
+From logits: the step feeds back softmax(sc_logits), which unfused costs ~0.94 GB a step at full size
+(the fp32 softmax written and read back, the probabilities written and read again). Instead
+`lse_rows(logits)` reads the logits once for each row's logsumexp (an online max and sum in fp32, one
+program per row), and `int8_soft_logits(logits, lse, codes, scale)` is the same kernel with FROM_LOGITS:
+it loads the logits where it loaded probabilities and makes p = exp(logits - lse) in fp32 on the fly,
+rounded to the logits' dtype (as the model rounds its fp32 softmax to the model dtype) before the
+dot. The logits are read twice, the codes once, and no [L, V] tensor is written.
 """
 
 from __future__ import annotations
@@ -56,18 +64,57 @@ def int8_soft_ref(probs: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor)
     (exact), summed in fp32; `typical` (the geometric mean of the positive scales, a device scalar:
     no host sync) multiplies the sum. Zero scales (all-zero rows) are left out of the mean."""
     _check(probs, codes, scale)
-    dtype = probs.dtype
+    return _chunked(lambda a, b: probs[:, a:b], probs.shape[0], probs.dtype, probs.device, codes, scale)
+
+
+def _chunked(probs_chunk, L, dtype, device, codes, scale):
     s = scale.float()
     positive = s > 0
     log_mean = torch.where(positive, s.clamp_min(torch.finfo(torch.float32).tiny).log(), 0).sum()
     typical = (log_mean / positive.sum().clamp_min(1)).exp()
     rel = s / typical
-    acc = torch.zeros(probs.shape[0], codes.shape[1], dtype=torch.float32, device=probs.device)
+    acc = torch.zeros(L, codes.shape[1], dtype=torch.float32, device=device)
     for a in range(0, codes.shape[0], CHUNK_ROWS):
         b = min(a + CHUNK_ROWS, codes.shape[0])
-        p = (probs[:, a:b] * rel[a:b]).to(dtype)
+        p = (probs_chunk(a, b) * rel[a:b]).to(dtype)
         acc += torch.matmul(p, codes[a:b].to(dtype)).float()
     return acc * typical
+
+
+def _check_logits(logits, lse):
+    if logits.dim() != 2 or lse.shape != logits.shape[:1]:
+        raise ValueError(f"logits {tuple(logits.shape)}, lse {tuple(lse.shape)}: want [L, V], [L]")
+    if lse.dtype != torch.float32:
+        raise ValueError(f"lse must be fp32, got {lse.dtype}")
+
+
+def lse_rows_ref(logits: torch.Tensor) -> torch.Tensor:
+    """logits [L, V] (fp32, bf16 or fp16) -> [L] fp32 logsumexp, as torch.logsumexp(logits.float(), -1)
+    computes it (max, then the log of the sum of exp(x - max)), a chunk of CHUNK_ROWS columns at a
+    time: never an fp32 copy of the whole [L, V]."""
+    if logits.dim() != 2 or logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"logits {tuple(logits.shape)} {logits.dtype}: want [L, V] fp32, bf16 or fp16")
+    m = logits.amax(-1).float()
+    m_safe = torch.where(m == float("-inf"), 0.0, m)  # an all -inf row sums to 0: lse -inf
+    total = torch.zeros_like(m)
+    for a in range(0, logits.shape[1], CHUNK_ROWS):
+        total += torch.exp(logits[:, a:a + CHUNK_ROWS].float() - m_safe[:, None]).sum(-1)
+    return m_safe + total.log()
+
+
+def int8_soft_logits_ref(logits: torch.Tensor, lse: torch.Tensor, codes: torch.Tensor,
+                         scale: torch.Tensor) -> torch.Tensor:
+    """softmax(logits [L, V]) @ (codes · scale[:, None]) -> [L, H] fp32, with lse [L] = lse_rows(logits):
+    each chunk's p = exp(logits - lse) in fp32, rounded to the logits' dtype (the model's softmax
+    rounding), then as `int8_soft_ref`."""
+    _check(logits, codes, scale)
+    _check_logits(logits, lse)
+    dtype = logits.dtype
+
+    def probs(a, b):
+        return torch.exp(logits[:, a:b].float() - lse[:, None]).to(dtype)
+
+    return _chunked(probs, logits.shape[0], dtype, logits.device, codes, scale)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -79,12 +126,13 @@ if HAS_TRITON:
 
     @triton.jit
     def _int8_soft_kernel(
-        p_ptr, c_ptr, s_ptr, out_ptr, L, V, H, span, stride_p, stride_c,
-        EVEN_V: tl.constexpr, FP32: tl.constexpr,
+        p_ptr, lse_ptr, c_ptr, s_ptr, out_ptr, L, V, H, span, stride_p, stride_c,
+        EVEN_V: tl.constexpr, FP32: tl.constexpr, FROM_LOGITS: tl.constexpr,
         BLOCK_L: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_V: tl.constexpr,
     ):
         """out[split, l tile, h tile] = probs[l tile, V range] @ (codes · s)[V range, h tile], fp32;
-        the V range is [split · span, min(V, (split + 1) · span)), span a multiple of BLOCK_V."""
+        the V range is [split · span, min(V, (split + 1) · span)), span a multiple of BLOCK_V.
+        FROM_LOGITS: p_ptr holds logits, and probs = exp(logits - lse[row]) rounded to their dtype."""
         pid_l = tl.program_id(0)  # fastest: the L tiles reading one codes tile run together
         pid_h = tl.program_id(1)
         split = tl.program_id(2)
@@ -99,6 +147,8 @@ if HAS_TRITON:
         c_ptrs = c_ptr + (start + offs_v)[:, None].to(tl.int64) * stride_c + cols[None, :]
         s_ptrs = s_ptr + start + offs_v
         acc = tl.zeros((BLOCK_L, BLOCK_H), dtype=tl.float32)
+        if FROM_LOGITS:
+            lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
         for v0 in range(start, end, BLOCK_V):
             if EVEN_V:
                 p = tl.load(p_ptrs, mask=row_ok[:, None], other=0.0)
@@ -109,6 +159,12 @@ if HAS_TRITON:
                 p = tl.load(p_ptrs, mask=row_ok[:, None] & v_ok[None, :], other=0.0)
                 c = tl.load(c_ptrs, mask=v_ok[:, None] & col_ok[None, :], other=0)
                 s = tl.load(s_ptrs, mask=v_ok, other=0.0)
+            if FROM_LOGITS:
+                # past V, x = 0 and exp(-lse) may overflow (inf · 0 = NaN in the dot): zero it
+                e = tl.exp(p.to(tl.float32) - lse[:, None])
+                if not EVEN_V:
+                    e = tl.where(v_ok[None, :], e, 0.0)
+                p = e.to(p.dtype)
             # q · s exact in fp32, one rounding to the dot's dtype (int -> bf16 directly is also
             # mis-converted by Triton's interpreter)
             w = (c.to(tl.float32) * s.to(tl.float32)[:, None]).to(p.dtype)
@@ -121,6 +177,25 @@ if HAS_TRITON:
             s_ptrs += BLOCK_V
         out_ptrs = out_ptr + (split.to(tl.int64) * L + rows[:, None]) * H + cols[None, :]
         tl.store(out_ptrs, acc, mask=row_ok[:, None] & col_ok[None, :])
+
+    @triton.jit
+    def _lse_rows_kernel(x_ptr, out_ptr, V, stride_x, BLOCK: tl.constexpr):
+        """out[row] = log(sum(exp(x[row]))) in fp32: a running maximum m (of each tile) and per-lane
+        sums of exp(x - m), rescaled when m grows; one exp per element."""
+        row = tl.program_id(0)
+        offs = tl.arange(0, BLOCK)
+        ptrs = x_ptr + row.to(tl.int64) * stride_x + offs
+        m = tl.max(tl.full((BLOCK,), float("-inf"), tl.float32), 0)
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for v0 in range(0, V, BLOCK):
+            x = tl.load(ptrs, mask=offs < V - v0, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(x, 0))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing finite yet: sums stay 0
+            acc = acc * tl.exp(m - m_safe) + tl.exp(x - m_safe)
+            m = m_new
+            ptrs += BLOCK
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        tl.store(out_ptr + row, m_safe + tl.log(tl.sum(acc, 0)))
 
 
 DEFAULT_TILE = (128, 128, 64, 8, 3)  # BLOCK_L, BLOCK_H, BLOCK_V, num_warps, num_stages
@@ -158,6 +233,19 @@ def int8_soft_triton(probs, codes, scale, tile: tuple | None = None, splits: int
     """The Triton path; `tile` = (BLOCK_L, BLOCK_H, BLOCK_V, warps, stages), else autotuned on CUDA;
     `splits` = how many V ranges, else `splits_for` the device."""
     _check(probs, codes, scale)
+    return _soft_triton(probs, None, codes, scale, tile, splits)
+
+
+def int8_soft_logits_triton(logits, lse, codes, scale, tile: tuple | None = None,
+                            splits: int | None = None) -> torch.Tensor:
+    """`int8_soft_triton` on softmax(logits), the probabilities made in the kernel from lse."""
+    _check(logits, codes, scale)
+    _check_logits(logits, lse)
+    return _soft_triton(logits, lse.contiguous(), codes, scale, tile, splits)
+
+
+def _soft_triton(probs, lse, codes, scale, tile, splits):
+    """probs [L, V] (logits when lse is given) against the int8 table: the split-V kernel, then the sum."""
     if probs.stride(-1) != 1:
         probs = probs.contiguous()
     codes, scale = codes.contiguous(), scale.contiguous()
@@ -165,6 +253,7 @@ def int8_soft_triton(probs, codes, scale, tile: tuple | None = None, splits: int
     H = codes.shape[1]
     if L == 0 or H == 0 or V == 0:
         return torch.zeros(L, H, dtype=torch.float32, device=probs.device)
+    from_logits = lse is not None
 
     def plan(cfg):
         bl, bh, bv, _, _ = cfg
@@ -180,17 +269,35 @@ def int8_soft_triton(probs, codes, scale, tile: tuple | None = None, splits: int
             out = torch.empty(n, L, H, dtype=torch.float32, device=probs.device)
         compiled = launch(
             _int8_soft_kernel, probs.device, (_cdiv(L, bl), _cdiv(H, bh), n),
-            probs, codes, scale, out, L, V, H, span, probs.stride(0), codes.stride(0),
-            EVEN_V=V % bv == 0, FP32=probs.dtype == torch.float32, BLOCK_L=bl, BLOCK_H=bh, BLOCK_V=bv,
-            num_warps=warps, num_stages=stages, warmup=warmup,
+            probs, lse if from_logits else scale, codes, scale, out, L, V, H, span, probs.stride(0), codes.stride(0),
+            EVEN_V=V % bv == 0, FP32=probs.dtype == torch.float32, FROM_LOGITS=from_logits,
+            BLOCK_L=bl, BLOCK_H=bh, BLOCK_V=bv, num_warps=warps, num_stages=stages, warmup=warmup,
         )
         return compiled if warmup else out
 
     if tile is None:
         key = (probs.dtype, rows_bucket(L), V, H)
-        tile = tuned_tile("int8_soft", key, _TILES, _LARGE, run, DEFAULT_TILE, probs.device)
+        name = "int8_soft.logits" if from_logits else "int8_soft"
+        tile = tuned_tile(name, key, _TILES, _LARGE, run, DEFAULT_TILE, probs.device)
     partials = run(tile)
     return partials[0] if partials.shape[0] == 1 else partials.sum(0)
+
+
+LSE_BLOCK, LSE_WARPS, LSE_STAGES = 2048, 8, 3  # a row per program: 256 rows of 512 KB (bf16) at full size
+
+
+def lse_rows_triton(logits: torch.Tensor, block: int = LSE_BLOCK) -> torch.Tensor:
+    """The Triton path of `lse_rows`: one program per row, the logits read once."""
+    if logits.dim() != 2 or logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"logits {tuple(logits.shape)} {logits.dtype}: want [L, V] fp32, bf16 or fp16")
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    L, V = logits.shape
+    out = torch.empty(L, dtype=torch.float32, device=logits.device)
+    if L:
+        launch(_lse_rows_kernel, logits.device, (L,), logits, out, V, logits.stride(0), BLOCK=block,
+               num_warps=LSE_WARPS, num_stages=LSE_STAGES)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -204,22 +311,42 @@ def int8_soft(probs: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> 
     return out.view(*probs.shape[:-1], codes.shape[1])
 
 
+def lse_rows(logits: torch.Tensor) -> torch.Tensor:
+    """logits [..., V] -> [...] fp32 logsumexp over V, reading them once; Triton on CUDA, else the reference."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    return (lse_rows_triton if use_triton(logits) else lse_rows_ref)(flat).view(logits.shape[:-1])
+
+
+def int8_soft_logits(logits: torch.Tensor, lse: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """softmax(logits [..., V]) @ (codes [V, H] · scale[:, None]) -> [..., H] fp32, lse = lse_rows(logits);
+    the probabilities rounded to the logits' dtype, never written. Triton on CUDA, else the reference."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    out = (int8_soft_logits_triton if use_triton(logits) else int8_soft_logits_ref)(flat, lse.reshape(-1), codes, scale)
+    return out.view(*logits.shape[:-1], codes.shape[1])
+
+
 # --------------------------------------------------------------------------------------------------
 # Ahead-of-time compile specs (python -m kernels.aot)
 
 
 def _aot():
-    """bf16 probabilities and fp16 scales (the int8_row format) at the production shape (L = 256,
-    V = 262,144, H = 2816: all multiples of 16, V of every BLOCK_V), every candidate tile."""
-    sig = {"p_ptr": "*bf16", "c_ptr": "*i8", "s_ptr": "*fp16", "out_ptr": "*fp32", "L": "i32", "V": "i32",
-           "H": "i32", "span": "i32", "stride_p": "i32", "stride_c": "i32"}
-    for tile in dict.fromkeys((DEFAULT_TILE, *_TILES)):
-        bl, bh, bv, warps, stages = tile
-        yield AotSpec("int8_soft", _int8_soft_kernel, sig,
-                      dict(EVEN_V=True, FP32=False, BLOCK_L=bl, BLOCK_H=bh, BLOCK_V=bv), warps, stages,
-                      dict(BLOCK_L=bl, BLOCK_H=bh, BLOCK_V=bv, num_warps=warps, num_stages=stages),
-                      default=tile == DEFAULT_TILE, large=tile in _LARGE,
-                      divisible=("L", "V", "H", "span", "stride_p", "stride_c"))
+    """bf16 probabilities (or logits) and fp16 scales (the int8_row format) at the production shape
+    (L = 256, V = 262,144, H = 2816: all multiples of 16, V of every BLOCK_V), every candidate tile;
+    the row logsumexp over bf16 logits."""
+    sig = {"p_ptr": "*bf16", "lse_ptr": "*fp32", "c_ptr": "*i8", "s_ptr": "*fp16", "out_ptr": "*fp32", "L": "i32",
+           "V": "i32", "H": "i32", "span": "i32", "stride_p": "i32", "stride_c": "i32"}
+    for name, from_logits in (("int8_soft", False), ("int8_soft.logits", True)):
+        for tile in dict.fromkeys((DEFAULT_TILE, *_TILES)):
+            bl, bh, bv, warps, stages = tile
+            yield AotSpec(name, _int8_soft_kernel, sig,
+                          dict(EVEN_V=True, FP32=False, FROM_LOGITS=from_logits, BLOCK_L=bl, BLOCK_H=bh, BLOCK_V=bv),
+                          warps, stages, dict(BLOCK_L=bl, BLOCK_H=bh, BLOCK_V=bv, num_warps=warps, num_stages=stages),
+                          default=tile == DEFAULT_TILE, large=tile in _LARGE,
+                          divisible=("L", "V", "H", "span", "stride_p", "stride_c"))
+    yield AotSpec("int8_soft.lse", _lse_rows_kernel, {"x_ptr": "*bf16", "out_ptr": "*fp32", "V": "i32", "stride_x": "i32"},
+                  dict(BLOCK=LSE_BLOCK), LSE_WARPS, LSE_STAGES,
+                  dict(BLOCK=LSE_BLOCK, num_warps=LSE_WARPS, num_stages=LSE_STAGES), default=True,
+                  divisible=("V", "stride_x"))
 
 
 AOT = list(_aot()) if HAS_TRITON else []

@@ -223,6 +223,8 @@ def test_triton_path_reads_codes_and_probs_once(monkeypatch):
     assert out.shape == (L_FULL, H_FULL) and out.dtype == torch.float32
     assert t.read == {"codes": 0, "probs": 0}  # no torch op touches them: only the kernel
     (grid, tensors, kwargs), = launches
+    assert not kwargs["FROM_LOGITS"]
+    tensors = tensors[:1] + tensors[2:]  # the second is the lse slot, unread without FROM_LOGITS
     same = [a.untyped_storage()._cdata == b.untyped_storage()._cdata and a.shape == b.shape
             for a, b in zip(tensors, (probs, codes, scale))]
     assert same == [True] * 3
@@ -236,3 +238,241 @@ def test_triton_path_reads_codes_and_probs_once(monkeypatch):
     total = kernel_bytes + glue
     once = codes.nbytes + probs.nbytes + scale.nbytes
     assert total <= once + 2 * mod.MAX_SPLITS * L_FULL * H_FULL * 4 + out.nbytes, total / 1e9
+
+
+# ------------------------------------------------------------------------------------------ from logits
+#
+# The self-conditioning input softmax(sc_logits) @ E: lse_rows reads the logits for each row's
+# logsumexp, int8_soft_logits reads them again and makes p = exp(logits - lse), rounded to their dtype.
+
+
+def make_logits(L, V, H, dtype, seed=0):
+    """Processed logits as a step makes them (a spread tail, a few likely tokens), in the dtype, with
+    an int8 table as `make`'s."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(L, V, generator=g) * 4
+    logits[:, :: max(1, V // 7)] += 8
+    _, codes, scale = make(1, V, H, torch.float32, seed=seed)
+    return logits.to(dtype), codes, scale
+
+
+def softmax64(logits):
+    return torch.softmax(logits.double(), -1)
+
+
+# Bounds against the float64 product softmax(logits)·W, in units of B as above: the kernel rounds
+# p = exp(x - lse) to the dtype and w = q·s once each (k = 2), the reference p, then p·s/typical and
+# each chunk's sum (k = 3). EXP: fp32 exp and lse's own error, ~|x - lse| · 2^-23 (|x - lse| <= ~60
+# here) plus a few ulp: 2^-16, the fp32 case's budget.
+EXP = 2.0**-16
+
+
+def assert_logits_within(got, logits, codes, scale, dtype, roundings):
+    probs = softmax64(logits)
+    want = dense64(probs, codes, scale)
+    b = (roundings * U[dtype] + SLACK + EXP) * (probs @ (codes.double() * scale.double()[:, None]).abs())
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    excess = (got.double() - want).abs() / b
+    assert excess.max() <= 1, excess.max().item()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_lse_reference_is_torch_logsumexp(monkeypatch, dtype):
+    """Chunked over V (ragged last chunk), with an all -inf row (-inf) and a row with one finite entry."""
+    monkeypatch.setattr(mod, "CHUNK_ROWS", 64)
+    logits, _, _ = make_logits(6, 300, 8, dtype)
+    logits[4] = float("-inf")
+    logits[5] = float("-inf")
+    logits[5, 77] = -3.0
+    got = mod.lse_rows_ref(logits)
+    want = torch.logsumexp(logits.float(), -1)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=2e-7, atol=0)  # the same formula, sums in another order
+    assert got[4] == float("-inf") and got[5] == -3.0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_soft_logits_reference_matches_float64(monkeypatch, dtype):
+    monkeypatch.setattr(mod, "CHUNK_ROWS", 64)
+    logits, codes, scale = make_logits(5, 300, 48, dtype)
+    got = mod.int8_soft_logits_ref(logits, mod.lse_rows_ref(logits), codes, scale)
+    assert_logits_within(got, logits, codes, scale, dtype, REFERENCE + 1)
+
+
+def test_soft_logits_reference_is_soft_of_the_models_softmax():
+    """With the model's probabilities (fp32 softmax rounded to bf16), the same numbers as int8_soft_ref
+    of them, up to exp(x - lse) against softmax's exp(x - max) / sum (1 bf16 ulp on a few)."""
+    logits, codes, scale = make_logits(4, 300, 32, torch.bfloat16)
+    probs = torch.softmax(logits.float(), -1).to(torch.bfloat16)
+    mine = torch.exp(logits.float() - mod.lse_rows_ref(logits)[:, None]).to(torch.bfloat16)
+    assert (mine.float() - probs.float()).abs().le(probs.float() * 2.0**-7).all()
+    got = mod.int8_soft_logits_ref(logits, mod.lse_rows_ref(logits), codes, scale)
+    torch.testing.assert_close(got, int8_soft_ref(probs, codes, scale), rtol=2e-2, atol=1e-5)
+
+
+def test_soft_logits_validates():
+    logits, codes, scale = make_logits(2, 64, 16, torch.float32)
+    lse = mod.lse_rows_ref(logits)
+    with pytest.raises(ValueError, match=r"want \[L, V\], \[L\]"):
+        mod.int8_soft_logits_ref(logits, lse[:1], codes, scale)
+    with pytest.raises(ValueError, match="lse must be fp32"):
+        mod.int8_soft_logits_ref(logits, lse.half(), codes, scale)
+    with pytest.raises(ValueError, match="fp32, bf16 or fp16"):
+        mod.lse_rows_ref(logits.double())
+
+
+@pytest.fixture
+def interpret_exp(interpret, monkeypatch):
+    """`interpret`, and the interpreter's float32 exp (numpy's) replaced by torch's, as
+    test_kernels_sample does (they differ by up to 2 ulp; on CUDA tl.exp is ex2.approx, within the
+    EXP budget)."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    def torch_exp(self, arg):
+        return self.unary_op(arg, lambda a: torch.from_numpy(np.ascontiguousarray(a)).exp().numpy())
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_exp", torch_exp)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("V,block", [(300, 64), (1000, 2048), (256, 64)])  # ragged, one short tile, even
+def test_triton_lse_matches_torch_logsumexp(interpret_exp, dtype, V, block):
+    """Within 4 fp32 ulp of |lse| plus 2^-20 (sums of up to V exps in another order)."""
+    logits, _, _ = make_logits(5, V, 8, dtype, seed=V)
+    logits[3] = float("-inf")
+    logits[4] = -200.0  # far below 0: the running max, not 0, shifts the exps
+    got = mod.lse_rows_triton(logits, block=block)
+    want = torch.logsumexp(logits.float(), -1)
+    assert got[3] == float("-inf")
+    ok = torch.isfinite(want)
+    assert ((got[ok] - want[ok]).abs() <= 4 * 2.0**-23 * want[ok].abs() + 2.0**-20).all(), (got - want)
+
+
+@pytest.mark.parametrize("tile,splits", [(None, None), ((16, 32, 32, 4, 2), 3)], ids=["default", "small-3splits"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("L,V,H", [(4, 300, 64), (19, 200, 80)])  # V off the block; ragged L and H
+def test_triton_soft_logits_matches_reference(interpret_exp, L, V, H, dtype, tile, splits):
+    logits, codes, scale = make_logits(L, V, H, dtype, seed=L)
+    logits[0] -= 300  # very negative logits: past V, exp(0 - lse) would overflow unless masked
+    lse = mod.lse_rows_ref(logits)
+    got = mod.int8_soft_logits_triton(logits, lse, codes, scale, tile=tile, splits=splits)
+    assert torch.isfinite(got).all()
+    assert_logits_within(got, logits, codes, scale, dtype, KERNEL + 1)
+    ref = mod.int8_soft_logits_ref(logits, lse, codes, scale)
+    assert_logits_within(ref, logits, codes, scale, dtype, REFERENCE + 1)
+    if dtype == torch.float32:  # no rounding to a narrower dtype: the two agree to fp32 sums
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
+
+
+def quant_embedding(codes, scale, dtype):
+    from quant.runtime import QuantEmbedding
+
+    V, H = codes.shape
+    qe = QuantEmbedding(V, H, "int8_row")
+    qe.weight.qweight.copy_(codes)
+    qe.weight.scales.copy_(scale)
+    return qe.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_quant_embedding_soft_logits_goes_through_the_kernels(interpret_exp, dtype):
+    """QuantEmbedding.soft_logits (int8_row) = lse_rows then int8_soft_logits, cast and scaled; close
+    to the unfused soft(softmax(...)) (the probabilities rounded alike, summed in another order)."""
+    logits, codes, scale = make_logits(6, 300, 64, dtype)
+    qe = quant_embedding(codes, scale, dtype)
+    got = qe.soft_logits(logits.view(2, 3, 300))
+    lse = mod.lse_rows_triton(logits)
+    want = mod.int8_soft_logits_triton(logits, lse, codes, scale).to(dtype) * qe.embed_scale()
+    assert got.dtype == dtype and torch.equal(got, want.view(2, 3, 64))
+    unfused = qe.soft(torch.softmax(logits.float(), -1).to(dtype).view(2, 3, 300))
+    torch.testing.assert_close(got, unfused, rtol=2e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_quant_embedding_soft_logits_reference_path(monkeypatch, dtype):
+    """Off CUDA (the references): close to Embedding.soft_logits' unfused softmax then soft."""
+    from dgcli.model import Embedding
+
+    monkeypatch.setenv("DG_KERNELS", "ref")
+    logits, codes, scale = make_logits(6, 300, 64, dtype)
+    qe = quant_embedding(codes, scale, dtype)
+    got = qe.soft_logits(logits.view(1, 6, 300))
+    unfused = Embedding.soft_logits(qe, logits.view(1, 6, 300))
+    assert got.dtype == dtype and got.shape == (1, 6, 64)
+    torch.testing.assert_close(got, unfused, **({} if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-3)))
+
+
+def test_quant_embedding_soft_logits_in_another_dtype_is_unfused(monkeypatch):
+    """fp32 logits into a bf16 model: exactly Embedding.soft_logits (softmax rounded to bf16), as before."""
+    from dgcli.model import Embedding
+
+    monkeypatch.setenv("DG_KERNELS", "ref")
+    logits, codes, scale = make_logits(3, 300, 32, torch.float32)
+    qe = quant_embedding(codes, scale, torch.bfloat16)
+    got = qe.soft_logits(logits[None])
+    assert got.dtype == torch.bfloat16 and torch.equal(got, Embedding.soft_logits(qe, logits[None]))
+
+
+def test_lse_reference_makes_no_full_fp32_copy():
+    """At full size on meta, lse_rows_ref's largest tensor is a chunk, not an fp32 [L, V]; the
+    logits are read twice (the max, then the chunks). torch.logsumexp(logits.float()) makes the copy."""
+    probs, codes, _ = full_size()
+    with Traffic(codes, probs) as t:
+        lse = mod.lse_rows_ref(probs)
+    assert lse.shape == (L_FULL,) and t.read["probs"] == 2 * probs.nbytes
+    assert t.largest <= L_FULL * mod.CHUNK_ROWS
+    with Traffic(codes, probs) as t:
+        torch.logsumexp(probs.float(), -1)
+    assert t.largest == probs.numel()
+
+
+def record_launches(monkeypatch):
+    import kernels._dispatch as dispatch
+
+    launches = []
+
+    class Recorder:
+        def __init__(self, kernel, device):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(
+                (self.kernel, grid, [a for a in args if isinstance(a, torch.Tensor)], kwargs))
+
+    monkeypatch.setenv("DG_KERNELS", "triton")
+    monkeypatch.setenv("DG_AUTOTUNE", "off")
+    monkeypatch.setattr(dispatch, "launchable", Recorder)
+    return launches
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["soft_logits", "softmax-then-soft"])
+def test_self_conditioning_input_reads_logits_twice_and_codes_once(monkeypatch, fused):
+    """The CUDA path at full size (L = 256, V = 262,144, H = 2816), traced on meta with the launches
+    recorded: QuantEmbedding.soft_logits moves the logits twice (134 MB each), the codes once
+    (738 MB), and [L, H]-sized partials and results; no [L, V] tensor is written (1.10 GB in all).
+    The unfused input (fp32 softmax written and read back, the probabilities written and read again)
+    moves 2.31 GB as traced here, and fails the bound by more than 0.5 GB."""
+    launches = record_launches(monkeypatch)
+    from quant.runtime import QuantEmbedding
+
+    qe = QuantEmbedding(V_FULL, H_FULL, "int8_row", device="meta").to(torch.bfloat16)
+    logits, codes, scale = full_size()[0], qe.weight.qweight, qe.weight.scales
+    assert codes.shape == (V_FULL, H_FULL) and codes.dtype == torch.int8 and scale.dtype == torch.float16
+    x = logits.view(1, L_FULL, V_FULL)
+    with Traffic(codes, logits) as t:
+        out = qe.soft_logits(x) if fused else qe.soft(torch.softmax(x, -1, dtype=torch.float32).to(x.dtype))
+    assert out.shape == (1, L_FULL, H_FULL) and out.dtype == torch.bfloat16
+    kernel_bytes = sum(a.nbytes for _, _, tensors, _ in launches for a in tensors)
+    total = kernel_bytes + t.bytes
+    partials = mod.MAX_SPLITS * L_FULL * H_FULL * 4
+    budget = 2 * logits.nbytes + codes.nbytes + scale.nbytes + 2 * partials + 6 * out.nbytes * 2
+    if fused:
+        assert t.read == {"codes": 0, "probs": 0}  # only the kernels read the logits and the codes
+        assert [k.fn.__name__ if hasattr(k, "fn") else k.__name__ for k, _, _, _ in launches] == [
+            "_lse_rows_kernel", "_int8_soft_kernel"]
+        assert all(a.numel() < L_FULL * V_FULL or a.untyped_storage()._cdata == logits.untyped_storage()._cdata
+                   for _, _, tensors, _ in launches for a in tensors if a.dtype != torch.int8)
+        assert total <= budget, total / 1e9
+    else:
+        assert total > budget + 0.5e9, total / 1e9
