@@ -196,9 +196,13 @@ def estimate(config: ModelConfig, formats: dict[str, str] | None = None, context
     # A denoising step (graphs on, the CUDA default).
     rows.append(Row("decode step", f"CUDA graph buffers [{L} x {V:,}]: proc fp32, self-conditioning bf16", LV * 6))
     layer_stage = 8 * L * H * 4 + 4 * L * Hq * max(config.layer_head_dim) * 2 + 2 * L * A * (3 * I + H) * 2
-    soft_stage = LV * 2 + _dequant_scratch(shapes, formats)
-    rows.append(Row("decode step", "graph pool: the step's temporaries (self-conditioning softmax fp32, bf16)",
-                    max(LV * 6, soft_stage, layer_stage)))
+    if formats.get("model.decoder.embed_tokens.weight") == "int8_row":
+        # kernels.int8_soft reads the logits in place: only its split-K partial sums [<=16, L, H] fp32
+        soft_stage, soft_label = 16 * L * H * 4, "the soft embedding's partial sums"
+    else:  # the softmax of proc in fp32 and its bf16 copy, then a decoded chunk of the embedding
+        soft_stage, soft_label = max(LV * 6, LV * 2 + _dequant_scratch(shapes, formats)), "the softmax of proc"
+    rows.append(Row("decode step", f"graph pool: the step's temporaries (a layer's, or {soft_label})",
+                    max(soft_stage, layer_stage)))
     rows.append(Row("decode step", "sampler: previous proc bf16, the Exp(1) draws fp32 (kernels.sample)", LV * 6))
     # The prefill's last chunk: its largest temporaries (a full layer's masked attention at long
     # context, else a sliding layer's, or the routed experts over the chunk), with the residual.

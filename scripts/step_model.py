@@ -363,7 +363,8 @@ def cuda_paths(rec: Recorder):
                 (fused_norms.FusedRMSNorm, "add_to", owner(fused_norms.FusedRMSNorm.add_to, "norms")),
                 (fused_norms.FusedRMSNorm, "rope", owner(fused_norms.FusedRMSNorm.rope, "norms")),
                 (dgmodel.Embedding, "soft", owner(dgmodel.Embedding.soft, "self_conditioning")),
-                (runtime.QuantEmbedding, "soft", owner(runtime.QuantEmbedding.soft, "self_conditioning"))]
+                (runtime.QuantEmbedding, "soft", owner(runtime.QuantEmbedding.soft, "self_conditioning")),
+                (runtime.QuantEmbedding, "soft_logits", owner(runtime.QuantEmbedding.soft_logits, "self_conditioning"))]
     saved = [(m, name, m.__dict__.get(name)) for m, name, _ in patches]  # None: inherited
     env = {k: os.environ.get(k) for k in ("DG_AUTOTUNE", "DG_KERNELS")}
     os.environ.update(DG_AUTOTUNE="off", DG_KERNELS="auto")
