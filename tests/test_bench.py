@@ -64,6 +64,7 @@ def test_engine_and_reference_agree():
     assert all(positive(v) for k, v in r["speedup_vs_reference"].items() if k != "min_ms")
 
 
+@pytest.mark.slow
 def test_graph_replays_match_eager_and_flags_reach_the_engine(monkeypatch):
     """The engine's steps replayed from captured graphs (traced on the CPU) give the eager logits, and
     the bench passes its flags to the Engine and reports what the Engine did with them."""

@@ -77,6 +77,7 @@ def test_a_failed_capture_changes_the_engines_state_only(tiny, capsys):
     assert not hasattr(model, "graph_capture") and not hasattr(got[3], "graphs")
 
 
+@pytest.mark.slow
 def test_bucketed_span_matches_the_exact_one_even_at_a_bucket_boundary(tiny):
     """The slack past the canvas is masked, also when a bucket's graph is captured with none."""
     model = tiny[0].model

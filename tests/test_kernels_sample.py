@@ -106,6 +106,7 @@ def test_triton_matches_reference(interpret, V, block, splits):
     assert torch.equal(draw_triton(proc, lse, q, block=block, splits=splits), draw_ref(proc, lse, q))
 
 
+@pytest.mark.slow
 def test_triton_near_ties_follow_every_rounding(interpret):
     """q = p / c: every ratio of a row is c within an ulp or two, so the token depends on each
     rounding of exp(proc - lse) / q (and on ties, the first index). A kernel that rounded anything

@@ -100,6 +100,7 @@ def test_prefill_peak_grows_as_the_planner_counts(sm, reduced):
     assert grew == pytest.approx(expected, rel=0.05)
 
 
+@pytest.mark.slow
 def test_last_chunk_shortcut_keeps_the_prefill_peak(sm):
     """The report traces only the prefill's last chunk; the peak is the same as with every chunk."""
     cut = sm.run("reduced", [4096], eager=False)["contexts"]["4096"]
@@ -109,6 +110,7 @@ def test_last_chunk_shortcut_keeps_the_prefill_peak(sm):
     assert cut["peak_live_bytes_decode"] == full["peak_live_bytes_decode"]
 
 
+@pytest.mark.slow
 def test_command_line_prints_json(sm, capsys):
     import json
 
