@@ -6,6 +6,7 @@ store.list_models, ...), and prints. Errors and exit codes are handled once, in 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
@@ -79,7 +80,9 @@ def run(
     settings = sampling(max_tokens, steps, entropy_bound, t_min, t_max, temperature, seed)
     if raw and system:
         raise BadUsage("--system needs the chat template; it cannot be combined with --raw")
-    text = read_prompt(prompt)
+    if raw and think:
+        raise BadUsage("--think needs the chat template; it cannot be combined with --raw")
+    text, system = read_input(prompt, system)
     m, tok = load(model, device, dtype, cuda_graphs=False if no_cuda_graphs else None)
     check_settings(m, settings)
     from .api import stream_generate
@@ -93,6 +96,17 @@ def run(
             sys.stdout.flush()
     if verbose:
         typer.echo(format_stats(done), err=True)
+
+
+def read_input(prompt: str | None, system: str | None) -> tuple[str, str | None]:
+    """The prompt (argument and piped stdin) and --system as text: bytes that are not UTF-8 become
+    U+FFFD, said once on stderr, rather than failing in the tokenizer."""
+    from .repl import InputText
+
+    decode, stdin = InputText(), sys.stdin
+    if stdin is not None and not stdin.isatty():
+        stdin = io.StringIO(decode.read(stdin, "stdin"))
+    return read_prompt(decode(prompt, "the prompt"), stdin), decode(system, "--system")
 
 
 def run_views(tok, canvas: bool, noise: str, as_json: bool) -> list:
@@ -126,15 +140,19 @@ def chat(
     """
     from rich.console import Console
 
-    from .repl import ChatSession, Repl, line_reader, prompt_toolkit_reader
+    from .repl import ChatSession, InputText, Repl, line_reader, prompt_toolkit_reader
 
     name = resolve_name(name, model)
     settings = sampling(max_tokens, steps, entropy_bound, t_min, t_max, temperature, seed)
+    if sys.stdin is None:  # `dg chat <&-`: no messages can come
+        raise BadUsage("stdin is closed: dg chat reads its messages there")
+    decode = InputText()
+    system = decode(system, "--system")
     m, tok = load(name, device, dtype, cuda_graphs=False if no_cuda_graphs else None)
     check_settings(m, settings)
     session = ChatSession(m, tok, settings=settings, system=system, think=think)
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
-    read = prompt_toolkit_reader() if interactive else line_reader(sys.stdin)
+    read = prompt_toolkit_reader() if interactive else line_reader(sys.stdin, decode)
     console = Console(highlight=False)
     Repl(session, console, read, canvas=use_canvas(sys.stdout, no_canvas), noise=noise, fps=fps,
          model_name=name).run()

@@ -7,6 +7,7 @@ handles slash commands, and shows each answer through a canvas_view. Ctrl-C stop
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from rich.text import Text
 
 from . import store
 from .canvas_view import NOISE_STYLES, CanvasView, PlainView, TokenPieces, consume, format_stats
-from .errors import DgError
+from .errors import DgError, first_line
 from .session import ChatSession
 
 HELP = """commands:
@@ -82,12 +83,53 @@ def prompt_toolkit_reader(input=None, output=None) -> Callable[[str], str]:
     return lambda prompt: session.prompt(prompt)
 
 
-def line_reader(stream) -> Callable[[str], str]:
-    """Plain input (stdin not a terminal): one line per message, or a \"\"\" block."""
+class InputText:
+    """Text from outside (a pipe, argv, a file) that may not be UTF-8: undecodable bytes become
+    U+FFFD, and `notice` hears about it once. Takes bytes, or str as Python decodes argv and a
+    C-locale stdin (bad bytes as lone surrogates, which the tokenizer would refuse)."""
+
+    def __init__(self, notice: Callable[[str], None] | None = None):
+        self.notice = notice or (lambda message: print(message, file=sys.stderr, flush=True))
+        self.noticed = False
+
+    def __call__(self, data: bytes | str | None, where: str = "the input") -> str | None:
+        if data is None:
+            return None
+        if isinstance(data, str):
+            try:
+                data.encode("utf-8")
+                return data
+            except UnicodeEncodeError:
+                try:
+                    data = data.encode("utf-8", "surrogateescape")  # back to the bytes they came from
+                except UnicodeEncodeError:  # surrogates not from a byte: invalid UTF-8 once encoded
+                    data = data.encode("utf-8", "surrogatepass")
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            if not self.noticed:
+                self.noticed = True
+                self.notice(f"warning: {where} is not valid UTF-8; undecodable bytes were replaced with U+FFFD")
+            return data.decode("utf-8", "replace")
+
+    def read(self, stream, where: str = "stdin") -> str:
+        """All of a stream, as bytes when it has them (a strict text stream would raise instead)."""
+        return self(getattr(stream, "buffer", stream).read(), where)
+
+
+def line_reader(stream, decode: InputText | None = None) -> Callable[[str], str]:
+    """Plain input (stdin not a terminal): one line per message, or a \"\"\" block. Lines are read
+    as bytes where the stream has them and decoded by `decode`: bad bytes never end the chat."""
+    decode = decode or InputText()
+    source = getattr(stream, "buffer", stream)
+
     def read(prompt: str) -> str:
         text = ""
         while True:
-            line = stream.readline()
+            try:
+                line = decode(source.readline(), "stdin")
+            except OSError as e:
+                raise DgError(f"cannot read the input: {first_line(e)}") from None
             if not line:
                 if text:
                     return text
@@ -96,6 +138,15 @@ def line_reader(stream) -> Callable[[str], str]:
             if not needs_more(text):
                 return text.rstrip("\n")
     return read
+
+
+def on_off(key: str, value: str) -> bool:
+    v = value.lower()
+    if v in ("on", "true", "1", "yes"):
+        return True
+    if v in ("off", "false", "0", "no"):
+        return False
+    raise DgError(f"{key} is on or off, got '{value}'")
 
 
 class Repl:
@@ -129,8 +180,8 @@ class Repl:
                 try:
                     if not self.command(line.strip()):
                         break
-                except DgError as e:
-                    self.say(f"error: {e}", style="red")
+                except (DgError, OSError, ValueError) as e:  # a failed command is a red line; the chat goes on
+                    self.say(f"error: {first_line(e)}", style="red")
                 continue
             self.answer(unquote(line))
 
@@ -179,7 +230,11 @@ class Repl:
         elif name == "/save":
             if not arg:
                 raise DgError("usage: /save FILE")
-            Path(arg).expanduser().write_text(json.dumps({"model": self.model_name, **s.to_json()}, indent=2))
+            text = json.dumps({"model": self.model_name, **s.to_json()}, indent=2)
+            try:
+                Path(arg).expanduser().write_text(text, encoding="utf-8")
+            except OSError as e:
+                raise DgError(f"cannot write {arg}: {e.strerror or first_line(e)}") from None
             self.say(f"saved {len(s.messages)} messages to {arg}")
         elif name == "/load":
             if not arg:
@@ -188,7 +243,10 @@ class Repl:
                 d = json.loads(Path(arg).expanduser().read_text(encoding="utf-8"))
             except (OSError, ValueError) as e:
                 raise DgError(f"cannot read {arg}: {e}") from None
-            s.load_json(d)
+            try:
+                s.load_json(d)  # checks everything before it changes anything
+            except DgError as e:
+                raise DgError(f"cannot load {arg}: {e}") from None
             self.say(f"loaded {len(s.messages)} messages from {arg}")
         elif name == "/stats":
             self.say(format_stats(s.last, s.last_reused) if s.last else "no answer yet")
@@ -197,11 +255,10 @@ class Repl:
         return True
 
     def set(self, key: str, value: str) -> None:
-        on = value.lower() in ("on", "true", "1", "yes")
         if key == "think":
-            self.session.think = on
+            self.session.think = on_off(key, value)
         elif key == "canvas":
-            self.canvas = on
+            self.canvas = on_off(key, value)
         elif key == "noise":
             if value not in NOISE_STYLES:
                 raise DgError(f"noise is one of {', '.join(NOISE_STYLES)}")

@@ -11,6 +11,7 @@ its captured graphs stay valid from turn to turn; on the CPU it is the reference
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 from .api import prefill, prompt_ids, stream_generate
@@ -138,9 +139,13 @@ class ChatSession:
                     raise DgError(f"{key} needs a number, got '{value}'") from None
         else:
             raise DgError(f"unknown setting '{key}'; known: {', '.join([*TUNABLE_SETTINGS, 'temperature'])}")
-        self.engine.sampler_settings(**new)  # raises ConfigError with the reason
-        self.settings = new
+        self.settings = self.checked(new)
         return key
+
+    def checked(self, settings: dict) -> dict:
+        """settings if the engine takes them (the one check /set and /load share), else a DgError."""
+        self.engine.sampler_settings(**settings)  # raises ConfigError with the reason
+        return settings
 
     def effective_settings(self) -> dict:
         s = self.engine.sampler_settings(**self.settings).__dict__
@@ -150,11 +155,36 @@ class ChatSession:
         return {"system": self.system, "think": self.think, "settings": self.settings, "messages": self.messages}
 
     def load_json(self, d: dict) -> None:
+        """Take a saved conversation (to_json's shape); everything is checked before anything changes."""
         msgs = d.get("messages") if isinstance(d, dict) else None
-        if not isinstance(msgs, list) or not all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in msgs):
-            raise DgError("not a dg conversation: expected an object with a 'messages' list of {role, content}")
+        if not isinstance(msgs, list) or not all(
+                isinstance(m, dict) and m.get("role") in ("user", "assistant") and isinstance(m.get("content"), str)
+                for m in msgs):
+            raise DgError("not a dg conversation: expected an object with a 'messages' list of {role, content}, "
+                          "role user or assistant, content text")
+        system, think, settings = d.get("system"), d.get("think", self.think), d.get("settings")
+        if system is not None and not isinstance(system, str):
+            raise DgError(f"system must be text or null, got {type(system).__name__}")
+        if not isinstance(think, bool):
+            raise DgError(f"think must be true or false, got {think!r}")
+        if settings is None:
+            settings = self.settings
+        if not isinstance(settings, dict):
+            raise DgError(f"settings must be an object, got {type(settings).__name__}")
+        new = {}
+        for key, value in settings.items():
+            name = ALIASES.get(key, key)
+            if name not in TUNABLE_SETTINGS:
+                raise DgError(f"unknown setting '{key}'; known: {', '.join([*TUNABLE_SETTINGS])}")
+            if value is None:
+                continue
+            whole = TUNABLE_SETTINGS[name] is int
+            if not (isinstance(value, int if whole else (int, float)) and not isinstance(value, bool)):
+                raise DgError(f"{name} needs {'an integer' if whole else 'a number'}, got {json.dumps(value)[:40]}")
+            new[name] = value
+        new = self.checked(new)  # then the ranges, as /set checks them
         self.clear()
         self.messages = msgs
-        self.system = d.get("system") or None
-        self.think = bool(d.get("think", self.think))
-        self.settings = dict(d.get("settings") or self.settings)
+        self.system = system or None
+        self.think = think
+        self.settings = new
