@@ -192,4 +192,4 @@ def parse_size(text: str) -> int:
 def resolve_name(positional: str | None, option: str | None) -> str:
     if positional and option and positional != option:
         raise BadUsage(f"two models named: '{positional}' and --model '{option}'")
-    return positional or option or store.DEFAULT_MODEL
+    return store.check_name(next((n for n in (positional, option) if n is not None), store.DEFAULT_MODEL))

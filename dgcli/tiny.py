@@ -154,14 +154,17 @@ def ensure(models_dir: Path) -> Path:
     if (final / "model.safetensors").is_file():
         return final
     models_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{NAME}-", dir=models_dir))
+    # named as store.sweep_stale expects, so a copy cut short by SIGKILL is swept later
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-{os.getpid()}-", dir=models_dir))
     try:
         write(tmp / "ckpt")
         try:
             os.rename(tmp / "ckpt", final)
         except OSError:
             if not (final / "model.safetensors").is_file():  # not just another process winning the race
-                raise
+                from .errors import CheckpointError
+
+                raise CheckpointError(f"{final} is an incomplete copy of tiny: run `dg rm tiny`, then retry") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final

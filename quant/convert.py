@@ -6,7 +6,9 @@ shard being filled (shards of at most ~2 GB, written as they fill). Quantizes on
 there is one, else on the CPU. Everything is written into `.OUT.partial-XXXX` beside OUT, in an
 order that leaves it unloadable until the end: shards, index, tokenizer files, the manifest (with
 every shard's sha256), then config.json; only then is it renamed to OUT. The temporary directory
-is removed on any error or Ctrl-C.
+is removed on any error, Ctrl-C, SIGTERM or SIGHUP (SIGKILL cannot be caught: what it leaves is
+swept by the next `dg quantize` or `dg list`, see store.sweep_stale). A lock file `.OUT.lock` beside
+OUT keeps a second run from writing the same OUT; --force replaces only a `dg quantize` output.
 """
 
 from __future__ import annotations
@@ -15,9 +17,12 @@ import errno
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -73,10 +78,32 @@ def quantize_checkpoint(src: str | Path, out: Path | None = None, scheme: str = 
             print(e.hint, file=sys.stderr)
         raise
     out = Path(out) if out is not None else store.models_dir() / f"{source['name'].split('/')[-1]}-{scheme}"
-    if out.exists() and not force:
-        raise OutputExistsError(f"{out} already exists (pass --force to replace it)")
     if out.resolve() == src_path.resolve():
         raise DgError("the output directory cannot be the source directory")
+    store.writable_dir(out.parent)
+    with _terminating_signals_raise(), _output_lock(out):
+        store.sweep_stale(out.parent)  # what interrupted runs left (see store.sweep_stale)
+        try:
+            store.sweep_stale(store.models_dir())
+        except DgError:  # an unusable DG_HOME is not this run's concern when OUT lies elsewhere
+            pass
+        _check_replaceable(out, force)
+        return _write(src_path, out, config, scheme, groups, estimate, source, budget_bytes, context, progress)
+
+
+def _check_replaceable(out: Path, force: bool) -> None:
+    """An existing OUT is replaced only with --force, and only if it is a `dg quantize` output."""
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not (out.is_dir() and (out / MANIFEST).is_file()):
+        what = "a directory" if out.is_dir() else "a file" if out.exists() else "a dangling link"
+        raise OutputExistsError(f"{out} already exists and is {what} that dg quantize did not write: "
+                                f"it is never replaced, not even with --force (choose another OUT)")
+    if not force:
+        raise OutputExistsError(f"{out} already exists (pass --force to replace it)")
+
+
+def _write(src_path, out, config, scheme, groups, estimate, source, budget_bytes, context, progress) -> Path:
     if progress:
         print(estimate.table(), file=sys.stderr)
 
@@ -85,9 +112,9 @@ def quantize_checkpoint(src: str | Path, out: Path | None = None, scheme: str = 
     formats = tensor_formats({name: shapes[name] for name, *_ in tensors}, groups)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp = None
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=store.temp_prefix(out.name), dir=out.parent))
         writer = ShardWriter(tmp, MAX_SHARD_BYTES)
         with _progress(progress, sum(t[3] for t in tensors), len(tensors)) as bar:
             for name, shard, dtype, nbytes in tensors:
@@ -114,12 +141,73 @@ def quantize_checkpoint(src: str | Path, out: Path | None = None, scheme: str = 
         if e.errno == errno.ENOSPC:
             raise DgError(f"no space left on the device holding {out.parent} "
                           f"(the output needs about {format_bytes(estimate.weights)})") from None
-        raise
+        raise DgError(f"dg quantize stopped, nothing written to {out}: {first_line(e)}") from None
     except SafetensorError as e:
         raise DgError(f"could not write a shard into {out.parent}: {e}") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+@contextmanager
+def _terminating_signals_raise():
+    """SIGTERM and SIGHUP end the run as Ctrl-C does, by an exception (SystemExit 128+N), so that the
+    cleanup on the way out runs; a second such signal during that cleanup is ignored, not obeyed."""
+    signals = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    if threading.current_thread() is not threading.main_thread():  # handlers can only be set there
+        yield
+        return
+
+    def stop(signum, frame):
+        for s in signals:
+            signal.signal(s, signal.SIG_IGN)
+        raise SystemExit(128 + signum)
+
+    previous = {s: signal.signal(s, stop) for s in signals}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+@contextmanager
+def _output_lock(out: Path):
+    """Hold `.OUT.lock` (flock) beside OUT for the whole run; another run holding it is a DgError.
+
+    The file is deleted while still held on the way out; a run that locked a file already deleted
+    (its inode no longer at the path) opens the new one instead.
+    """
+    import fcntl
+
+    path = out.parent / f".{out.name}.lock"
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise DgError(f"cannot write into {out.parent}: {e.strerror or first_line(e)}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise DgError(f"another dg quantize is writing {out} (it holds {path}); wait for it to finish") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        try:
+            path.unlink()
+        except OSError:
+            pass
+        os.close(fd)
 
 
 def describe_source(path: Path) -> dict:
@@ -236,7 +324,7 @@ def _replace(tmp: Path, out: Path) -> None:
     """Rename tmp to out; an existing out (with --force) is moved aside first and deleted after."""
     old = None
     if out.exists() or out.is_symlink():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        old = Path(tempfile.mkdtemp(prefix=store.temp_prefix(out.name, "old"), dir=out.parent))
         os.rename(out, old / "x")
     os.rename(tmp, out)
     _fsync_dir(out.parent)

@@ -331,7 +331,7 @@ def test_pull_incomplete_download_is_an_error(runner, home, monkeypatch):
 
 def test_pull_refuses_non_repo_names(runner):
     r = invoke(runner, ["pull", "not a repo"])
-    assert r.exit_code == 1 and r.stderr.startswith("error: 'not a repo' is not a Hugging Face repo id")
+    assert r.exit_code == 2 and r.stderr.startswith("error: 'not a repo' is not a Hugging Face repo id")
 
 
 def test_quantize_calls_the_converter(runner, home, monkeypatch):

@@ -193,6 +193,7 @@ def test_force_replaces_and_default_out_is_in_models_dir(tiny_dir, tmp_path):
     out = tmp_path / "q"
     (out).mkdir()
     (out / "junk").write_text("old")
+    (out / "dg_manifest.json").write_text("{}")  # --force replaces only a dg quantize output
     quantize_checkpoint(tiny_dir, out, budget_bytes=None, force=True, progress=False)
     assert not (out / "junk").exists() and (out / "dg_manifest.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
