@@ -3,7 +3,9 @@
 Both views consume the event stream (dgcli/events.py) and nothing else: no torch, no model.
 `CanvasView` draws the block being denoised as text in reading order inside a Rich `Live` region:
 positions the sampler accepted this step bright, the rest (fresh noise) dimmed, or drawn as `·`,
-or as the model's current draft; under it a step counter, a bar for the block and tokens/s.
+or as the model's current draft; under it a step counter, a bar for the block, how many positions
+this step accepted (acceptance is decided afresh each step: it is not progress), and tokens/s
+(steps/s until the first block commits, so a one-block answer still shows a rate).
 When a block commits, its text joins the committed text above the canvas and whole lines of it
 move into the normal scrollback, so the answer stays in the terminal once the region is gone.
 Rendering happens on Live's own timer thread (`fps` frames a second) from the latest event only:
@@ -136,6 +138,7 @@ class CanvasView:
         self.step: StepEvent | None = None  # latest step of the block being denoised
         self.tail = ""  # committed text not yet moved to the scrollback (the current line)
         self.committed_tokens = 0
+        self.steps = 0  # denoising steps seen: the rate before any token is committed
         self.blocks = 0
         self.t0: float | None = None
         self.frames = 0
@@ -158,6 +161,7 @@ class CanvasView:
         if isinstance(event, StepEvent):
             if self.t0 is None:
                 self.t0 = time.perf_counter() - event.seconds
+            self.steps += 1
             self.step = event
         elif isinstance(event, BlockEvent):
             self.blocks += 1
@@ -169,6 +173,7 @@ class CanvasView:
             self.finished = True
         elif isinstance(event, PrefillEvent):
             self.t0 = None
+            self.steps = 0
 
     def commit(self, text: str) -> None:
         """Add committed text; print every finished line (as wrapped on screen) above the live region."""
@@ -210,8 +215,7 @@ class CanvasView:
     def status(self, ev: StepEvent | None) -> Table:
         grid = Table.grid(padding=(0, 1))
         elapsed = time.perf_counter() - self.t0 if self.t0 is not None else 0.0
-        rate = (f"{self.committed_tokens / elapsed:6.1f} tok/s" if elapsed > 0 and self.committed_tokens
-                else "    — tok/s")
+        rate = self.rate(elapsed)
         if ev is None:
             what = "reading the prompt" if self.t0 is None else "committing"
             grid.add_row(Text(f"block {self.blocks + 1:>2}", style=STATUS), Text(what, style=STATUS),
@@ -221,7 +225,18 @@ class CanvasView:
                 Text(f"block {ev.block + 1:>2}", style=STATUS),
                 ProgressBar(total=ev.max_steps, completed=ev.step, width=24),
                 Text(f"step {ev.step:>2}/{ev.max_steps}", style=STATUS),
-                Text(f"{sum(ev.accepted):>3}/{len(ev.accepted)} accepted", style=STATUS),
+                Text(f"{sum(ev.accepted):>3}/{len(ev.accepted)} accepted this step", style=STATUS),
                 Text(rate, style=STATUS),
             )
         return grid
+
+    def rate(self, elapsed: float) -> str:
+        """Committed tokens per second; before the first commit (all of a one-block answer) there are
+        none yet, so the denoising steps per second instead of a dash."""
+        if elapsed <= 0:
+            return "    — tok/s"
+        if self.committed_tokens:
+            return f"{self.committed_tokens / elapsed:6.1f} tok/s"
+        if self.steps:
+            return f"{self.steps / elapsed:6.1f} steps/s"
+        return "    — tok/s"

@@ -20,8 +20,8 @@ from . import __version__, store
 from .canvas_view import CanvasView, PlainView, TokenPieces, consume, format_stats
 from .cli_common import (BadUsage, DeviceOpt, DgGroup, DtypeOpt, NoGraphsOpt, EntropyBoundOpt, MaxTokensOpt, ModelOpt,
                          NoiseOpt, SeedOpt, StepsOpt, SystemOpt, TemperatureOpt, ThinkOpt, TMaxOpt, TMinOpt,
-                         check_settings, load, parse_size, quiet_closed_pipe, read_prompt, resolve_name,
-                         sampling)
+                         check_settings, echo, load, parse_size, quiet_closed_pipe, read_prompt,
+                         resolve_name, sampling, stdout)
 from .config import MANIFEST_FILE
 from .errors import DgError
 from .units import format_bytes
@@ -92,8 +92,8 @@ def run(
         views = [stack.enter_context(v) for v in run_views(tok, canvas, noise, as_json)]
         done = consume(events, views)
         if as_json:
-            sys.stdout.write(json.dumps({"model": model, **done.to_dict()}) + "\n")
-            sys.stdout.flush()
+            stdout.write(json.dumps({"model": model, **done.to_dict()}) + "\n")
+            stdout.flush()
     if verbose:
         typer.echo(format_stats(done), err=True)
 
@@ -113,12 +113,12 @@ def run_views(tok, canvas: bool, noise: str, as_json: bool) -> list:
     """Plain text on stdout; with --canvas the canvas on stderr, drawing the answer in place when
     stdout is the same terminal. --json: nothing until the end."""
     if not (canvas and use_canvas(sys.stderr)):
-        return [] if as_json else [PlainView(sys.stdout)]
+        return [] if as_json else [PlainView(stdout)]
     from rich.console import Console
 
     inline = sys.stdout.isatty() and not as_json
     view = CanvasView(Console(stderr=True), TokenPieces(tok), noise=noise, show_text=inline)
-    return [view] if inline or as_json else [view, PlainView(sys.stdout)]
+    return [view] if inline or as_json else [view, PlainView(stdout)]
 
 
 @app.command(epilog=example("dg chat", "dg chat tiny", "dg chat -m ./my-quantized-model --think"))
@@ -177,16 +177,15 @@ def list_(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] =
     """List the models on this machine: name, kind, size on disk, where."""
     entries = store.list_models()
     if as_json:
-        typer.echo(json.dumps([e.to_dict() for e in entries], indent=2))
+        echo(json.dumps([e.to_dict() for e in entries], indent=2))
         return
     if not entries:
-        typer.echo(f"no models yet: `dg pull {store.DEFAULT_MODEL}`, or `dg pull tiny` to try dg without a GPU")
+        echo(f"no models yet: `dg pull {store.DEFAULT_MODEL}`, or `dg pull tiny` to try dg without a GPU")
         return
     rows = [("NAME", "KIND", "SIZE", "WHERE")] + [
         (e.name, e.kind, format_bytes(e.size), f"{e.path}{'  (' + e.note + ')' if e.note else ''}") for e in entries]
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    for r in rows:
-        typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[3])
+    echo("\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[3] for r in rows))
 
 
 @app.command(epilog=example("dg show tiny", "dg show google/diffusiongemma-26B-A4B-it --context 32768"))
@@ -202,7 +201,7 @@ def show(
     info["estimated_vram_bytes"] = plan.total_bytes if plan else info["weight_bytes"] + info["kv_cache_bytes"]
     info["vram_plan"] = plan.to_dict() if plan else None
     if as_json:
-        typer.echo(json.dumps(info, indent=2))
+        echo(json.dumps(info, indent=2))
         return
     a = info["architecture"]
     p = info["parameters"]
@@ -226,7 +225,7 @@ def show(
     ]
     if plan:
         lines += ["", plan.table()]
-    typer.echo("\n".join(lines))
+    echo("\n".join(lines))
 
 
 def describe_quant(manifest) -> str:
@@ -259,9 +258,10 @@ def rm(
     """Delete a model dg manages (tiny, dg's models directory, or a repo in the HF cache)."""
     entry = store.find_entry(name)
     if not yes and not typer.confirm(f"delete {entry.name} ({format_bytes(entry.size)}) at {entry.root}?"):
-        raise DgError("nothing deleted")
+        echo(f"kept {entry.name}: nothing deleted")  # a choice, not a failure: exit 0
+        return
     store.remove(entry)
-    typer.echo(f"deleted {entry.name} ({format_bytes(entry.size)})")
+    echo(f"deleted {entry.name} ({format_bytes(entry.size)})")
 
 
 @app.command(epilog=example("dg quantize google/diffusiongemma-26B-A4B-it",

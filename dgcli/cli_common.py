@@ -1,7 +1,8 @@
 """What the dg commands share: option types, the error formatter and exit codes, prompt and flag helpers.
 
-Exit codes: 0 success, 1 a runtime failure (DgError), 2 bad usage, 130 Ctrl-C, 141 a closed pipe (dg run).
-Known errors print one line, `error: ...`, on stderr; DG_DEBUG=1 shows the traceback instead.
+Exit codes: 0 success, 1 a runtime failure (DgError; also output that cannot be written: stdout closed,
+disk full), 2 bad usage, 130 Ctrl-C, 141 a closed pipe (the reader left: silent).
+Known errors print one line, `error: ...`, on stderr; DG_DEBUG=1 prints the traceback before it (same exit code).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import traceback
 from contextlib import contextmanager
 from typing import Annotated, Literal, Optional
 
@@ -32,6 +34,10 @@ class BadUsage(DgError):
     exit_code = 2
 
 
+class OutputError(DgError):
+    """stdout cannot take the output: closed (`>&-`), disk full, an I/O error (exit code 1)."""
+
+
 def error(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
 
@@ -43,6 +49,7 @@ class DgGroup(TyperGroup):
         tracebacks = False
         try:
             tracebacks = debug()  # a bad DG_DEBUG value is a DgError: reported below like any other
+            check_stdout()  # every command reports there: refuse before doing work that cannot be reported
             rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False,
                               **extra)
             code = rv if isinstance(rv, int) else 0
@@ -51,7 +58,7 @@ class DgGroup(TyperGroup):
             code = 0
         except cx.UsageError as e:
             if tracebacks:
-                raise
+                traceback.print_exc()
             hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
             error(e.format_message() + hint)
             code = e.exit_code
@@ -65,8 +72,8 @@ class DgGroup(TyperGroup):
         except KeyboardInterrupt:
             code = 130
         except DgError as e:
-            if tracebacks:
-                raise
+            if tracebacks:  # the traceback, then the same line and exit code as without DG_DEBUG
+                traceback.print_exc()
             error(str(e))
             code = e.exit_code
         if standalone_mode:
@@ -74,19 +81,71 @@ class DgGroup(TyperGroup):
         return code
 
 
+def _stdout_to_devnull() -> None:
+    """Point fd 1 at /dev/null so the interpreter's last flush of what is left cannot fail again
+    (as the Python docs advise for a closed pipe)."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):  # stdout is closed or not a real file (tests)
+        pass
+
+
 @contextmanager
 def quiet_closed_pipe():
-    """The reader went away (`dg run ... | head`): stop quietly with 141 (128 + SIGPIPE), pointing
-    stdout at /dev/null so the interpreter's last flush cannot fail either (as the Python docs advise)."""
+    """Write the output inside this: the reader went away (`dg run ... | head`) stops quietly with 141
+    (128 + SIGPIPE); an OutputError (disk full, ...) is reported once, with nothing left to flush."""
     try:
         yield
     except BrokenPipeError:
-        try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except (AttributeError, OSError, ValueError):  # stdout is not a real file (tests)
-            pass
+        _stdout_to_devnull()
         raise typer.Exit(141) from None
+    except OutputError:
+        _stdout_to_devnull()
+        raise
 
+
+def check_stdout() -> None:
+    """Refuse to start work whose output has nowhere to go (`dg run ... >&-`)."""
+    if sys.stdout is None or getattr(sys.stdout, "closed", False):
+        raise OutputError("stdout is closed: nowhere to write the output (redirect it, e.g. > /dev/null)")
+
+
+class Stdout:
+    """sys.stdout (looked up at each call: tests swap it) whose failed writes are OutputErrors.
+    A closed pipe stays a BrokenPipeError: quiet_closed_pipe makes that one silent."""
+
+    def _call(self, name: str, *args):
+        check_stdout()
+        try:
+            return getattr(sys.stdout, name)(*args)
+        except BrokenPipeError:
+            raise
+        except (OSError, ValueError) as e:  # ValueError: a file closed under us
+            why = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+            raise OutputError(f"cannot write the output: {why}") from None
+
+    def write(self, text: str) -> int:
+        return self._call("write", text)
+
+    def flush(self) -> None:
+        self._call("flush")
+
+    def isatty(self) -> bool:
+        return sys.stdout is not None and sys.stdout.isatty()
+
+
+stdout = Stdout()
+
+
+def echo(text: str) -> None:
+    """One piece of output (a line is added) on stdout, flushed now so that a failure is seen here:
+    a closed pipe exits 141 silently, any other failure is one `error:` line and exit 1."""
+    with quiet_closed_pipe():
+        stdout.write(text + "\n")
+        stdout.flush()
+
+
+# ---- shared options ---------------------------------------------------------------------------------
 
 # ---- shared options ---------------------------------------------------------------------------------
 

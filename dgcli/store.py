@@ -478,9 +478,10 @@ def describe(path: Path, context: int = 8192) -> dict:
     estimated memory at `context` tokens, sampler defaults, chat template. Reads headers, not weights."""
     import json
 
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     from .config import ModelConfig, read_json
+    from .errors import CheckpointError
     from .loader import SKIPPED_PREFIXES, load_sampler_defaults, shard_files
     from .tokenizer import find_chat_template
 
@@ -488,14 +489,17 @@ def describe(path: Path, context: int = 8192) -> dict:
     c = ModelConfig.from_file(path / "config.json")
     params = weight_bytes = 0
     for shard in shard_files(path):
-        weight_bytes += shard.stat().st_size
-        with safe_open(str(shard), framework="pt", device="cpu") as f:
-            for k in f.keys():
-                if not k.startswith(SKIPPED_PREFIXES):
-                    n = 1
-                    for d in f.get_slice(k).get_shape():
-                        n *= d
-                    params += n
+        try:  # headers only, checked as `dg run` checks them: a broken shard is one line, not a traceback
+            weight_bytes += shard.stat().st_size
+            with safe_open(str(shard), framework="pt", device="cpu") as f:
+                for k in f.keys():
+                    if not k.startswith(SKIPPED_PREFIXES):
+                        n = 1
+                        for d in f.get_slice(k).get_shape():
+                            n *= d
+                        params += n
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{shard} is corrupt or truncated ({first_line(e)})") from None
     manifest = None
     if (path / MANIFEST_FILE).is_file():
         try:

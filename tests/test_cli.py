@@ -149,7 +149,7 @@ def test_unknown_model_says_how_to_get_it(runner):
 def test_dg_debug_shows_the_traceback(runner, monkeypatch):
     monkeypatch.setenv("DG_DEBUG", "yes")  # the one on/off rule of dgcli.settings
     r = runner.invoke(cli.app, ["run", "-m", "someorg/nothing-here", "hi"])
-    assert isinstance(r.exception, dgcli.errors.ModelNotFoundError)
+    assert r.exit_code == 1 and "Traceback" in r.stderr and "ModelNotFoundError" in r.stderr  # same exit code
     monkeypatch.setenv("DG_DEBUG", "loud")
     r = invoke(runner, ["run", "-m", "someorg/nothing-here", "hi"])
     assert r.exit_code == 1 and r.stderr.startswith("error: DG_DEBUG='loud'") and r.stderr.count("\n") == 1
@@ -198,7 +198,7 @@ def test_pull_tiny_then_list_show_rm(runner, home):
     r = invoke(runner, ["list"])
     assert r.stdout.splitlines()[0].split() == ["NAME", "KIND", "SIZE", "WHERE"] and "tiny" in r.stdout
     r = invoke(runner, ["rm", "tiny"], input="n\n")
-    assert r.exit_code == 1 and Path(rows[0]["path"]).is_dir()
+    assert r.exit_code == 0 and "kept tiny" in r.stdout and Path(rows[0]["path"]).is_dir()  # a choice
     r = invoke(runner, ["rm", "tiny"], input="y\n")
     assert r.exit_code == 0 and not Path(rows[0]["path"]).exists()
     assert json.loads(invoke(runner, ["list", "--json"]).stdout) == []
