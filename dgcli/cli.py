@@ -20,7 +20,7 @@ from . import __version__, store
 from .canvas_view import CanvasView, PlainView, TokenPieces, consume, format_stats
 from .cli_common import (BadUsage, DeviceOpt, DgGroup, DtypeOpt, NoGraphsOpt, EntropyBoundOpt, MaxTokensOpt, ModelOpt,
                          NoiseOpt, SeedOpt, StepsOpt, SystemOpt, TemperatureOpt, ThinkOpt, TMaxOpt, TMinOpt,
-                         check_settings, echo, load, parse_size, quiet_closed_pipe, read_prompt,
+                         check_settings, confirm, echo, load, parse_size, quiet_closed_pipe, read_prompt,
                          resolve_name, sampling, stdout)
 from .config import MANIFEST_FILE
 from .errors import DgError
@@ -257,7 +257,7 @@ def rm(
 ):
     """Delete a model dg manages (tiny, dg's models directory, or a repo in the HF cache)."""
     entry = store.find_entry(name)
-    if not yes and not typer.confirm(f"delete {entry.name} ({format_bytes(entry.size)}) at {entry.root}?"):
+    if not yes and not confirm(f"delete {entry.name} ({format_bytes(entry.size)}) at {entry.root}?"):
         echo(f"kept {entry.name}: nothing deleted")  # a choice, not a failure: exit 0
         return
     store.remove(entry)

@@ -137,6 +137,17 @@ class Stdout:
 stdout = Stdout()
 
 
+def confirm(question: str) -> bool:
+    """Ask on stderr, read the answer from stdin: only y/yes is yes. stdout stays the command's report
+    (click's confirm writes part of its prompt there, so a full disk would fail the question)."""
+    typer.echo(f"{question} [y/N]: ", nl=False, err=True)
+    line = sys.stdin.readline() if sys.stdin is not None else ""
+    if not line:  # end of input: no answer was given, so nothing was chosen
+        typer.echo("", err=True)
+        raise DgError("no answer on stdin (pass --yes to skip the question)")
+    return line.strip().lower() in ("y", "yes")
+
+
 def echo(text: str) -> None:
     """One piece of output (a line is added) on stdout, flushed now so that a failure is seen here:
     a closed pipe exits 141 silently, any other failure is one `error:` line and exit 1."""

@@ -50,9 +50,10 @@ class Terminal(io.StringIO):
         return True
 
 
-def dg(args, stdout, monkeypatch, capsys):
+def dg(args, stdout, monkeypatch, capsys, stdin=Terminal()):
     """Run dg in this process with `stdout` as sys.stdout; (exit code, stderr)."""
-    monkeypatch.setattr(sys, "stdin", Terminal())  # nothing piped in
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", stdin)  # a terminal: nothing piped in
     monkeypatch.setattr(sys, "stdout", stdout)
     code = cli.app(args, prog_name="dg", standalone_mode=False)
     return code, capsys.readouterr().err
@@ -145,6 +146,24 @@ def test_declining_rm_keeps_the_model_and_exits_0(answer, tmp_path, monkeypatch)
     r = CliRunner().invoke(cli.app, ["rm", "tiny"], input=answer)
     assert r.exit_code == 0 and "kept tiny" in r.stdout and "error" not in r.stderr
     assert (path / "model.safetensors").is_file()
+
+
+def test_rm_without_an_answer_deletes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("DG_HOME", str(tmp_path))
+    path = store.resolve("tiny")
+    r = CliRunner().invoke(cli.app, ["rm", "tiny"], input="")
+    assert r.exit_code == 1 and r.stderr.splitlines()[-1] == "error: no answer on stdin (pass --yes to skip the " \
+                                                             "question)"
+    assert "Traceback" not in r.stderr and (path / "model.safetensors").is_file()
+
+
+def test_rm_asks_on_stderr_so_a_full_stdout_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DG_HOME", str(tmp_path))
+    store.resolve("tiny")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("n\n"))
+    code, err = dg(["rm", "tiny"], FullDisk(), monkeypatch, capsys, stdin=None)
+    assert code == 1 and err.startswith("delete tiny") and err.endswith("error: cannot write the output: "
+                                                                          "No space left on device\n"), err
 
 
 # ---- dg show on a broken checkpoint: one line, like dg run ---------------------------------------------
