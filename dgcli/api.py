@@ -22,7 +22,7 @@ import torch
 from . import store
 from .config import SamplerSettings
 from .engine import Engine, as_engine
-from .errors import EmptyPromptError
+from .errors import ContextLengthError, EmptyPromptError
 from .events import BlockEvent, DoneEvent, Event, PrefillEvent
 from .loader import load_model, load_sampler_defaults
 from .sampler import denoise, useful_length
@@ -78,6 +78,7 @@ def stream_generate(engine, tokenizer: Tokenizer, prompt, *, raw: bool = False, 
     ids = prompt_ids(tokenizer, prompt, raw=raw, system=system, think=think)
     if not ids and (cache is None or cache.length == 0):
         raise EmptyPromptError("empty prompt")
+    check_context(engine, len(ids), s.max_new_tokens, cache)
     new_ids: list[int] = []
     shown = ""
     for event in denoise(engine, ids, s, cache=cache, logits_processor=logits_processor):
@@ -90,6 +91,26 @@ def stream_generate(engine, tokenizer: Tokenizer, prompt, *, raw: bool = False, 
         elif isinstance(event, DoneEvent):
             event.text = final_text(tokenizer, event.token_ids, s)
         yield event
+
+
+def check_context(engine, prompt_tokens: int, max_new_tokens: int, cache=None) -> None:
+    """Refuse, before any compute, a prompt whose tokens (after what `cache` holds) plus the answer
+    budget, rounded up to whole canvases (the sampler decodes whole ones), cannot fit the model's
+    positions or the cache's room: a ContextLengthError naming both numbers."""
+    engine = as_engine(engine)
+    L = engine.config.canvas_length
+    cached = cache.length if cache is not None else 0
+    answer = -(-max_new_tokens // L) * L
+    need = cached + prompt_tokens + answer
+    room, what = engine.config.max_position_embeddings, "the model's context"
+    capacity = getattr(cache, "capacity", None)  # a static cache: its buffers are fixed (KVCache grows)
+    if capacity is not None and capacity < room:
+        room, what = capacity, "this cache's room"
+    if need > room:
+        parts = f"{prompt_tokens} prompt" + (f" + {cached} cached" if cached else "")
+        raise ContextLengthError(
+            f"too long: {parts} + {answer} answer tokens ({max_new_tokens} as whole {L}-token canvases) = {need} "
+            f"tokens, but {what} holds {room}; shorten the prompt or lower the answer budget (--max-tokens)")
 
 
 def prefill(engine, token_ids: list[int], cache) -> PrefillEvent:

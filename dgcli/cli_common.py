@@ -7,6 +7,7 @@ Known errors print one line, `error: ...`, on stderr; DG_DEBUG=1 prints the trac
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -23,7 +24,7 @@ except ImportError:  # pragma: no cover
     from click import exceptions as cx
 
 from . import store
-from .config import temperature_shorthand
+from .config import MAX_DENOISING_STEPS, MAX_SEED, MAX_STEPS_WHY, MAX_TEMPERATURE, temperature_shorthand
 from .errors import DgError, first_line
 from .settings import debug
 
@@ -166,17 +167,36 @@ def _check_device(value: str | None) -> str | None:
     return value
 
 
+def _check_steps(value: int | None) -> int | None:
+    if value is not None and not 1 <= value <= MAX_DENOISING_STEPS:
+        raise typer.BadParameter(f"must be from 1 to {MAX_DENOISING_STEPS}{MAX_STEPS_WHY}, got {value}")
+    return value
+
+
+def _check_temperature(value: float | None) -> float | None:
+    """Finite, and at most MAX_TEMPERATURE (dgcli/config.py says why): inf, nan and 1e308 are typos."""
+    if value is not None and not (math.isfinite(value) and 0 <= value <= MAX_TEMPERATURE):
+        raise typer.BadParameter(f"must be a finite number from 0 to {MAX_TEMPERATURE:g} (above it sampling is near-"
+                                 f"uniform noise), got {value}")
+    return value
+
+
 ModelOpt = Annotated[str, typer.Option("--model", "-m", metavar="NAME",
                                        help="HF repo id, checkpoint or quantized directory, or 'tiny'.")]
 MaxTokensOpt = Annotated[Optional[int], typer.Option("--max-tokens", min=1, help="Most tokens to generate.")]
-StepsOpt = Annotated[Optional[int], typer.Option("--steps", min=1, help="Most denoising steps per block.")]
+StepsOpt = Annotated[Optional[int], typer.Option("--steps", callback=_check_steps,
+                                                  help="Most denoising steps per block.")]
 EntropyBoundOpt = Annotated[Optional[float], typer.Option(
     "--entropy-bound", help="Entropy (nats) a step may accept; higher = more tokens per step, less care.")]
-TMinOpt = Annotated[Optional[float], typer.Option("--t-min", help="Temperature at the last step of a block.")]
-TMaxOpt = Annotated[Optional[float], typer.Option("--t-max", help="Temperature at the first step of a block.")]
+TMinOpt = Annotated[Optional[float], typer.Option("--t-min", callback=_check_temperature,
+                                                  help="Temperature at the last step of a block.")]
+TMaxOpt = Annotated[Optional[float], typer.Option("--t-max", callback=_check_temperature,
+                                                  help="Temperature at the first step of a block.")]
 TemperatureOpt = Annotated[Optional[float], typer.Option(
-    "--temperature", "-t", help="Shorthand: --t-max T --t-min T/2 (cannot be combined with them).")]
-SeedOpt = Annotated[Optional[int], typer.Option("--seed", min=0, help="Seed: the same seed repeats a run.")]
+    "--temperature", "-t", callback=_check_temperature,
+    help="Shorthand: --t-max T --t-min T/2 (cannot be combined with them).")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", min=0, max=MAX_SEED,
+                                                help="Seed: the same seed repeats a run.")]
 SystemOpt = Annotated[Optional[str], typer.Option("--system", "-s", help="System prompt.")]
 ThinkOpt = Annotated[bool, typer.Option("--think", help="Turn the thinking channel on.")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", callback=_check_device,

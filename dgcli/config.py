@@ -11,10 +11,31 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError
+
+# Bounds on the sampler's knobs (beyond them a value is a typo or an attack, never a setting):
+# - temperatures: the logits are softcapped to |x| <= 30, so at T = 100 any two differ by < 0.6 after
+#   the division and sampling is already near-uniform noise; more says nothing new (and inf is NaN).
+# - denoising steps per block: the reference's default is 48 and a block stops once it is stable; one
+#   that has not settled in 1024 steps will not, and the step count multiplies the time per block.
+# - entropies (nats): no distribution over a vocabulary of < e^100 tokens has more than 100.
+# - seeds: what a torch generator and JSON (int64) hold exactly; random seeds are drawn below it.
+MAX_TEMPERATURE = 100.0
+MAX_DENOISING_STEPS = 1024
+MAX_STEPS_WHY = " (a block that has not settled in 1024 steps will not; the default is 48)"
+MAX_ENTROPY_BOUND = 100.0
+MAX_SEED = 2**63 - 1
+# Bounds on a config.json's sizes, checked before anything is built from them (a crafted config must
+# not make dg allocate or loop for ever). The released model: 30 layers, vocabulary 262,144 (2**18).
+# The loader then checks the layer count and the embedding against the shard headers.
+MAX_LAYERS = 1024
+MAX_DIM = 2**20  # any one dimension: vocabulary, widths, heads, experts
+MAX_POSITIONS = 2**24  # positions are exact in fp32 (RoPE) up to here
+MAX_CANVAS = 8192  # a step holds canvas x vocabulary fp32 logits: 8 GB at the real vocabulary
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 # Written last by `dg quantize`: its presence marks a whole quantized checkpoint. Kept here, torch-free,
@@ -80,8 +101,7 @@ class ModelConfig:
         if missing:
             raise ConfigError(f"config.json is missing required field(s): {', '.join(missing)}")
         for k in REQUIRED_TEXT_FIELDS:
-            if not isinstance(text[k], int) or text[k] <= 0:
-                raise ConfigError(f"config.json: '{k}' must be a positive integer, got {text[k]!r}")
+            _check_int(k, text[k], MAX_LAYERS if k == "num_hidden_layers" else MAX_DIM)
         n = text["num_hidden_layers"]
         if text.get("use_bidirectional_attention") == "all":
             raise ConfigError("config.json: use_bidirectional_attention='all' is not a DiffusionGemma text model")
@@ -89,6 +109,8 @@ class ModelConfig:
         layer_types = text.get("layer_types")
         if layer_types is None:  # the reference's default: every 6th layer is full
             layer_types = [SLIDING if (i + 1) % 6 else FULL for i in range(n)]
+        if not isinstance(layer_types, (list, tuple)):
+            raise ConfigError(f"config.json: 'layer_types' must be a list, got {layer_types!r}")
         layer_types = list(layer_types)
         if len(layer_types) != n:
             raise ConfigError(
@@ -108,6 +130,8 @@ class ModelConfig:
                 raise ConfigError(
                     "config.json has both 'per_layer_config' and 'global_head_dim'/'num_global_key_value_heads'"
                 )
+            if not isinstance(per_layer, dict) or not all(isinstance(o, dict) for o in per_layer.values()):
+                raise ConfigError("config.json: 'per_layer_config' must map layer indices to objects")
             for key, over in per_layer.items():
                 try:
                     i = int(key)
@@ -123,9 +147,13 @@ class ModelConfig:
             for i, t in enumerate(layer_types):
                 if t == FULL:
                     layer_head_dim[i], layer_kv_heads[i] = global_head_dim, global_kv
+        for i, hd in enumerate(layer_head_dim):
+            if not is_int(hd) or not 0 < hd <= MAX_DIM or hd % 2:
+                raise ConfigError(f"config.json: layer {i} has head_dim {hd!r}; expected an even integer "
+                                  f"from 2 to {MAX_DIM}")
         heads = text["num_attention_heads"]
         for i, kv in enumerate(layer_kv_heads):
-            if not isinstance(kv, int) or kv <= 0 or heads % kv:
+            if not is_int(kv) or kv <= 0 or heads % kv:
                 raise ConfigError(
                     f"config.json: layer {i} has {kv!r} key/value heads, which does not divide "
                     f"num_attention_heads={heads}"
@@ -138,13 +166,30 @@ class ModelConfig:
             raise ConfigError(f"config.json: hidden_activation {text['hidden_activation']!r} is not supported")
 
         rope = text.get("rope_parameters") or DEFAULT_ROPE
+        if not isinstance(rope, dict):
+            raise ConfigError(f"config.json: 'rope_parameters' must be an object, got {rope!r}")
         for t in set(layer_types):
-            if t not in rope or "rope_theta" not in rope[t]:
+            if not isinstance(rope.get(t), dict) or "rope_theta" not in rope[t]:
                 raise ConfigError(f"config.json: rope_parameters has no 'rope_theta' for {t}")
             if rope[t].get("rope_type", "default") not in ("default", "proportional"):
                 raise ConfigError(f"config.json: rope_type {rope[t]['rope_type']!r} is not supported")
+            _check_number(f"rope_parameters.{t}.rope_theta", rope[t]["rope_theta"], 1e12)
+            if "partial_rotary_factor" in rope[t]:
+                _check_number(f"rope_parameters.{t}.partial_rotary_factor", rope[t]["partial_rotary_factor"], 1.0)
 
-        eos = top.get("eos_token_id", text.get("eos_token_id", 1))
+        positions = _check_int("max_position_embeddings", text.get("max_position_embeddings", 131_072), MAX_POSITIONS)
+        canvas = _check_int("canvas_length", top.get("canvas_length", 256) or 256, min(MAX_CANVAS, positions))
+        window = _check_int("sliding_window", text.get("sliding_window", 512), positions)
+        eps = _check_number("rms_norm_eps", text.get("rms_norm_eps", 1e-6), 1.0)
+        ids = {}
+        for k, default in (("pad_token_id", 0), ("bos_token_id", 2)):
+            ids[k] = text.get(k, default)
+            if ids[k] is not None:
+                _check_int(k, ids[k], text["vocab_size"] - 1, low=0)
+        try:
+            eos = _id_list(top.get("eos_token_id", text.get("eos_token_id", 1)))
+        except ConfigError as e:
+            raise ConfigError(f"config.json: eos_token_id: {e}") from None
         return cls(
             vocab_size=text["vocab_size"],
             hidden_size=text["hidden_size"],
@@ -157,14 +202,14 @@ class ModelConfig:
             layer_types=layer_types,
             layer_head_dim=layer_head_dim,
             layer_kv_heads=layer_kv_heads,
-            sliding_window=text.get("sliding_window", 512),
-            rms_norm_eps=text.get("rms_norm_eps", 1e-6),
+            sliding_window=window,
+            rms_norm_eps=eps,
             rope_parameters=rope,
-            max_position_embeddings=text.get("max_position_embeddings", 131_072),
-            canvas_length=top.get("canvas_length") or 256,
-            pad_token_id=text.get("pad_token_id", 0),
-            bos_token_id=text.get("bos_token_id", 2),
-            eos_token_id=_id_list(eos),
+            max_position_embeddings=positions,
+            canvas_length=canvas,
+            pad_token_id=ids["pad_token_id"],
+            bos_token_id=ids["bos_token_id"],
+            eos_token_id=eos,
         )
 
     @classmethod
@@ -204,20 +249,34 @@ class SamplerSettings:
         def bad(name, why):
             raise ConfigError(f"{name} {why}, got {getattr(self, name)!r}")
 
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
-            bad("max_new_tokens", "must be a positive integer")
-        if not isinstance(self.max_denoising_steps, int) or self.max_denoising_steps <= 0:
-            bad("max_denoising_steps", "must be a positive integer")
-        if not self.entropy_bound > 0:
-            bad("entropy_bound", "must be > 0")
-        if not self.t_min >= 0:
-            bad("t_min", "must be >= 0")
+        def integer(name, low, high=None, why=""):
+            v = getattr(self, name)
+            if not is_int(v) or v < low or (high is not None and v > high):
+                bad(name, f"must be an integer from {low} to {high}{why}" if high is not None
+                    else f"must be an integer >= {low}")
+
+        def number(name, low, high, low_open=True):
+            v = getattr(self, name)
+            ok = is_number(v) and math.isfinite(v) and (v > low if low_open else v >= low) and v <= high
+            if not ok:
+                bad(name, f"must be a number {'>' if low_open else '>='} {low} and <= {high:g}")
+
+        integer("max_new_tokens", 1)
+        integer("max_denoising_steps", 1, MAX_DENOISING_STEPS, MAX_STEPS_WHY)
+        number("entropy_bound", 0, MAX_ENTROPY_BOUND)
+        number("t_min", 0, MAX_TEMPERATURE, low_open=False)
+        number("t_max", 0, MAX_TEMPERATURE)
         if not self.t_max > self.t_min:
             bad("t_max", f"must be greater than t_min={self.t_min}")
-        if not isinstance(self.stability_threshold, int) or self.stability_threshold < 0:
-            bad("stability_threshold", "must be an integer >= 0")
-        if not self.confidence_threshold > 0:
-            bad("confidence_threshold", "must be > 0")
+        integer("stability_threshold", 0)
+        number("confidence_threshold", 0, MAX_ENTROPY_BOUND)
+        if self.seed is not None:
+            integer("seed", 0, MAX_SEED)
+        for name in ("eos_token_id", "pad_token_id"):
+            v = getattr(self, name)
+            ids = v if isinstance(v, list) else [v]
+            if v is not None and not all(is_int(x) and x >= 0 for x in ids):
+                bad(name, "must be a token id (an integer >= 0) or a list of them")
 
     @classmethod
     def from_generation_config(cls, d: dict) -> "SamplerSettings":
@@ -235,10 +294,41 @@ class SamplerSettings:
             raise ConfigError(f"generation_config.json: {e}") from None
 
 
+def _check_int(name: str, v, high: int, low: int = 1) -> int:
+    """A config.json integer in [low, high]; anything else (1e9 is a float in JSON, "512") is refused."""
+    if not is_int(v) or not low <= v <= high:
+        raise ConfigError(f"config.json: '{name}' must be an integer from {low} to {high}, got {v!r}")
+    return v
+
+
+def _check_number(name: str, v, high: float = float(MAX_DIM)) -> float:
+    """A config.json number in (0, high], finite."""
+    if not is_number(v) or not (math.isfinite(v) and 0 < v <= high):
+        raise ConfigError(f"config.json: '{name}' must be a number > 0 and <= {high:g}, got {v!r}")
+    return v
+
+
+def is_int(v) -> bool:
+    """An int that is not a bool (JSON's true would otherwise pass as 1)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _id_list(v) -> list[int] | None:
+    """Token ids as a list; anything but integral numbers (a string, 1.5) is a ConfigError."""
     if v is None:
         return None
-    return [int(x) for x in v] if isinstance(v, (list, tuple)) else [int(v)]
+    items = list(v) if isinstance(v, (list, tuple)) else [v]
+    out = []
+    for x in items:
+        if is_number(x) and math.isfinite(x) and x == int(x) and x >= 0:
+            out.append(int(x))
+        else:
+            raise ConfigError(f"token ids must be integers >= 0, got {v!r}")
+    return out
 
 
 def read_json(path: str | Path) -> dict:

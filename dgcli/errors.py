@@ -33,6 +33,13 @@ class ContextFullError(DgError):
     """A conversation or prompt needs more tokens than the cache holds."""
 
 
+class ContextLengthError(DgError, ValueError):
+    """A prompt plus its answer budget cannot fit the model's context (or the cache given): found
+    before any compute, and the caller has to change it (exit code 2, bad usage)."""
+
+    exit_code = 2
+
+
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message (its type name when it has none), for one-line errors."""
     lines = str(e).strip().splitlines()

@@ -10,6 +10,7 @@ Vision-tower tensors are skipped: dg is text only.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -31,7 +32,10 @@ def shard_files(path: Path) -> list[Path]:
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index} has no 'weight_map'")
-        names = sorted(set(weight_map.values()))
+        names = sorted(set(weight_map.values()), key=str)
+        for n in names:  # by name, not resolved: the hub's cache links shards to blobs outside the folder
+            if not isinstance(n, str) or not n or Path(n).is_absolute() or ".." in Path(n).parts or "\\" in n:
+                raise CheckpointError(f"{index}: shard {n!r} is not a file inside {path} (refused)")
         missing = [n for n in names if not (path / n).is_file()]
         if missing:
             raise CheckpointError(
@@ -42,6 +46,41 @@ def shard_files(path: Path) -> list[Path]:
     if not shards:
         raise CheckpointError(f"no *.safetensors weights in {path}")
     return shards
+
+
+LAYER_KEY = re.compile(r"^model\.decoder\.layers\.(\d+)\.")
+EMBEDDING = "model.decoder.embed_tokens.weight"
+
+
+def check_sizes(path: Path, config: ModelConfig) -> None:
+    """The config's layer count and embedding against the shard headers, before anything is built
+    from the config: a crafted config.json (a billion layers) is refused here, not by the allocator.
+    Every other shape is checked against the built (meta) model by index_shards."""
+    layers, embedding = set(), None
+    for shard in shard_files(path):
+        try:
+            with safe_open(str(shard), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    m = LAYER_KEY.match(key)
+                    if m:
+                        layers.add(int(m.group(1)))
+                    elif key.startswith(EMBEDDING) and (embedding is None or key == EMBEDDING):
+                        embedding = (key, tuple(f.get_slice(key).get_shape()))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{shard} is corrupt or truncated ({first_line(e)})") from None
+    n = config.num_hidden_layers
+    if layers != set(range(n)):
+        found = f"{len(layers)} (numbered up to {max(layers)})" if layers else "no"
+        raise CheckpointError(f"{path}: config.json says num_hidden_layers={n} but the weights hold {found} "
+                              f"decoder layers (a config.json that does not belong to these weights)")
+    want = (config.vocab_size, config.hidden_size)
+    if embedding is None:
+        raise CheckpointError(f"{path} is missing tensor(s): {EMBEDDING}")
+    key, shape = embedding
+    # A packed quantized embedding (key.qweight) keeps one row per token; the plain one is exactly [V, H].
+    if (shape != want) if key == EMBEDDING else (not shape or shape[0] != config.vocab_size):
+        raise CheckpointError(f"{path}: config.json says vocab_size={want[0]}, hidden_size={want[1]} but the "
+                              f"embedding '{key}' has shape {list(shape)}")
 
 
 def default_dtype(path: Path, device: torch.device) -> torch.dtype:
@@ -169,6 +208,7 @@ def load_model(path: str | Path, device=None, dtype=None, prepare=None) -> Diffu
     config = ModelConfig.from_file(path / "config.json")
     device = resolve_device(device)
     dtype = dtype or default_dtype(path, device)
+    check_sizes(path, config)
     with torch.device("meta"):
         model = DiffusionGemma(config)
     if (path / MANIFEST_FILE).exists():

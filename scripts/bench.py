@@ -42,7 +42,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from dgcli.config import FULL, SLIDING, ModelConfig  # noqa: E402
+from dgcli.config import (FULL, MAX_CANVAS, MAX_DENOISING_STEPS, MAX_DIM, MAX_LAYERS, MAX_SEED,  # noqa: E402
+                          SLIDING, ModelConfig)
+from dgcli.errors import DgError, first_line  # noqa: E402
 from dgcli.known import DIFFUSIONGEMMA_26B_A4B  # noqa: E402
 from dgcli.model import DiffusionGemma, Experts  # noqa: E402
 
@@ -103,9 +105,22 @@ class BenchConfig:
             raise ValueError(f"experts must be 'dense' or 'int4', got {self.experts!r}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
-        for name in ("prompt_len", "steps", "repeats"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        # Upper bounds: beyond them a run only takes longer, measuring nothing new (or cannot fit).
+        for name, high in (("prompt_len", 131_072), ("steps", MAX_DENOISING_STEPS), ("repeats", 100),
+                           ("layers", MAX_LAYERS), ("vocab", MAX_DIM), ("canvas", MAX_CANVAS), ("threads", 1024),
+                           ("seed", MAX_SEED)):
+            v, low = getattr(self, name), 0 if name == "seed" else 1
+            if v is None and name in ("layers", "vocab", "canvas", "threads"):
+                continue
+            if not isinstance(v, int) or isinstance(v, bool) or not low <= v <= high:
+                raise ValueError(f"{name.replace('_', '-')} must be an integer from {low} to {high}, got {v!r}")
+        if self.device is not None:
+            from dgcli.loader import resolve_device
+
+            try:
+                resolve_device(self.device)  # cuda without a GPU: said now, not as a torch assertion mid-run
+            except DgError as e:
+                raise ValueError(str(e)) from None
 
     def torch_device(self) -> torch.device:
         return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -671,8 +686,31 @@ def _step_model():
     return module
 
 
+def check_writable(out: Path) -> None:
+    """Refuse an --out that cannot be written before the run: opened for appending (which changes
+    nothing in a file that exists), and removed again when the run would be the one to create it."""
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory")
+    existed = out.exists()
+    try:
+        with open(out, "a"):
+            pass
+        if not existed:
+            out.unlink()
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot write there ({e.strerror or first_line(e)})") from None
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one `error: ...` line on stderr and exit code 2, as the dg commands do."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see '{self.prog} --help')", file=sys.stderr)
+        sys.exit(2)
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dg bench", description="Time prefill, denoising steps and commits; "
+    p = OneLineParser(prog="dg bench", description="Time prefill, denoising steps and commits; "
                                 "print a JSON report (see docs/benchmarks.md).")
     p.add_argument("--config", choices=sorted(PRESETS), default="reduced",
                    help="random-init shape: full (26B-A4B), reduced (CPU), tiny (tests) [reduced]")
@@ -716,11 +754,17 @@ def main(argv: list[str] | None = None) -> int:
     del a.out, a.model_only
     try:
         cfg = BenchConfig(**vars(a))  # the options' names are BenchConfig's fields
+        if out:
+            check_writable(out)
     except ValueError as e:
         p.error(str(e))
     text = json.dumps(run_bench(cfg), indent=2)
     if out:
-        out.write_text(text + "\n")
+        try:
+            out.write_text(text + "\n")
+        except OSError as e:  # the disk filled during the run
+            print(f"error: --out {out}: {e.strerror or first_line(e)}", file=sys.stderr)
+            return 1
     else:
         print(text)
     return 0
