@@ -159,8 +159,6 @@ def echo(text: str) -> None:
 
 # ---- shared options ---------------------------------------------------------------------------------
 
-# ---- shared options ---------------------------------------------------------------------------------
-
 def _check_device(value: str | None) -> str | None:
     if value is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", value):  # what the loader runs on
         raise typer.BadParameter("expected cpu, cuda or cuda:N")

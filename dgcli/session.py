@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 
-from .api import prefill, prompt_ids, stream_generate
+from .api import check_context, prefill, prompt_ids, stream_generate
 from .config import TUNABLE_SETTINGS, temperature_shorthand
 from .engine import as_engine
 from .errors import DgError
@@ -80,6 +80,9 @@ class ChatSession:
                 msgs, add_generation_prompt=False, enable_thinking=self.think), add_special_tokens=False)
             start = self.cached_prefix(ids)
             cache = self.cache
+            # Refused before any compute (the conversation's prefill below included) if it cannot fit.
+            check_context(self.engine, len(ids) - start, self.engine.sampler_settings(**self.settings).max_new_tokens,
+                          cache)
             self.last_reused, extra_s = start, 0.0
             blocks: list[int] = []  # the cache holds (ids + blocks)[:cache.length]
             try:
