@@ -106,3 +106,16 @@ def test_layers_import_only_downwards():
     assert not dgcli_imports("engine") & {"sampler", "api", "session", "repl", "cli"}
     assert not dgcli_imports("sampler") & {"api", "session", "repl", "cli", "tokenizer"}
     assert not dgcli_imports("session") & {"repl", "cli", "canvas_view"}
+
+
+def test_broken_weights_are_named_not_a_multinomial_error(tiny):
+    """NaN weights: the step's one host read carries a finiteness flag, and the error names the weights."""
+    import copy
+
+    from dgcli.errors import CheckpointError
+
+    model = copy.deepcopy(tiny[0].model)
+    model.model.decoder.norm.weight.data.fill_(float("nan"))
+    settings = SamplerSettings(max_new_tokens=16, max_denoising_steps=2, seed=0, eos_token_id=None)
+    with pytest.raises(CheckpointError, match="NaN or infinite: its weights are broken"):
+        list(denoise(Engine(model), [5, 6, 7], settings))
