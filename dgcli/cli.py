@@ -169,7 +169,7 @@ def pull(name: Annotated[str, typer.Argument(metavar="NAME", help="HF repo id, o
     if kind != store.MODEL_TYPE:
         typer.echo(f"warning: {name} says model_type={kind!r}, not {store.MODEL_TYPE!r}; dg may not run it",
                    err=True)
-    typer.echo(f"{name} is ready at {path}")
+    echo(f"{name} is ready at {path}")
 
 
 @app.command("list", epilog=example("dg list", "dg list --json"))
@@ -282,9 +282,11 @@ def quantize(
     from quant.planner import estimate_for_dir
 
     out = quantize_checkpoint(src_path, out, scheme=scheme, budget_bytes=budget_bytes, context=context, force=force)
-    # the footprint after, from what was actually written (the plan before was printed first)
-    typer.echo("\n" + estimate_for_dir(out, context=context, budget_bytes=budget_bytes).table(), err=True)
-    typer.echo(f"wrote {out}")
+    # The plan's table was printed before; after, one line from what was actually written.
+    e = estimate_for_dir(out, context=context, budget_bytes=budget_bytes)
+    typer.echo(f"written: {format_bytes(e.weights)} of weights; about {format_bytes(e.total)} of VRAM at "
+               f"context {context:,} (`dg show {out}` for the table)", err=True)
+    echo(f"wrote {out}")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},

@@ -341,12 +341,13 @@ def test_quantize_calls_the_converter(runner, home, monkeypatch):
     monkeypatch.setitem(sys.modules, "quant.convert", fake)
     import quant.planner
 
-    after = []  # the footprint of what was written is printed after
-    monkeypatch.setattr(quant.planner, "estimate_for_dir",
-                        lambda out, **kw: after.append((out, kw)) or types.SimpleNamespace(table=lambda: "TABLE"))
+    after = []  # one line from what was written (the plan's table was printed before, by the converter)
+    monkeypatch.setattr(quant.planner, "estimate_for_dir", lambda out, **kw: after.append((out, kw)) or types.SimpleNamespace(
+        table=lambda: "TABLE", weights=2_000_000, total=3_000_000_000))
     r = invoke(runner, ["quantize", "tiny", "--scheme", "nf4", "--budget", "24GiB", "--context", "4096"])
     assert r.exit_code == 0, r.stderr
-    assert after == [(Path("default"), {"context": 4096, "budget_bytes": 24 * 2**30})] and "TABLE" in r.stderr
+    assert after == [(Path("default"), {"context": 4096, "budget_bytes": 24 * 2**30})] and "TABLE" not in r.stderr
+    assert "written: 2.0 MB of weights; about 3.0 GB of VRAM at context 4,096" in r.stderr
     assert calls[0] == (store.resolve("tiny"), None, {"scheme": "nf4", "budget_bytes": 24 * 2**30, "context": 4096,
                                                       "force": False})
     assert r.stdout == "wrote default\n"
