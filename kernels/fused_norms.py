@@ -15,7 +15,7 @@ from torch import nn
 
 from dgcli.model import RMSNorm
 
-from ._dispatch import use_triton
+from ._dispatch import swap_modules, use_triton
 from .rmsnorm import MAX_WIDTH, rmsnorm_add_triton, rmsnorm_rope_triton, rmsnorm_triton
 
 
@@ -24,13 +24,9 @@ class FusedRMSNorm(RMSNorm):
 
     @classmethod
     def replacing(cls, norm: RMSNorm) -> FusedRMSNorm:
-        """A FusedRMSNorm over `norm`'s own parameter (the same object: no copy, ties kept)."""
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.eps = norm.eps
-        new.weight = norm.weight
-        new.train(norm.training)
-        return new
+        """`norm` itself, now a FusedRMSNorm (same parameter objects: only the methods change)."""
+        norm.__class__ = cls
+        return norm
 
     def _fits(self, x: torch.Tensor) -> bool:
         return use_triton(x) and x.shape[-1] <= MAX_WIDTH
@@ -52,10 +48,5 @@ class FusedRMSNorm(RMSNorm):
 
 
 def install(model: nn.Module) -> int:
-    """Replace every plain RMSNorm under `model` by a FusedRMSNorm; returns how many were replaced
-    (0 on a second call)."""
-    swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-             if type(child) is RMSNorm]
-    for parent, name, child in swaps:
-        setattr(parent, name, FusedRMSNorm.replacing(child))
-    return len(swaps)
+    """Make every plain RMSNorm under `model` a FusedRMSNorm; returns how many (0 on a second call)."""
+    return swap_modules(model, RMSNorm, FusedRMSNorm)

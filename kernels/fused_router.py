@@ -16,7 +16,7 @@ from torch import nn
 
 from dgcli.model import Router
 
-from ._dispatch import use_triton
+from ._dispatch import swap_modules, use_triton
 from .rmsnorm import MAX_WIDTH
 from .router import MAX_EXPERTS, router_norm_triton, router_topk_triton
 
@@ -27,17 +27,9 @@ class FusedRouter(Router):
 
     @classmethod
     def replacing(cls, router: Router) -> FusedRouter:
-        """A FusedRouter over `router`'s own parameters and submodules (the same objects, no copies)."""
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.top_k = router.top_k
-        new.root_size = router.root_size
-        new.norm = router.norm  # registration order as Router.__init__: same state-dict order
-        new.proj = router.proj
-        new.scale = router.scale
-        new.per_expert_scale = router.per_expert_scale
-        new.train(router.training)
-        return new
+        """`router` itself, now a FusedRouter (same parameters and submodules: only forward changes)."""
+        router.__class__ = cls
+        return router
 
     def _fits(self, x: torch.Tensor) -> bool:
         return (use_triton(x) and self.norm.weight is None and x.shape[-1] <= MAX_WIDTH
@@ -52,10 +44,5 @@ class FusedRouter(Router):
 
 
 def install(model: nn.Module) -> int:
-    """Replace every plain Router under `model` by a FusedRouter; returns how many were replaced
-    (0 on a second call)."""
-    swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-             if type(child) is Router]
-    for parent, name, child in swaps:
-        setattr(parent, name, FusedRouter.replacing(child))
-    return len(swaps)
+    """Make every plain Router under `model` a FusedRouter; returns how many (0 on a second call)."""
+    return swap_modules(model, Router, FusedRouter)
