@@ -31,7 +31,6 @@ from collections.abc import Callable, Iterator
 import torch
 
 from .engine import Engine, as_engine, entropy  # noqa: F401 (entropy: the sampler's maths, kept importable here)
-from .engine import multinomial as sample  # noqa: F401 (the draw, for tests and scripts)
 from .errors import CheckpointError, EmptyPromptError
 from .config import SamplerSettings
 from .events import BlockEvent, DoneEvent, Event, PrefillEvent, StepEvent

@@ -11,7 +11,7 @@ generator's stream), so q is still made by `exponential_` (one [L, V] write); ev
 - `draw(proc [L, V], lse [L], q [L, V]) -> [L] int64` = argmax_v(exp(proc - lse) / q);
   `draw_ref` is that expression in PyTorch, `draw_triton` the kernel; `draw` dispatches (Triton on
   CUDA; `DG_KERNELS` overrides).
-- `sample(proc [..., V], lse [...], g)`: q drawn from g as `dgcli.sampler.sample` draws it, then
+- `sample(proc [..., V], lse [...], g)`: q drawn from g as `dgcli.engine.multinomial` draws it, then
   `draw`: the same tokens as `sample(exp(proc - lse), g)`, given the same generator state.
 
 The kernel: each (chunk, row) program reduces a V-range to (max ratio, first index), a second tiny
@@ -56,7 +56,7 @@ def _check(proc, lse, q):
 
 
 def draw_ref(proc: torch.Tensor, lse: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """argmax(exp(proc - lse) / q) per row, PyTorch's arithmetic (what dgcli.sampler.sample does)."""
+    """argmax(exp(proc - lse) / q) per row, PyTorch's arithmetic (what dgcli.engine.multinomial does)."""
     _check(proc, lse, q)
     return torch.div(torch.exp(proc - lse[:, None]), q).argmax(-1)
 
@@ -182,7 +182,7 @@ def draw(proc: torch.Tensor, lse: torch.Tensor, q: torch.Tensor) -> torch.Tensor
 
 def sample(proc: torch.Tensor, lse: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
     """One token per row of proc (..., V) fp32 with lse (...) = logsumexp(proc): q ~ Exp(1) drawn from
-    g as `dgcli.sampler.sample` draws it (same shape, same generator calls), then `draw`. Returns
+    g as `dgcli.engine.multinomial` draws it (same shape, same generator calls), then `draw`. Returns
     (...) int64: `torch.multinomial(exp(proc - lse), 1, generator=g)`'s tokens for the same state of g."""
     V = proc.shape[-1]
     if lse.shape != proc.shape[:-1]:

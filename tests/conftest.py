@@ -47,3 +47,20 @@ def sdpa_layout(request, monkeypatch):
 
         monkeypatch.setattr(F, "scaled_dot_product_attention", _cuda_layout_sdpa(F.scaled_dot_product_attention))
     return request.param
+
+
+@pytest.fixture
+def runner():
+    from typer.testing import CliRunner
+
+    return CliRunner()
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """A fresh dg data directory (home / "dg") and an empty Hugging Face cache (home / "hf") for this test."""
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setenv("DG_HOME", str(tmp_path / "dg"))
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    return tmp_path

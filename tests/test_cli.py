@@ -9,7 +9,6 @@ import types
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 import dgcli
 from dgcli import cli, store
@@ -19,20 +18,6 @@ from dgcli.config import MANIFEST_FILE
 FAST = ["-m", "tiny", "--max-tokens", "16", "--steps", "2", "--device", "cpu"]  # cpu: comparable with the fixture
 SETTINGS = {"max_new_tokens": 16, "max_denoising_steps": 2}
 
-
-@pytest.fixture
-def runner():
-    return CliRunner()
-
-
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    """A fresh dg data directory and an empty Hugging Face cache for this test."""
-    import huggingface_hub.constants as hc
-
-    monkeypatch.setenv("DG_HOME", str(tmp_path / "dg"))
-    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hf"))
-    return tmp_path
 
 
 def invoke(runner, args, **kw):

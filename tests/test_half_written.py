@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from dgcli import cli, store, tiny
 from dgcli.config import MANIFEST_FILE
@@ -23,18 +22,9 @@ ROOT = os.geteuid() == 0  # permission bits do not stop root
 
 
 @pytest.fixture
-def runner():
-    return CliRunner()
-
-
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    """A fresh DG_HOME (and an empty Hugging Face cache) for this test."""
-    import huggingface_hub.constants as hc
-
-    monkeypatch.setenv("DG_HOME", str(tmp_path / "dg"))
-    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hf"))
-    return tmp_path / "dg"
+def home(home):
+    """The fresh DG_HOME itself (conftest's `home` is the folder that holds it and the HF cache)."""
+    return home / "dg"
 
 
 def one_line_error(r, code):

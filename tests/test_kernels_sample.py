@@ -1,4 +1,4 @@
-"""kernels/sample: the reference is torch.multinomial's draw (and dgcli.sampler.sample's) bit for
+"""kernels/sample: the reference is torch.multinomial's draw (and dgcli.engine.multinomial's) bit for
 bit on the CPU; the Triton kernel (interpreter) picks the reference's token, ties and NaNs included;
 at full size it reads proc and q once and writes nothing vocabulary-sized."""
 
@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import kernels.sample as mod
-from dgcli import sampler
+from dgcli.engine import multinomial
 from kernels.sample import draw, draw_ref, draw_triton, plan
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,12 +55,12 @@ def interpret(monkeypatch):
 
 @pytest.mark.parametrize("seed", range(3))
 def test_reference_is_torch_multinomial_and_the_samplers_draw(seed):
-    """Same generator state -> the same tokens: torch.multinomial(p, 1), dgcli.sampler.sample(p) and
+    """Same generator state -> the same tokens: torch.multinomial(p, 1), dgcli.multinomial(p) and
     draw_ref(proc, lse, q) with q drawn as they draw it (kernels.sample.sample)."""
     proc, lse, _ = make(16, 5000, seed)
     probs = torch.exp(proc - lse[:, None])
     want = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(seed + 10)).squeeze(-1)
-    assert torch.equal(sampler.sample(probs, torch.Generator().manual_seed(seed + 10)), want)
+    assert torch.equal(multinomial(probs, torch.Generator().manual_seed(seed + 10)), want)
     g = torch.Generator().manual_seed(seed + 10)
     q = torch.empty(16, 5000).exponential_(1, generator=g)
     assert torch.equal(draw_ref(proc, lse, q), want)
@@ -70,11 +70,11 @@ def test_reference_is_torch_multinomial_and_the_samplers_draw(seed):
 
 def test_sample_keeps_leading_dims_and_the_generators_stream():
     """StepOut's (1, L, V) proc and (1, L) lse give (1, L) tokens; the generator is left where
-    sampler.sample leaves it (the next draw, the renoising randint, is the same)."""
+    multinomial leaves it (the next draw, the renoising randint, is the same)."""
     proc, lse, _ = make(8, 700, seed=5)
     g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
     got = mod.sample(proc[None], lse[None], g1)
-    want = sampler.sample(torch.exp(proc - lse[:, None]), g2).view(1, 8)
+    want = multinomial(torch.exp(proc - lse[:, None]), g2).view(1, 8)
     assert got.shape == (1, 8) and got.dtype == torch.int64 and torch.equal(got, want)
     assert torch.equal(torch.randint(0, 700, (8,), generator=g1), torch.randint(0, 700, (8,), generator=g2))
 
@@ -221,8 +221,8 @@ def test_full_size_draw_reads_proc_and_q_once(monkeypatch):
     assert kernel_bytes - 2 * full < 128 * 1024  # proc and q once; lse, partials (twice) and tokens: 67 KB
     after = t.bytes + kernel_bytes
 
-    with Traffic() as t:  # what dgcli.sampler does today with the fused head's outputs
-        sampler.sample(torch.exp(proc - lse[..., None]).view(-1, V_FULL), None)
+    with Traffic() as t:  # the unfused draw (dgcli.engine.multinomial) on the fused head's outputs
+        multinomial(torch.exp(proc - lse[..., None]).view(-1, V_FULL), None)
     before = t.bytes
     assert before > 9 * full and after < 3 * full + 128 * 1024
     assert before - after > 1.6e9
