@@ -152,7 +152,7 @@ def chat(
     check_settings(m, settings)
     session = ChatSession(m, tok, settings=settings, system=system, think=think)
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
-    read = prompt_toolkit_reader() if interactive else line_reader(sys.stdin, decode)
+    read = prompt_toolkit_reader(decode=decode) if interactive else line_reader(sys.stdin, decode)
     console = Console(highlight=False)
     Repl(session, console, read, canvas=use_canvas(sys.stdout, no_canvas), noise=noise, fps=fps,
          model_name=name).run()

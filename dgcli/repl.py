@@ -17,6 +17,7 @@ from rich.text import Text
 from . import store
 from .canvas_view import NOISE_STYLES, CanvasView, PlainView, TokenPieces, consume, format_stats
 from .errors import DgError, first_line
+from .files import write_text_atomic
 from .session import ChatSession
 
 HELP = """commands:
@@ -50,8 +51,9 @@ def unquote(text: str) -> str:
     return text
 
 
-def prompt_toolkit_reader(input=None, output=None) -> Callable[[str], str]:
-    """prompt-toolkit input with a history file; Enter sends unless a \"\"\" block is open."""
+def prompt_toolkit_reader(input=None, output=None, decode: InputText | None = None) -> Callable[[str], str]:
+    """prompt-toolkit input with a history file; Enter sends unless a \"\"\" block is open. Bytes
+    that are not UTF-8 (a Latin-1 terminal, a paste) reach us as lone surrogates: `decode` replaces them."""
     from prompt_toolkit import PromptSession
     from prompt_toolkit.history import FileHistory
     from prompt_toolkit.key_binding import KeyBindings
@@ -80,7 +82,8 @@ def prompt_toolkit_reader(input=None, output=None) -> Callable[[str], str]:
     store.data_dir().mkdir(parents=True, exist_ok=True)
     session = PromptSession(history=FileHistory(str(store.data_dir() / "chat_history")), key_bindings=kb,
                             multiline=True, prompt_continuation="... ", input=input, output=output)
-    return lambda prompt: session.prompt(prompt)
+    decode = decode or InputText()
+    return lambda prompt: decode(session.prompt(prompt), "the input")
 
 
 class InputText:
@@ -232,7 +235,7 @@ class Repl:
                 raise DgError("usage: /save FILE")
             text = json.dumps({"model": self.model_name, **s.to_json()}, indent=2)
             try:
-                Path(arg).expanduser().write_text(text, encoding="utf-8")
+                write_text_atomic(Path(arg).expanduser(), text)  # a failed write keeps the old file whole
             except OSError as e:
                 raise DgError(f"cannot write {arg}: {e.strerror or first_line(e)}") from None
             self.say(f"saved {len(s.messages)} messages to {arg}")

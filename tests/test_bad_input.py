@@ -125,6 +125,20 @@ def test_failed_command_is_one_line_and_the_chat_goes_on(tiny, tmp_path, command
     assert repl.session.settings == SETTINGS and repl.session.think is False and repl.canvas is False
 
 
+def test_save_that_fails_midway_keeps_the_old_file_and_leaves_nothing(tiny, tmp_path, monkeypatch):
+    f = tmp_path / "conv.json"
+    f.write_text("old, whole")
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("os.fsync", full_disk)
+    repl, out = make_repl(tiny, f"/save {f}")
+    repl.run()
+    assert f"error: cannot write {f}: No space left on device" in out.getvalue()
+    assert f.read_text() == "old, whole" and sorted(p.name for p in tmp_path.iterdir()) == ["conv.json"]
+
+
 def test_any_os_or_value_error_of_a_command_is_one_line(tiny, monkeypatch):
     repl, out = make_repl(tiny, "/clear", "/stats")
 

@@ -282,3 +282,22 @@ def test_prompt_toolkit_keys(tmp_path, monkeypatch):
         with pytest.raises(KeyboardInterrupt):
             read(">>> ")
     assert "first" in (tmp_path / "chat_history").read_text()  # history survives the session
+
+
+def test_prompt_toolkit_input_that_is_not_utf8_is_replaced_once(tmp_path, monkeypatch):
+    """A Latin-1 terminal types b'caf\\xe9': prompt-toolkit hands over a lone surrogate, which the
+    tokenizer would refuse; the reader replaces it and says so once."""
+    from prompt_toolkit.input import create_pipe_input
+    from prompt_toolkit.output import DummyOutput
+
+    from dgcli.repl import InputText
+
+    monkeypatch.setenv("DG_HOME", str(tmp_path))
+    notices = []
+    with create_pipe_input() as inp:
+        read = prompt_toolkit_reader(input=inp, output=DummyOutput(), decode=InputText(notices.append))
+        inp.send_bytes(b"caf\xe9\r")
+        assert read(">>> ") == "caf\ufffd"
+        inp.send_bytes(b"na\xefve\r")
+        assert read(">>> ") == "na\ufffdve"
+    assert len(notices) == 1 and "not valid UTF-8" in notices[0]
