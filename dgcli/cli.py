@@ -20,7 +20,7 @@ from . import __version__, store
 from .canvas_view import CanvasView, PlainView, TokenPieces, consume, format_stats
 from .cli_common import (BadUsage, DeviceOpt, DgGroup, DtypeOpt, NoGraphsOpt, EntropyBoundOpt, MaxTokensOpt, ModelOpt,
                          NoiseOpt, SeedOpt, StepsOpt, SystemOpt, TemperatureOpt, ThinkOpt, TMaxOpt, TMinOpt,
-                         check_settings, confirm, echo, load, parse_size, quiet_closed_pipe, read_prompt,
+                         check_settings, confirm, echo, stdout_console, load, parse_size, quiet_closed_pipe, read_prompt,
                          resolve_name, sampling, stdout)
 from .config import MANIFEST_FILE
 from .errors import DgError
@@ -138,8 +138,6 @@ def chat(
 
     Type /help inside for commands. Enter sends, Alt-Enter adds a line; Ctrl-C stops an answer.
     """
-    from rich.console import Console
-
     from .repl import ChatSession, InputText, Repl, line_reader, prompt_toolkit_reader
 
     name = resolve_name(name, model)
@@ -153,9 +151,10 @@ def chat(
     session = ChatSession(m, tok, settings=settings, system=system, think=think)
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     read = prompt_toolkit_reader(decode=decode) if interactive else line_reader(sys.stdin, decode)
-    console = Console(highlight=False)
-    Repl(session, console, read, canvas=use_canvas(sys.stdout, no_canvas), noise=noise, fps=fps,
-         model_name=name).run()
+    console = stdout_console(highlight=False)  # failed writes: one error line, or silence for a closed pipe
+    with quiet_closed_pipe():
+        Repl(session, console, read, canvas=use_canvas(sys.stdout, no_canvas), noise=noise, fps=fps,
+             model_name=name).run()
 
 
 @app.command(epilog=example("dg pull", "dg pull google/diffusiongemma-26B-A4B-it", "dg pull tiny"))

@@ -8,6 +8,7 @@ Known errors print one line, `error: ...`, on stderr; DG_DEBUG=1 prints the trac
 from __future__ import annotations
 
 import math
+import errno
 import os
 import re
 import sys
@@ -136,6 +137,19 @@ class Stdout:
 
 
 stdout = Stdout()
+
+
+def stdout_console(**kwargs):
+    """A rich Console on `stdout` whose closed pipe is a BrokenPipeError for quiet_closed_pipe, as
+    everywhere else (rich's own answer is exit code 1 after dup2 on a real file descriptor)."""
+    from rich.console import Console
+
+    class PipeConsole(Console):
+        def on_broken_pipe(self) -> None:
+            self.quiet = True
+            raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+    return PipeConsole(file=stdout, **kwargs)
 
 
 def confirm(question: str) -> bool:

@@ -84,6 +84,19 @@ def test_a_reader_that_left_is_silent_141(command, tiny_dir, monkeypatch, capsys
     assert code == 141 and err == ""
 
 
+@pytest.mark.parametrize("sink, code, message", [
+    (None, 1, "stdout is closed"), (FullDisk, 1, "No space left on device"), (LeftReader, 141, None)])
+def test_chat_into_unwritable_stdout(sink, code, message, tiny_dir, monkeypatch, capsys):
+    """dg chat writes its banner, answers and red lines to stdout: a failure there ends it like dg run."""
+    stdin = io.StringIO("hi\n/stats\n")
+    got, err = dg(["chat", *FAST], sink() if sink else None, monkeypatch, capsys, stdin=stdin)
+    assert got == code, err
+    if message is None:
+        assert err == ""
+    else:
+        assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+
+
 def test_closed_stdout_is_refused_before_any_work(monkeypatch, capsys):
     import dgcli.cli_common as cc
 
