@@ -195,7 +195,21 @@ class CanvasView:
             return body
         if ev is not None:
             body.append_text(self.canvas_text(ev, strip_first=not self.tail))
-        return Group(body, self.status(ev)) if body.plain else self.status(ev)
+        status = self.status(ev)
+        if not body.plain:
+            return status
+        status_rows = len(self.console.render_lines(status, self.console.options.update(height=None), pad=False))
+        return Group(self.fit(body, self.console.height - status_rows), status)
+
+    def fit(self, body: Text, room: int) -> Text:
+        """The body cropped to `room` rows (the terminal's height less the status line's): Live would
+        otherwise crop the frame's bottom, and the status line would vanish in a short terminal."""
+        room = max(room, 1)
+        lines = body.wrap(self.console, max(self.console.width, 1))
+        if len(lines) <= room:
+            return body
+        more = Text("… (the canvas goes on below the screen)", style=STATUS)
+        return Text("\n").join([*list(lines)[:room - 1], more])
 
     def canvas_text(self, ev: StepEvent, strip_first: bool = False) -> Text:
         shown = ev.argmax if self.noise == "draft" else ev.canvas
@@ -223,7 +237,7 @@ class CanvasView:
         else:
             grid.add_row(
                 Text(f"block {ev.block + 1:>2}", style=STATUS),
-                ProgressBar(total=ev.max_steps, completed=ev.step, width=24),
+                ProgressBar(total=ev.max_steps, completed=ev.step, width=16),
                 Text(f"step {ev.step:>2}/{ev.max_steps}", style=STATUS),
                 Text(f"{sum(ev.accepted):>3}/{len(ev.accepted)} accepted this step", style=STATUS),
                 Text(rate, style=STATUS),

@@ -65,6 +65,19 @@ def test_frame_shows_status_and_committed_tail():
     assert "w1 w2" in frame and "block  1" in frame and "step  3/8" in frame and "1/2 accepted" in frame
 
 
+@pytest.mark.parametrize("height", [4, 10, 40])
+def test_status_line_survives_a_short_terminal(height):
+    """A 256-token canvas is ~20 rows at 80 columns: the frame fits the screen, status line last."""
+    console = Console(file=io.StringIO(), width=80, height=height, force_terminal=True)
+    view = CanvasView(console, words)
+    view.update(PrefillEvent(prompt_tokens=3, cached_tokens=3, seconds=0.0))
+    view.update(step(list(range(256)), [i % 3 == 0 for i in range(256)], n=5))
+    lines = console.render_lines(view.render(), console.options.update(height=None), pad=False)
+    text = ["".join(seg.text for seg in line).rstrip() for line in lines]
+    assert len(text) <= height and "step  5/8" in text[-1] and "steps/s" in text[-1], text  # one row at 80 columns
+    assert ("goes on below the screen" in "".join(text)) == (height < 40)
+
+
 def test_commit_moves_whole_lines_to_the_scrollback():
     console, out = terminal(20)
     text = "alpha beta gamma delta epsilon zeta eta theta"
