@@ -90,6 +90,23 @@ class ModelConfig:
     def is_sliding(self, i: int) -> bool:
         return self.layer_types[i] == SLIDING
 
+    def kv_cache_bytes(self, context: int) -> dict:
+        """What dgcli.cache.StaticKVCache allocates for `context` tokens, in bf16: K and V of every
+        sliding layer as a ring of W-1+L slots, of every full layer as context+L slots, and the int64
+        slot and canvas position maps. One formula for `dg show` and the planner's table."""
+        L = self.canvas_length
+        sliding = [i for i in range(self.num_hidden_layers) if self.is_sliding(i)]
+        full = [i for i in range(self.num_hidden_layers) if not self.is_sliding(i)]
+        ring, span = (self.sliding_window - 1 + L if sliding else 0), context + L
+
+        def kv(layers, positions):
+            return sum(2 * self.layer_kv_heads[i] * self.layer_head_dim[i] * 2 for i in layers) * positions
+
+        parts = {"sliding": kv(sliding, ring), "full": kv(full, span), "maps": 8 * (ring + span + L),
+                 "sliding_layers": len(sliding), "full_layers": len(full), "ring": ring, "span": span}
+        parts["total"] = parts["sliding"] + parts["full"] + parts["maps"]
+        return parts
+
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         """Build from a config.json dict (top level with `text_config`, or a bare text config)."""

@@ -506,9 +506,17 @@ def describe(path: Path, context: int = 8192) -> dict:
             manifest = json.loads((path / MANIFEST_FILE).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             manifest = {"error": f"{MANIFEST_FILE} is not valid JSON"}
-    # KV cache in bf16: full layers keep every token, sliding layers at most the window.
-    kv = sum(2 * c.layer_kv_heads[i] * c.layer_head_dim[i] * 2 * (min(context, c.sliding_window - 1)
-             if c.is_sliding(i) else context) for i in range(c.num_hidden_layers))
+    packed = (manifest or {}).get("tensors")
+    if isinstance(packed, dict) and packed:
+        # A quantized directory stores packed codes and scales: count the source tensors' shapes it records.
+        params = 0
+        for name, t in packed.items():
+            if not name.startswith(SKIPPED_PREFIXES) and isinstance(t, dict) and isinstance(t.get("shape"), list):
+                n = 1
+                for d in t["shape"]:
+                    n *= int(d)
+                params += n
+    kv = c.kv_cache_bytes(context)["total"]  # what the static cache allocates, as the planner counts it
     tok_cfg = read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
     return {
         "path": str(path),

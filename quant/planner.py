@@ -175,20 +175,13 @@ def estimate(config: ModelConfig, formats: dict[str, str] | None = None, context
 
     # KV cache, bf16: 2 (K and V) x kv heads x head dim x 2 bytes per position and layer, as
     # dgcli.cache.StaticKVCache allocates it, with its int64 maps of slot positions.
-    n_layers = config.num_hidden_layers
-    sliding = [i for i in range(n_layers) if config.is_sliding(i)]
-    full = [i for i in range(n_layers) if not config.is_sliding(i)]
-    ring = config.sliding_window - 1 + L
-    span = context + L
-
-    def kv(layers, positions):
-        return sum(2 * config.layer_kv_heads[i] * config.layer_head_dim[i] * 2 for i in layers) * positions
-
-    if sliding:
-        rows.append(Row("kv cache", f"sliding: {len(sliding)} layers x ring of {ring:,}", kv(sliding, ring)))
-    if full:
-        rows.append(Row("kv cache", f"full: {len(full)} layers x {span:,} positions", kv(full, span)))
-    rows.append(Row("kv cache", "slot and canvas positions (int64)", 8 * ((ring if sliding else 0) + span + L)))
+    kvb = config.kv_cache_bytes(context)
+    ring = kvb["ring"]
+    if kvb["sliding_layers"]:
+        rows.append(Row("kv cache", f"sliding: {kvb['sliding_layers']} layers x ring of {ring:,}", kvb["sliding"]))
+    if kvb["full_layers"]:
+        rows.append(Row("kv cache", f"full: {kvb['full_layers']} layers x {kvb['span']:,} positions", kvb["full"]))
+    rows.append(Row("kv cache", "slot and canvas positions (int64)", kvb["maps"]))
 
     V, H, Hq = config.vocab_size, config.hidden_size, config.num_attention_heads
     A, I = config.top_k_experts, config.moe_intermediate_size
@@ -207,16 +200,16 @@ def estimate(config: ModelConfig, formats: dict[str, str] | None = None, context
     # The prefill's last chunk: its largest temporaries (a full layer's masked attention at long
     # context, else a sliding layer's, or the routed experts over the chunk), with the residual.
     chunk = min(context, PREFILL_CHUNK)
-    stages = [_prefill_attention(config, chunk, context, i) for i in range(n_layers - 1)]  # the last: K/V only
+    stages = [_prefill_attention(config, chunk, context, i) for i in range(config.num_hidden_layers - 1)]  # the last: K/V only
     E, pairs = config.num_experts, chunk * A
     stages.append((pairs * H * 2 + (pairs + E * (MOE_BLOCK_M - 1)) * I * 2 + chunk * H * 4 + 5 * chunk * H * 2,
                    f"experts over the chunk: {pairs:,} slot outputs and intermediates, slot sum, dense branch"))
     nbytes, label = max(stages)
     rows.append(Row("prefill", label, nbytes))
     rows.append(Row("prefill", f"residual and normed input [{chunk:,} x {H:,}]", 2 * chunk * H * 2))
-    if sliding:
+    if kvb["sliding_layers"]:
         rows.append(Row("chat", "sliding rings' snapshot for a turn's rewind",
-                        kv(sliding, ring) + 8 * ring))  # the sliding layers share one position map
+                        kvb["sliding"] + 8 * ring))  # the sliding layers share one position map
     rows.append(Row("runtime", "CUDA context + cuBLAS/Triton workspace", CUDA_CONTEXT_BYTES))
 
     notes = ["text weights only (the vision tower is not loaded)",

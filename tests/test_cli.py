@@ -222,6 +222,11 @@ def test_quantize_list_show_run(runner, home):
     d = json.loads(invoke(runner, ["show", "tiny-q", "--json"]).stdout)
     assert d["quantization"]["scheme"] == "int4" and d["vram_plan"]["scheme"] == "int4"
     assert d["estimated_vram_bytes"] == d["vram_plan"]["total_bytes"]
+    # The same model, packed: the same parameters, and the KV cache its own plan counts.
+    src = json.loads(invoke(runner, ["show", "tiny", "--json"]).stdout)
+    assert d["parameters"] == src["parameters"] > 0
+    kv_rows = [r["nbytes"] for r in d["vram_plan"]["rows"] if r["section"] == "kv cache"]
+    assert d["kv_cache_bytes"] == sum(kv_rows) == src["kv_cache_bytes"]
     r = invoke(runner, ["run", "-m", "tiny-q", "--max-tokens", "16", "--steps", "1", "--seed", "1", "hi"])
     assert r.exit_code == 0 and r.stdout.strip()
 
