@@ -106,12 +106,13 @@ class TraceWriter:
 
     tokenizer: turns the ids into the strings the header lists. model, prompt, meta: go in the header.
     settings: the sampler settings asked for (the DoneEvent's, complete, replace them when it comes).
+    notice: called with one line once the file is written (the CLI prints it on stderr).
     """
 
     def __init__(self, path, tokenizer, *, model: str = "", settings: dict | None = None, prompt=None,
-                 meta: dict | None = None, keep_partial: bool = True):
+                 meta: dict | None = None, keep_partial: bool = True, notice=None):
         self.path = check_target(path) if path is not None else None
-        self.tokenizer, self.keep_partial = tokenizer, keep_partial
+        self.tokenizer, self.keep_partial, self.notice = tokenizer, keep_partial, notice
         self.header = {"type": "header", "format": FORMAT, "version": VERSION, "dg": __version__, "model": model,
                        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                        "settings": dict(settings or {}), "seed": (settings or {}).get("seed"),
@@ -127,6 +128,9 @@ class TraceWriter:
             return
         if self.path is not None:
             self.written = save(self.finish(), self.path)
+            if self.notice:
+                self.notice(f"trace: {len(self.trace.steps)} steps written to {self.path}"
+                            + (" (interrupted)" if self.trace.done is None else ""))
 
     def update(self, event) -> None:
         if isinstance(event, StepEvent):
@@ -151,6 +155,25 @@ class TraceWriter:
         h["interrupted"] = t.done is None
         h.setdefault("prompt_tokens", 0)
         return t
+
+
+def writer(path, engine, tokenizer, *, model: str = "", settings: dict | None = None, **kwargs) -> TraceWriter:
+    """A TraceWriter for one generation by `engine`: its header holds every sampler setting in use (the
+    ones asked for over the checkpoint's defaults), so even an interrupted trace knows its EOS ids.
+    The piece a command adds for --trace: `views.append(trace.writer(path, engine, tok, ...))`."""
+    from .engine import as_engine
+
+    full = dict(as_engine(engine).sampler_settings(**(settings or {})).__dict__)
+    return TraceWriter(path, tokenizer, model=model, settings=full, **kwargs)
+
+
+def numbered(path: str | os.PathLike, n: int) -> Path:
+    """path with -n before its .jsonl/.jsonl.gz/.gz ending (chat.jsonl.gz -> chat-3.jsonl.gz)."""
+    p = Path(path)
+    for end in (".jsonl.gz", ".jsonl", ".gz", ".json"):
+        if p.name.endswith(end) and len(p.name) > len(end):
+            return p.with_name(f"{p.name[:-len(end)]}-{n}{end}")
+    return p.with_name(f"{p.name}-{n}")
 
 
 def pieces(tokenizer, ids: list[int]) -> list[str]:
