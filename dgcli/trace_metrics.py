@@ -102,7 +102,7 @@ def mean(values) -> float | None:
 def metrics(trace: Trace) -> dict:
     """{"blocks": [per committed block], "summary": {means over blocks, the generation's stats}}."""
     eos = trace.header["settings"].get("eos_token_id") or []
-    eos = set(eos if isinstance(eos, list) else [eos])
+    eos = {e for e in (eos if isinstance(eos, list) else [eos]) if type(e) is int}
     blocks = []
     for b in trace.blocks:
         steps = trace.block_steps(b["block"])

@@ -292,3 +292,11 @@ def test_repl_trace_command(tiny, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["all-1.jsonl.gz", "all-2.jsonl.gz", "next.jsonl"]
     assert read_trace(f).header["prompt"] == "two" and read_trace(tmp_path / "all-2.jsonl.gz").header["prompt"] == "three"
     assert "written to" in out.getvalue() and "tracing off" in out.getvalue()
+
+
+def test_help_has_examples(runner):
+    for command in (["trace", "report"], ["probe"]):
+        r = invoke(runner, [*command, "--help"])
+        assert r.exit_code == 0 and f"dg {' '.join(command)}" in r.stdout.split("Examples:")[1]
+    assert "--trace FILE" in invoke(runner, ["run", "--help"]).stdout
+    assert "--trace FILE" in invoke(runner, ["chat", "--help"]).stdout
