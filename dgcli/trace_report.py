@@ -102,6 +102,7 @@ def write_pngs(trace: Trace, m: dict, out_dir: Path) -> list[Path]:
             label="mean")
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xscale("log", base=2)
+    ax.set_xlim(0.7, 90)  # fixed: a plot whose taus are all undefined has no data to scale to
     ax.set_xticks(GRANULARITIES, [str(g) for g in GRANULARITIES])
     ax.set_ylim(-1.05, 1.05)
     ax.set_xlabel("granularity (positions per window)")
