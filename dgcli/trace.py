@@ -71,9 +71,9 @@ def check_target(path: str | os.PathLike) -> Path:
     """The trace's path, refused before any work if its directory does not exist (bad usage)."""
     p = Path(path).expanduser()
     if p.is_dir():
-        raise TraceError(f"trace file {path} is a directory")
+        raise TraceError(f"{path} is a directory: give a file name")
     if not p.parent.is_dir():
-        raise TraceError(f"cannot write the trace {path}: directory {p.parent} does not exist")
+        raise TraceError(f"cannot write {path}: directory {p.parent} does not exist")
     return p
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .canvas_view import clean
+from .errors import DgError
 from .trace import Trace, write_atomic
 from .trace_metrics import GRANULARITIES
 
@@ -50,7 +51,10 @@ def write_pngs(trace: Trace, m: dict, out_dir: Path) -> list[Path]:
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DgError(f"cannot make {out_dir}: {e.strerror or e}") from None
     blocks = m["blocks"][:MAX_BLOCKS_DRAWN]
     written = []
 

@@ -10,7 +10,6 @@ import pytest
 from rich.console import Console
 
 from dgcli import cli
-from dgcli.canvas_view import consume
 from dgcli.api import stream_generate
 from dgcli.events import StepEvent
 from dgcli.repl import Repl
@@ -269,6 +268,10 @@ def test_report_files(runner, tmp_path):
     assert r.exit_code == 0 and r.stdout == ""
     for name in ("heatmap.png", "profile.png", "tau.png"):
         assert (tmp_path / "png" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # every tau undefined (the whole block settles at once): the plots still draw
+    flat = save(crafted([8] * 8), tmp_path / "flat.jsonl")
+    r = invoke(runner, ["trace", "report", flat, "--png", tmp_path / "flat"])
+    assert r.exit_code == 0 and (tmp_path / "flat" / "tau.png").exists()
     page = (tmp_path / "r.html").read_text()
     assert 'id="data"' in page and "<script src" not in page and "http" not in page.split("<body>")[1]
 
