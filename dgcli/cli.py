@@ -71,6 +71,7 @@ def run(
     noise: NoiseOpt = "text",
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print a stats line on stderr.")] = False,
     device: DeviceOpt = None, dtype: DtypeOpt = None, no_cuda_graphs: NoGraphsOpt = False,
+    trace: TraceOpt = None,
 ):
     """Answer one prompt and print the answer: only the answer goes to stdout.
 
@@ -83,6 +84,8 @@ def run(
     if raw and think:
         raise BadUsage("--think needs the chat template; it cannot be combined with --raw")
     text, system = read_input(prompt, system)
+    if trace is not None:
+        check_trace_target(trace)  # before the weights load
     m, tok = load(model, device, dtype, cuda_graphs=False if no_cuda_graphs else None)
     check_settings(m, settings)
     from .api import stream_generate
@@ -90,12 +93,33 @@ def run(
     events = stream_generate(m, tok, text, raw=raw, system=system, think=think, **settings)
     with quiet_closed_pipe(), ExitStack() as stack:
         views = [stack.enter_context(v) for v in run_views(tok, canvas, noise, as_json)]
+        if trace is not None:
+            views.append(stack.enter_context(trace_writer(trace, m, tok, model=model, settings=settings,
+                                                          prompt=text)))
         done = consume(events, views)
         if as_json:
             stdout.write(json.dumps({"model": model, **done.to_dict()}) + "\n")
             stdout.flush()
     if verbose:
         typer.echo(format_stats(done), err=True)
+
+
+TraceOpt = Annotated[Optional[Path], typer.Option(
+    "--trace", metavar="FILE", help="Write what the sampler did at every step to FILE (JSON Lines; gzip if "
+    "it ends in .gz); see `dg trace report` and docs/trace.md.")]
+
+
+def check_trace_target(path: Path) -> None:
+    from .trace import check_target
+
+    check_target(path)
+
+
+def trace_writer(path: Path, engine, tok, **kwargs):
+    """The --trace view (dgcli/trace.py); it says on stderr where the trace went."""
+    from .trace import writer
+
+    return writer(path, engine, tok, notice=lambda message: typer.echo(message, err=True), **kwargs)
 
 
 def read_input(prompt: str | None, system: str | None) -> tuple[str, str | None]:
@@ -133,6 +157,9 @@ def chat(
     noise: NoiseOpt = "text",
     fps: Annotated[float, typer.Option("--fps", min=1, max=60, help="Canvas frames per second.")] = 15.0,
     device: DeviceOpt = None, dtype: DtypeOpt = None, no_cuda_graphs: NoGraphsOpt = False,
+    trace: Annotated[Optional[Path], typer.Option(
+        "--trace", metavar="FILE", help="Trace every answer: FILE-1, FILE-2, ... (numbered before the .jsonl/.gz "
+        "ending); /trace FILE inside traces the next one.")] = None,
 ):
     """Chat in the terminal, watching each answer denoise on the live canvas.
 
@@ -146,6 +173,8 @@ def chat(
         raise BadUsage("stdin is closed: dg chat reads its messages there")
     decode = InputText()
     system = decode(system, "--system")
+    if trace is not None:
+        check_trace_target(trace)
     m, tok = load(name, device, dtype, cuda_graphs=False if no_cuda_graphs else None)
     check_settings(m, settings)
     session = ChatSession(m, tok, settings=settings, system=system, think=think)
@@ -154,7 +183,96 @@ def chat(
     console = stdout_console(highlight=False)  # failed writes: one error line, or silence for a closed pipe
     with quiet_closed_pipe():
         Repl(session, console, read, canvas=use_canvas(sys.stdout, no_canvas), noise=noise, fps=fps,
-             model_name=name).run()
+             model_name=name, trace=trace).run()
+
+
+trace_app = typer.Typer(no_args_is_help=True, help="Read traces written by --trace (docs/trace.md).")
+app.add_typer(trace_app, name="trace")
+
+
+@trace_app.command("report", epilog=example("dg trace report t.jsonl.gz", "dg trace report t.jsonl.gz -o replay.html",
+                                            "dg trace report t.jsonl.gz --png figures/",
+                                            "dg trace report t.jsonl.gz --json | jq .summary.kendall_tau"))
+def trace_report(
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="A trace (from dg run/chat --trace, dg probe).")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="HTML", help="Write one self-contained "
+                                                "page: a replay of the denoising, the commit heatmap, the "
+                                                "metrics.")] = None,
+    png: Annotated[Optional[Path], typer.Option("--png", metavar="DIR", help="Write heatmap.png, profile.png "
+                                                "and tau.png into DIR.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
+):
+    """Commit-order numbers from a trace: when each position settled, Kendall's tau of that order at
+    granularities 1/4/16/64, commit profile, batch sizes, late burst, revisions, confidence at commit.
+
+    Without --json, -o or --png it prints a table. The definitions are in docs/trace.md.
+    """
+    from .trace import check_target, read_trace
+    from .trace_metrics import metrics
+    from .trace_report import text_summary, write_html, write_pngs
+
+    if out is not None:
+        check_target(out)
+    trace = read_trace(file)
+    m = metrics(trace)
+    if png is not None:
+        if png.exists() and not png.is_dir():
+            raise BadUsage(f"--png {png} is a file, not a directory")
+        for p in write_pngs(trace, m, png):
+            typer.echo(f"wrote {p}", err=True)
+    if out is not None:
+        typer.echo(f"wrote {write_html(trace, m, out)}", err=True)
+    if as_json:
+        echo(json.dumps(m))
+    elif out is None and png is None:
+        echo(text_summary(trace, m))
+
+
+@app.command(epilog=example("dg probe scripts/probes/*.jsonl --out probe-out --steps 16,32,48",
+                            "dg probe my.jsonl --out out -m tiny --max-tokens 64 --steps 4"))
+def probe(
+    prompts: Annotated[list[Path], typer.Argument(metavar="PROMPTS.jsonl...", help="JSON Lines: {\"prompt\", "
+                                                  "\"regime\"?, \"answer\"?} per line (regime: the file's name "
+                                                  "by default).")],
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="DIR", help="Where the traces, summary.json and "
+                                      "report.html go.")],
+    model: ModelOpt = store.DEFAULT_MODEL,
+    steps: Annotated[Optional[str], typer.Option("--steps", metavar="N[,N...]", help="Step budgets to run each "
+                                                 "prompt at (default: the model's).")] = None,
+    max_tokens: MaxTokensOpt = None, entropy_bound: EntropyBoundOpt = None, t_min: TMinOpt = None,
+    t_max: TMaxOpt = None, temperature: TemperatureOpt = None, seed: SeedOpt = None,
+    device: DeviceOpt = None, dtype: DtypeOpt = None, no_cuda_graphs: NoGraphsOpt = False,
+):
+    """Measure how the model commits tokens on a set of prompts: every prompt at every step budget,
+    one trace per run, and per regime the commit order (tau at 1/4/16/64), late burst, batch sizes,
+    steps per block, tokens/s and, where prompts give an answer, accuracy against confidence at commit.
+
+    A progress bar on stderr; Ctrl-C keeps the runs that finished (exit 130). The shipped set:
+    scripts/probes/*.jsonl (six regimes). Definitions: docs/trace.md.
+    """
+    from .probe import parse_steps, probe as run_probe, read_prompts
+
+    budgets = parse_steps(steps)
+    settings = sampling(max_tokens, None, entropy_bound, t_min, t_max, temperature, seed)
+    items = read_prompts(prompts)
+    if out.exists() and not out.is_dir():
+        raise BadUsage(f"--out {out} is a file, not a directory")
+    m, tok = load(model, device, dtype, cuda_graphs=False if no_cuda_graphs else None)
+    for b in budgets:
+        check_settings(m, {**settings, **({"max_denoising_steps": b} if b else {})})
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("probe"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   console=Console(stderr=True), transient=True)
+    with bar:
+        task = bar.add_task("probe", total=len(items) * len(budgets))
+        summary = run_probe(m, tok, items, out, settings=settings, steps=budgets, model=model,
+                            progress=lambda done, total: bar.update(task, completed=done))
+    typer.echo(f"{summary['runs_done']} of {summary['runs_planned']} runs: wrote {out / 'summary.json'} and "
+               f"{out / 'report.html'}", err=True)
+    if summary["interrupted"]:
+        raise typer.Exit(130)
 
 
 @app.command(epilog=example("dg pull", "dg pull google/diffusiongemma-26B-A4B-it", "dg pull tiny"))

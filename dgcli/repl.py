@@ -31,6 +31,7 @@ HELP = """commands:
   /show                 the settings in use
   /save FILE, /load FILE  the conversation as JSON
   /stats                numbers for the last answer
+  /trace FILE           trace the next answer into FILE (.gz: gzip); /trace off stops --trace
   /exit, /bye, Ctrl-D   leave
 input: Enter sends; Alt-Enter starts a new line; a block between \"\"\" lines is sent whole.
 Ctrl-C stops an answer; at the prompt, press it twice (or Ctrl-D) to leave."""
@@ -154,9 +155,12 @@ def on_off(key: str, value: str) -> bool:
 
 class Repl:
     def __init__(self, session: ChatSession, console: Console, read: Callable[[str], str], *,
-                 canvas: bool = True, noise: str = "text", fps: float = 15.0, model_name: str = ""):
+                 canvas: bool = True, noise: str = "text", fps: float = 15.0, model_name: str = "",
+                 trace: str | Path | None = None):
         self.session, self.console, self.read = session, console, read
         self.canvas, self.noise, self.fps, self.model_name = canvas, noise, fps, model_name
+        # --trace FILE: every answer, numbered (FILE-1, FILE-2, ...); /trace FILE: the next answer only
+        self.trace_all, self.trace_next, self.traced = trace, None, 0
         self.pieces = TokenPieces(session.tokenizer)
         self.ctrl_c = False
 
@@ -195,8 +199,8 @@ class Repl:
         else:
             view = PlainView(self.console.file)
         try:
-            with view:
-                consume(events, [view])
+            with self.trace_writer(text) as tracer, view:  # the trace notice after the answer
+                consume(events, [view] + ([tracer] if tracer else []))
         except KeyboardInterrupt:
             self.say("[interrupted]", style="yellow")
             return
@@ -205,6 +209,23 @@ class Repl:
             return
         if self.session.last is not None:
             self.say(format_stats(self.session.last, self.session.last_reused))
+
+    def trace_writer(self, text: str):
+        """The trace view for this answer (dgcli/trace.py), or a no-op context if none is asked for."""
+        from contextlib import nullcontext
+
+        from .trace import numbered, writer
+
+        if self.trace_next is not None:
+            path, self.trace_next = self.trace_next, None
+        elif self.trace_all is not None:
+            self.traced += 1
+            path = numbered(self.trace_all, self.traced)
+        else:
+            return nullcontext()
+        s = self.session
+        return writer(path, s.engine, s.tokenizer, model=self.model_name, settings=s.settings, prompt=text,
+                      notice=lambda message: self.say(message))
 
     def command(self, line: str) -> bool:
         """Run a slash command; False means leave."""
@@ -251,6 +272,19 @@ class Repl:
             except DgError as e:
                 raise DgError(f"cannot load {arg}: {e}") from None
             self.say(f"loaded {len(s.messages)} messages from {arg}")
+        elif name == "/trace":
+            from .trace import check_target
+
+            if arg == "off":
+                self.trace_all = self.trace_next = None
+                self.say("tracing off")
+            elif arg:
+                self.trace_next = check_target(arg)
+                self.say(f"the next answer will be traced to {arg}")
+            else:
+                self.say(f"tracing: next answer to {self.trace_next}" if self.trace_next else
+                         f"tracing every answer to {self.trace_all} (numbered)" if self.trace_all else
+                         "tracing off; /trace FILE traces the next answer")
         elif name == "/stats":
             self.say(format_stats(s.last, s.last_reused) if s.last else "no answer yet")
         else:
