@@ -239,3 +239,102 @@ class MediaTokens:
             raise ImageError(f"the prompt has {found} image placeholder(s) ({self.image}) for {len(counts)} image(s); "
                              f"do not type the placeholder in the text")
         return re.sub(re.escape(self.image), lambda m: f"{self.begin}{self.image * next(it)}{self.end}", text)
+
+
+# ---- prompts with images ----
+
+@dataclass
+class EncodedPrompt:
+    """Prompt token ids with the images whose placeholder spans they contain (in order)."""
+
+    ids: list[int]
+    images: list[Pixels]
+
+
+def image_sources(messages) -> list:
+    """The image parts' sources ({"type": "image", "image" or "path": PATH | PIL.Image | bytes}) in order."""
+    out = []
+    for m in messages if isinstance(messages, (list, tuple)) else []:
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, (list, tuple)):
+            for part in content:
+                if isinstance(part, dict) and part.get("type") == "image":
+                    src = part.get("image", part.get("path"))
+                    if src is None:
+                        raise ImageError("an image part needs an 'image' (a path or a PIL image)")
+                    out.append(src)
+    return out
+
+
+def has_images(prompt) -> bool:
+    return bool(image_sources(prompt)) if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], dict) \
+        else False
+
+
+def vision_for(tokenizer) -> tuple[ImageProcessor, MediaTokens]:
+    """The image processor and placeholder tokens of the checkpoint the tokenizer came from."""
+    cached = getattr(tokenizer, "_vision", None)
+    if cached is None:
+        path = getattr(tokenizer, "path", None)
+        if path is None:
+            raise ImageError("this tokenizer was not loaded from a checkpoint directory; it cannot place images")
+        config = read_json(Path(path) / "config.json")
+        media = MediaTokens.from_dir(path, tokenizer, config)
+        if media is None:
+            raise ImageError(f"{path}: the tokenizer defines no image tokens (image_token, boi_token, eoi_token)")
+        cached = tokenizer._vision = (ImageProcessor.from_dir(path, config.get("vision_config")), media)
+    return cached
+
+
+def check_vision(model) -> None:
+    if not model.has_vision:
+        why = " (loaded without it: --no-vision)" if model.config.vision_config is not None else ""
+        raise ImageError(f"this model has no vision tower{why}: it cannot take images")
+
+
+def encode_prompt(model, tokenizer, messages: list[dict], *, system: str | None = None, think: bool = False,
+                  add_generation_prompt: bool = True, pixels: list[Pixels] | None = None) -> EncodedPrompt:
+    """Chat messages whose content may hold image parts -> token ids with each image's placeholder
+    expanded, and the images' patches (`pixels`: already processed, in order, to skip decoding)."""
+    check_vision(model)
+    processor, media = vision_for(tokenizer)
+    if pixels is None:
+        pixels = [processor(open_image(src)) for src in image_sources(messages)]
+    shown = []
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, (list, tuple)):  # the template sees the parts, not the pixels
+            content = [{"type": "image"} if isinstance(p, dict) and p.get("type") == "image" else p for p in content]
+        shown.append({**m, "content": content})
+    if system:
+        shown = [{"role": "system", "content": system}] + shown
+    text = tokenizer.apply_chat_template(shown, add_generation_prompt=add_generation_prompt, enable_thinking=think,
+                                         image_token=media.image, boi_token=media.begin, eoi_token=media.end)
+    ids = tokenizer.encode(media.expand(text, [p.tokens for p in pixels]), add_special_tokens=False)
+    image_id = model.config.image_token_id
+    if sum(1 for t in ids if t == image_id) != sum(p.tokens for p in pixels):
+        raise ImageError(f"the tokenizer's image token {media.image!r} is not the model's image_token_id {image_id}")
+    return EncodedPrompt(ids, list(pixels))
+
+
+def spans(ids: list[int], image_id: int) -> list[tuple[int, int]]:
+    """[start, end) of each run of image tokens: one per image, in order."""
+    out, start = [], None
+    for i, t in enumerate(list(ids) + [None]):
+        if t == image_id and start is None:
+            start = i
+        elif t != image_id and start is not None:
+            out.append((start, i))
+            start = None
+    return out
+
+
+def images_between(ids: list[int], image_id: int, pixels: list[Pixels], a: int, b: int) -> list[Pixels]:
+    """The images whose spans lie in ids[a:b] (a span cut by a or b is a bug in the caller)."""
+    out = []
+    for (s, e), p in zip(spans(ids, image_id), pixels):
+        if s < b and e > a:
+            if s < a or e > b:
+                raise ValueError(f"image span [{s}, {e}) is cut by [{a}, {b})")
+            out.append(p)
+    return out

@@ -25,9 +25,6 @@ from torch import nn
 
 from .errors import ConfigError
 
-# max_soft_tokens values the reference's image processor accepts.
-SOFT_TOKEN_BUDGETS = (70, 140, 280, 560, 1120)
-
 
 @dataclass
 class VisionConfig:
