@@ -19,7 +19,7 @@ import typer
 from . import __version__, store
 from .canvas_view import CanvasView, PlainView, TokenPieces, consume, format_stats
 from .cli_common import (BadUsage, DeviceOpt, DgGroup, DtypeOpt, NoGraphsOpt, EntropyBoundOpt, MaxTokensOpt, ModelOpt,
-                         NoiseOpt, SeedOpt, StepsOpt, SystemOpt, TemperatureOpt, ThinkOpt, TMaxOpt, TMinOpt,
+                         ImageOpt, NoVisionOpt, NoiseOpt, SeedOpt, StepsOpt, SystemOpt, TemperatureOpt, ThinkOpt, TMaxOpt, TMinOpt,
                          check_settings, confirm, echo, load, parse_size, quiet_closed_pipe, read_prompt,
                          resolve_name, sampling, stdout)
 from .config import MANIFEST_FILE
@@ -55,7 +55,8 @@ def use_canvas(stream, no_canvas: bool = False) -> bool:
 
 
 @app.command(epilog=example('dg run "Write a haiku about rain"', 'cat notes.md | dg run "Summarize:" > summary.txt',
-                            'dg run -m tiny --json --seed 1 "hi" | jq .tokens_per_second'))
+                            'dg run -m tiny --json --seed 1 "hi" | jq .tokens_per_second',
+                            'dg run --image photo.jpg "What is in this picture?"'))
 def run(
     prompt: Annotated[Optional[str], typer.Argument(metavar="PROMPT",
                                                     help="The prompt; text piped on stdin is appended.")] = None,
@@ -71,22 +72,31 @@ def run(
     noise: NoiseOpt = "text",
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print a stats line on stderr.")] = False,
     device: DeviceOpt = None, dtype: DtypeOpt = None, no_cuda_graphs: NoGraphsOpt = False,
+    image: ImageOpt = None, no_vision: NoVisionOpt = False,
 ):
     """Answer one prompt and print the answer: only the answer goes to stdout.
 
     --temperature T sets the schedule's t_max=T and t_min=T/2 (the sampler cools from t_max to t_min
-    over a block's steps).
+    over a block's steps). --image FILE shows the model a picture (repeatable).
     """
     settings = sampling(max_tokens, steps, entropy_bound, t_min, t_max, temperature, seed)
     if raw and system:
         raise BadUsage("--system needs the chat template; it cannot be combined with --raw")
     if raw and think:
         raise BadUsage("--think needs the chat template; it cannot be combined with --raw")
+    if raw and image:
+        raise BadUsage("--image needs the chat template; it cannot be combined with --raw")
     text, system = read_input(prompt, system)
-    m, tok = load(model, device, dtype, cuda_graphs=False if no_cuda_graphs else None)
+    from .images import open_image
+
+    pictures = [open_image(f) for f in image or []]  # a bad file fails before the model loads
+    m, tok = load(model, device, dtype, cuda_graphs=False if no_cuda_graphs else None, vision=not no_vision)
     check_settings(m, settings)
     from .api import stream_generate
 
+    if pictures:  # one user message: the images, then the text (Hugging Face's content parts)
+        text = [{"role": "user", "content": [*({"type": "image", "image": p} for p in pictures),
+                                             {"type": "text", "text": text}]}]
     events = stream_generate(m, tok, text, raw=raw, system=system, think=think, **settings)
     with quiet_closed_pipe(), ExitStack() as stack:
         views = [stack.enter_context(v) for v in run_views(tok, canvas, noise, as_json)]
@@ -133,10 +143,12 @@ def chat(
     noise: NoiseOpt = "text",
     fps: Annotated[float, typer.Option("--fps", min=1, max=60, help="Canvas frames per second.")] = 15.0,
     device: DeviceOpt = None, dtype: DtypeOpt = None, no_cuda_graphs: NoGraphsOpt = False,
+    no_vision: NoVisionOpt = False,
 ):
     """Chat in the terminal, watching each answer denoise on the live canvas.
 
-    Type /help inside for commands. Enter sends, Alt-Enter adds a line; Ctrl-C stops an answer.
+    Type /help inside for commands (/image FILE attaches a picture to the next message). Enter
+    sends, Alt-Enter adds a line; Ctrl-C stops an answer.
     """
     from rich.console import Console
 
@@ -148,7 +160,7 @@ def chat(
         raise BadUsage("stdin is closed: dg chat reads its messages there")
     decode = InputText()
     system = decode(system, "--system")
-    m, tok = load(name, device, dtype, cuda_graphs=False if no_cuda_graphs else None)
+    m, tok = load(name, device, dtype, cuda_graphs=False if no_cuda_graphs else None, vision=not no_vision)
     check_settings(m, settings)
     session = ChatSession(m, tok, settings=settings, system=system, think=think)
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
