@@ -153,7 +153,10 @@ class Engine:
                 while b < len(is_image) and is_image[b - 1] and is_image[b]:  # finish the image span
                     b += 1
             n = 0 if is_image is None else sum(is_image[a:b])
-            self.model.encode(ids[:, a:b], cache, image_embeds=feats[used:used + n] if n else None)
+            if n:
+                self.model.encode(ids[:, a:b], cache, image_embeds=feats[used:used + n])
+            else:
+                self.model.encode(ids[:, a:b], cache)
             a, used = b, used + n
 
     def commit(self, canvas: torch.Tensor, cache: KVCache | StaticKVCache) -> None:

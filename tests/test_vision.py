@@ -261,3 +261,24 @@ def test_released_config_vision_keys_match_the_reference(clipped):
     # per layer 7 linears (+ 4 bounds each when clipped) and 6 norms; patch embedder 2, std 2, projection 1
     assert len(ref) == 27 * (13 + 28 * clipped) + 5
     assert mine == ref
+
+
+def test_static_cache_chunks_never_cut_an_image(ckpt, monkeypatch):
+    """A static cache prefills in chunks; a chunk boundary inside an image span moves to its end, so
+    the image's tokens still see each other: the same K/V as the reference cache's one pass."""
+    from dgcli import engine as engine_mod
+    from dgcli.engine import Engine
+
+    _, _, _, engine, tokenizer = ckpt
+    enc = encode_prompt(engine.model, tokenizer, message(vr.picture(30, 40, 8), vr.picture(40, 30, 9)))
+    ids = torch.tensor([enc.ids])
+    monkeypatch.setattr(engine_mod, "PREFILL_CHUNK", 10)  # every image span crosses a boundary
+    static = Engine(engine.model, static_cache=True)
+    a, b = static.new_cache(max_tokens=256), engine.new_cache()
+    static.prefill(ids, a, enc.images)
+    engine.prefill(ids, b, enc.images)
+    for i in range(engine.config.num_hidden_layers):
+        if not engine.config.is_sliding(i):
+            n = ids.shape[1]
+            assert torch.allclose(a.keys[i][:, :, :n], b.keys[i], atol=1e-5)
+            assert torch.allclose(a.values[i][:, :, :n], b.values[i], atol=1e-5)
