@@ -219,7 +219,8 @@ def show(
     p = info["parameters"]
     lines = [
         f"{name}  ({info['kind']})", f"  path          {path}",
-        f"  parameters    {p / 1e9:.2f}B" if p >= 1e8 else f"  parameters    {p:,}",
+        (f"  parameters    {p / 1e9:.2f}B" if p >= 1e8 else f"  parameters    {p:,}")
+        + (f" (vision tower {info['vision_parameters']:,})" if info["vision_parameters"] else ""),
         f"  layers        {a['layers']} ({a['full_attention_layers']} full attention, the rest sliding window "
         f"{a['sliding_window']})",
         f"  attention     {a['attention_heads']} heads, kv heads {a['kv_heads']}, head dims {a['head_dims']}, "

@@ -22,7 +22,6 @@ from .errors import CheckpointError, DgError, first_line
 from .model import VISION_PREFIXES, DiffusionGemma
 
 INDEX_FILE = "model.safetensors.index.json"
-SKIPPED_PREFIXES = VISION_PREFIXES  # the vision tower's tensors (their old name, kept for importers)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 

@@ -448,10 +448,11 @@ class DiffusionGemma(nn.Module):
         dec = self.model.decoder
         x = dec.embed_tokens(ids)
         blocks = None
+        image_id = self.config.image_token_id
         if self.config.bidirectional_vision:  # each image's tokens see each other (the reference's rule)
-            blocks = image_blocks(ids[0] == self.config.image_token_id)
+            blocks = image_blocks(ids[0] == image_id if image_id is not None else torch.zeros_like(ids[0], dtype=torch.bool))
         if image_embeds is not None:
-            spots = (ids == self.config.image_token_id).unsqueeze(-1)
+            spots = (ids == image_id).unsqueeze(-1)
             x = x.masked_scatter(spots, image_embeds.to(x.device, x.dtype))
         rope = self._rope(torch.arange(cache.length, cache.length + ids.shape[1], device=self.device), x.dtype)
         scalars = self.model.encoder.language_model.layers

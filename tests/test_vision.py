@@ -16,6 +16,7 @@ import dgcli
 from dgcli.events import DoneEvent
 from dgcli.images import ImageError, ImageProcessor, encode_prompt, open_image
 from dgcli.loader import load_model
+from dgcli.model import VISION_PREFIXES
 
 L = 8  # the tiny checkpoints' canvas
 SETTINGS = dict(max_new_tokens=3 * L, max_denoising_steps=4)
@@ -282,3 +283,30 @@ def test_static_cache_chunks_never_cut_an_image(ckpt, monkeypatch):
             n = ids.shape[1]
             assert torch.allclose(a.keys[i][:, :, :n], b.keys[i], atol=1e-5)
             assert torch.allclose(a.values[i][:, :, :n], b.values[i], atol=1e-5)
+
+
+def test_quantize_carries_the_vision_tower_and_show_counts_it(ckpt, tmp_path, runner):
+    from dgcli.cli import app
+    from quant.convert import quantize_checkpoint
+
+    _, processor, path, engine, _ = ckpt
+    small = quantize_checkpoint(path, tmp_path / "int8", budget_bytes=None, progress=False)  # smallest formats
+    big = quantize_checkpoint(path, tmp_path / "bf16", progress=False)  # 18 GB: room for bf16
+    tensors = json.loads((small / "dg_manifest.json").read_text())["tensors"]
+    linear = "model.encoder.vision_tower.encoder.layers.0.mlp.up_proj.linear.weight"
+    assert tensors[linear]["format"] == "int8_row"
+    assert tensors["model.encoder.embed_vision.embedding_projection.weight"]["format"] == "int8_row"
+    assert tensors["model.encoder.vision_tower.patch_embedder.position_embedding_table"]["format"] == "keep"
+    assert json.loads((big / "dg_manifest.json").read_text())["groups"]["vision"] == "bf16"
+    batch = processor.image_processor([vr.picture(30, 20, 1)], return_tensors="pt")
+    want = engine.model.image_features(batch["pixel_values"], batch["image_position_ids"])
+    for out, tol in ((small, 0.05), (big, 0.02)):
+        q, _ = dgcli.load(str(out), device="cpu")
+        got = q.model.image_features(batch["pixel_values"], batch["image_position_ids"])
+        assert (got - want).norm() / want.norm() < tol
+    assert not dgcli.load(str(small), device="cpu", vision=False)[0].model.has_vision
+    r = runner.invoke(app, ["show", str(path), "--json"])
+    info = json.loads(r.stdout)
+    n = sum(t.numel() for k, t in engine.model.state_dict().items() if k.startswith(VISION_PREFIXES))
+    assert info["vision_parameters"] == n and info["parameters"] > n
+    assert "vision tower" in runner.invoke(app, ["show", str(path)]).stdout
