@@ -154,15 +154,19 @@ def image_blocks(is_image: torch.Tensor) -> torch.Tensor:
     return torch.where(is_image, starts, -1)
 
 
-def with_blocks(mask: torch.Tensor | None, causal: bool, blocks: torch.Tensor, S: int) -> torch.Tensor:
+def with_blocks(mask: torch.Tensor | None, causal: bool, blocks: tuple[torch.Tensor, bool], S: int) -> torch.Tensor:
     """The encoder's mask (T, S) for the new tokens, materialized as the reference does under
-    use_bidirectional_attention="vision", with each image span visible to itself in both directions.
-    The new tokens are the last T of the S keys (every cache returns them so)."""
+    use_bidirectional_attention="vision" (text only too), with each image span visible to itself in
+    both directions. blocks: (image_blocks of the T new tokens, whether any is an image). The new
+    tokens are the last T of the S keys (every cache returns them so)."""
+    blocks, any_image = blocks
     T = blocks.shape[0]
     if mask is None:  # a plain causal flag (first prefill) or nothing to hide (one token)
         mask = torch.ones(T, S, dtype=torch.bool, device=blocks.device)
         if causal:
             mask = torch.tril(mask, diagonal=S - T)
+    if not any_image:
+        return mask
     keys = torch.cat([blocks.new_full((S - T,), -1), blocks])
     return mask | ((blocks[:, None] == keys[None, :]) & (blocks[:, None] >= 0))
 
@@ -450,7 +454,8 @@ class DiffusionGemma(nn.Module):
         blocks = None
         image_id = self.config.image_token_id
         if self.config.bidirectional_vision:  # each image's tokens see each other (the reference's rule)
-            blocks = image_blocks(ids[0] == image_id if image_id is not None else torch.zeros_like(ids[0], dtype=torch.bool))
+            is_image = ids[0] == image_id if image_id is not None else torch.zeros_like(ids[0], dtype=torch.bool)
+            blocks = (image_blocks(is_image), image_embeds is not None)
         if image_embeds is not None:
             spots = (ids == image_id).unsqueeze(-1)
             x = x.masked_scatter(spots, image_embeds.to(x.device, x.dtype))
