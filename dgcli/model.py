@@ -1,4 +1,4 @@
-"""DiffusionGemma (google/diffusiongemma-26B-A4B-it), text only, in plain PyTorch.
+"""DiffusionGemma (google/diffusiongemma-26B-A4B-it) in plain PyTorch (its vision tower: dgcli/vision.py).
 
 One set of weights run in two modes (reference: transformers 5.23.0 `models/diffusion_gemma`):
 - encoder mode: causal over new tokens + the cache; writes K/V into the cache (prompt prefill and

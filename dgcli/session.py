@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 from .api import check_context, prefill, prompt_ids, stream_generate
 from .images import EncodedPrompt, encode_prompt, images_between, open_image, spans, vision_for, check_vision
@@ -54,7 +55,7 @@ class ChatSession:
         processed patches ride along under "_pixels" (not shown to the template, not saved)."""
         check_vision(self.engine.model)
         processor, _ = vision_for(self.tokenizer)
-        return {"type": "image", "image": image if isinstance(image, str) else None,
+        return {"type": "image", "image": str(image) if isinstance(image, (str, Path)) else None,
                 "_pixels": processor(open_image(image))}
 
     def attach(self, image) -> int:

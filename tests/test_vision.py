@@ -310,3 +310,23 @@ def test_quantize_carries_the_vision_tower_and_show_counts_it(ckpt, tmp_path, ru
     n = sum(t.numel() for k, t in engine.model.state_dict().items() if k.startswith(VISION_PREFIXES))
     assert info["vision_parameters"] == n and info["parameters"] > n
     assert "vision tower" in runner.invoke(app, ["show", str(path)]).stdout
+
+
+def test_saved_chat_keeps_image_paths(ckpt, tmp_path):
+    from dgcli.errors import DgError
+    from dgcli.session import ChatSession
+
+    _, _, _, engine, tokenizer = ckpt
+    f = tmp_path / "p.png"
+    vr.picture(26, 34, 13).save(f)
+    s = ChatSession(engine, tokenizer, settings=dict(seed=0, **SETTINGS))
+    list(s.turn("what is it", images=[f]))
+    saved = json.loads(json.dumps(s.to_json()))
+    assert saved["messages"][0]["content"] == [{"type": "image", "image": str(f)},
+                                               {"type": "text", "text": "what is it"}]
+    again = ChatSession(engine, tokenizer, settings=dict(seed=0, **SETTINGS))
+    again.load_json(saved)
+    assert again._encode(again.conversation())[0] == s._encode(s.conversation())[0]
+    f.unlink()
+    with pytest.raises(DgError, match="image not found"):
+        ChatSession(engine, tokenizer).load_json(saved)
