@@ -89,7 +89,13 @@ def stream_generate(engine, tokenizer: Tokenizer, prompt, *, raw: bool = False, 
         ids, pixels = prompt_ids(tokenizer, prompt, raw=raw, system=system, think=think), None
     if not ids and (cache is None or cache.length == 0):
         raise EmptyPromptError("empty prompt")
-    check_context(engine, len(ids), s.max_new_tokens, cache)
+    try:
+        check_context(engine, len(ids), s.max_new_tokens, cache)
+    except ContextLengthError as e:
+        if not pixels:
+            raise
+        raise ContextLengthError(f"{e} (the {len(pixels)} image(s) take {sum(p.tokens for p in pixels)} of the "
+                                 f"prompt's tokens)") from None
     new_ids: list[int] = []
     shown = ""
     for event in denoise(engine, ids, s, cache=cache, logits_processor=logits_processor, images=pixels):

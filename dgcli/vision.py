@@ -72,7 +72,9 @@ class VisionConfig:
 
 
 class RMSNorm(nn.Module):
-    """Gemma's RMSNorm in fp32 (the text model's arithmetic): x·(mean(x²)+eps)^-½·w."""
+    """Gemma's RMSNorm in fp32 (the text model's arithmetic): x·(mean(x²)+eps)^-½·w. A class of its
+    own: kernels.fused_norms swaps the text model's RMSNorm for Triton kernels on CUDA, and the
+    tower's shapes (head dim 72) have not been tried with them."""
 
     def __init__(self, dim: int, eps: float, with_scale: bool = True):
         super().__init__()

@@ -190,6 +190,9 @@ def test_bad_images_are_one_line_errors(ckpt, tmp_path, runner, monkeypatch):
     with pytest.raises(ImageError, match="too large: 20x20 = 400 pixels"):
         open_image(good)
     monkeypatch.undo()
+    r = runner.invoke(app, ["chat", "-m", str(path), "--no-canvas"], input=f"/image {text}\n/image\n/show\n")
+    assert r.exit_code == 0 and "error: " + str(text) + " is not an image" in r.stdout  # the chat goes on
+    assert "usage: /image FILE" in r.stdout and "max_new_tokens" in r.stdout
     r = runner.invoke(app, ["run", "-m", "tiny", "--image", str(good), "hi"])  # no vision tower
     assert r.exit_code == 2 and "no vision tower" in r.output
     r = runner.invoke(app, ["run", "-m", str(path), "--no-vision", "--image", str(good), "hi"])
@@ -198,7 +201,7 @@ def test_bad_images_are_one_line_errors(ckpt, tmp_path, runner, monkeypatch):
     assert r.exit_code == 2 and "--image needs the chat template" in r.output
     # more images than the context holds: refused before any compute
     monkeypatch.setattr(engine.model.config, "max_position_embeddings", 200)
-    with pytest.raises(dgcli.errors.ContextLengthError, match="prompt"):
+    with pytest.raises(dgcli.errors.ContextLengthError, match=r"the 3 image\(s\) take 1\d\d of the prompt"):
         dgcli.generate(engine, tokenizer, message(*[vr.picture(30, 30, i) for i in range(3)]), **SETTINGS)
     with pytest.raises(ImageError, match="placeholder"):  # the placeholder typed in the text
         dgcli.generate(engine, tokenizer, message(str(good), text="look <|image|>"), **SETTINGS)
