@@ -146,6 +146,8 @@ class Engine:
             positions = torch.stack([torch.from_numpy(p.positions) for p in images])
             feats = self.model.image_features(pixels, positions)
             is_image = (ids[0] == self.config.image_token_id).tolist()
+            if sum(is_image) != feats.shape[0]:
+                raise ValueError(f"{sum(is_image)} image tokens in the prompt for {feats.shape[0]} image features")
         a, used = 0, 0
         while a < ids.shape[1]:
             b = min(a + max(chunk, 1), ids.shape[1])
