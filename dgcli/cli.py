@@ -19,7 +19,8 @@ import typer
 from . import __version__, store
 from .canvas_view import CanvasView, PlainView, TokenPieces, consume, format_stats
 from .cli_common import (BadUsage, DeviceOpt, DgGroup, DtypeOpt, NoGraphsOpt, EntropyBoundOpt, MaxTokensOpt, ModelOpt,
-                         ImageOpt, NoVisionOpt, NoiseOpt, SeedOpt, StepsOpt, SystemOpt, TemperatureOpt, ThinkOpt, TMaxOpt, TMinOpt,
+                         NoiseOpt, SeedOpt, StepsOpt, SystemOpt, TemperatureOpt, ThinkOpt, TMaxOpt, TMinOpt,
+                         ImageOpt, NoVisionOpt,
                          check_settings, confirm, echo, load, parse_size, quiet_closed_pipe, read_prompt,
                          resolve_name, sampling, stdout)
 from .config import MANIFEST_FILE

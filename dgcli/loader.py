@@ -144,7 +144,7 @@ def index_shards(path: Path, expected: dict[str, torch.Size]) -> list[tuple[Path
                 for key in keys:
                     if key not in expected:
                         raise CheckpointError(
-                            f"{shard.name}: unexpected tensor '{key}' (not a DiffusionGemma text weight)"
+                            f"{shard.name}: unexpected tensor '{key}' (not a DiffusionGemma weight)"
                         )
                     shape = tuple(f.get_slice(key).get_shape())
                     if shape != tuple(expected[key]):

@@ -236,7 +236,7 @@ def source_tensors(path: Path, shapes: dict) -> list[tuple[str, Path, torch.dtyp
                     if skip and key.startswith(skip):
                         continue
                     if key not in shapes:
-                        raise CheckpointError(f"{shard.name}: unexpected tensor '{key}' (not a DiffusionGemma text weight)")
+                        raise CheckpointError(f"{shard.name}: unexpected tensor '{key}' (not a DiffusionGemma weight)")
                     sl = f.get_slice(key)
                     shape, dtype = tuple(sl.get_shape()), _DTYPES.get(sl.get_dtype())
                     if shape != shapes[key]:

@@ -104,7 +104,8 @@ class Estimate:
     @property
     def vision(self) -> int:
         """The vision tower's weights (loaded unless --no-vision)."""
-        return sum(r.nbytes for r in self.rows if r.section == "weights" and r.label.startswith(WEIGHT_LABELS["vision"]))
+        label = WEIGHT_LABELS["vision"]
+        return sum(r.nbytes for r in self.rows if r.section == "weights" and r.label.startswith(label))
 
     @property
     def fits(self) -> bool:
