@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -170,15 +171,19 @@ def open_image(source, name: str | None = None):
             raise ImageError(f"image not found: {label}")
         if not Path(source).is_file():
             raise ImageError(f"{label} is not a file")
-        f = str(source)
+        try:
+            f = open(source, "rb")
+        except OSError as e:
+            raise ImageError(f"cannot read {label}: {e.strerror or first_line(e)}") from None
     else:
         raise ImageError(f"an image must be a file path, bytes or a PIL image, not {type(source).__name__}")
     try:
-        img = Image.open(f)
-        _check_size(img, label)
-        img.load()  # decode now: a truncated or corrupt file fails here, not in the model
-        img = ImageOps.exif_transpose(img)
-        return img.convert("RGB")
+        with f, warnings.catch_warnings():  # our own size check speaks instead of Pillow's warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(f)
+            _check_size(img, label)
+            img.load()  # decode now: a truncated or corrupt file fails here, not in the model
+            return ImageOps.exif_transpose(img).convert("RGB")
     except ImageError:
         raise
     except UnidentifiedImageError:
