@@ -115,6 +115,18 @@ def test_two_images_in_one_message_token_identical(ckpt):
     assert ours(engine, tokenizer, msgs, 3).token_ids == want
 
 
+def test_system_prompt_and_an_image_between_texts_token_identical(ckpt):
+    ref, processor, _, engine, tokenizer = ckpt
+    parts = [{"type": "text", "text": "look"}, {"type": "image", "image": vr.picture(50, 19, 7)},
+             {"type": "text", "text": "and tell"}]
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": parts}]
+    _, want = reference_generate(ref, processor, msgs, 6)
+    assert ours(engine, tokenizer, msgs, 6).token_ids == want
+    # the same through the API's system= argument
+    events = list(dgcli.stream_generate(engine, tokenizer, msgs[1:], system="be brief", seed=6, **SETTINGS))
+    assert events[-1].token_ids == want
+
+
 def test_the_image_changes_the_answer(ckpt):
     """Ignoring the image (or mixing two up) fails here: two images, the same seed, different answers."""
     ref, processor, _, engine, tokenizer = ckpt
