@@ -127,6 +127,15 @@ def test_system_prompt_and_an_image_between_texts_token_identical(ckpt):
     assert events[-1].token_ids == want
 
 
+def test_text_only_prompt_on_a_vision_config_token_identical(ckpt):
+    """A text prompt on a config with use_bidirectional_attention="vision" (the released one's):
+    the reference materializes its encoder masks then, as we do."""
+    ref, processor, _, engine, tokenizer = ckpt
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "hello there"}]}]
+    ids, want = reference_generate(ref, processor, msgs, 4)
+    assert ours(engine, tokenizer, ids, 4).token_ids == want
+
+
 def test_the_image_changes_the_answer(ckpt):
     """Ignoring the image (or mixing two up) fails here: two images, the same seed, different answers."""
     ref, processor, _, engine, tokenizer = ckpt
