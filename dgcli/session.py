@@ -66,12 +66,12 @@ class ChatSession:
 
     def _encode(self, msgs: list[dict]) -> tuple[list[int], list[int], list]:
         """(prompt ids, ids of the conversation without the generation prompt, image patches)."""
-        if not any(isinstance(m["content"], list) for m in msgs):
+        pixels = [p["_pixels"] for m in msgs if isinstance(m["content"], list) for p in m["content"]
+                  if p.get("type") == "image"]
+        if not pixels:
             ids = prompt_ids(self.tokenizer, msgs, think=self.think)
             return ids, self.tokenizer.encode(self.tokenizer.apply_chat_template(
                 msgs, add_generation_prompt=False, enable_thinking=self.think), add_special_tokens=False), []
-        pixels = [p["_pixels"] for m in msgs if isinstance(m["content"], list) for p in m["content"]
-                  if p.get("type") == "image"]
         model = self.engine.model
         ids = encode_prompt(model, self.tokenizer, msgs, think=self.think, pixels=pixels).ids
         history = encode_prompt(model, self.tokenizer, msgs, think=self.think, pixels=pixels,
