@@ -190,7 +190,7 @@ def open_image(source, name: str | None = None):
         raise ImageError(f"{label} is not an image (or not a format Pillow can read)") from None
     except Image.DecompressionBombError:
         raise ImageError(f"{label} is too large to decode (over {MAX_PIXELS:,} pixels)") from None
-    except (OSError, ValueError, SyntaxError) as e:
+    except Exception as e:  # Pillow's parsers raise many types on malformed input (struct.error, IndexError...)
         raise ImageError(f"{label} cannot be decoded ({first_line(e)})") from None
 
 
