@@ -238,6 +238,17 @@ def test_image_from_bytes(ckpt, tmp_path):
     assert a == dgcli.generate(engine, tokenizer, message(str(f)), seed=0, **SETTINGS)
     with pytest.raises(ImageError, match="is not an image"):
         image_from_bytes(b"GIF89a but not really")
+    import random
+
+    rng, data = random.Random(0), f.read_bytes()
+    for _ in range(60):  # damaged files: an image or the one-line error, never another exception
+        b = bytearray(data)
+        for _ in range(rng.randint(1, 6)):
+            b[rng.randrange(len(b))] = rng.randrange(256)
+        try:
+            image_from_bytes(bytes(b[:rng.randrange(len(b) // 2, len(b) + 1)]))
+        except ImageError:
+            pass
 
 
 # ---- loading ----
