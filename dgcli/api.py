@@ -6,7 +6,9 @@
     text = dgcli.generate(model, tokenizer, "hi")
 
 `prompt` is a string (the chat template is applied unless raw=True), a list of chat messages
-({"role", "content"} dicts), or a list of token ids (used as they are). Settings use the reference's
+({"role", "content"} dicts), or a list of token ids (used as they are). A message's content may be a
+list of parts in the Hugging Face format: {"type": "image", "image": PATH | PIL.Image} and
+{"type": "text", "text": ...} (dgcli/images.py; the model needs its vision tower). Settings use the reference's
 names (max_new_tokens, max_denoising_steps, entropy_bound, t_min, t_max, stability_threshold,
 confidence_threshold, eos_token_id, pad_token_id) plus seed; unset ones come from the checkpoint's
 generation_config.json, then the reference's defaults.
@@ -24,13 +26,16 @@ from .config import SamplerSettings
 from .engine import Engine, as_engine
 from .errors import ContextLengthError, EmptyPromptError
 from .events import BlockEvent, DoneEvent, Event, PrefillEvent
+from .images import EncodedPrompt, encode_prompt, has_images
 from .loader import load_model, load_sampler_defaults
 from .sampler import denoise, useful_length
 from .tokenizer import Tokenizer
 
 
-def load(name_or_path: str | None = None, device=None, dtype=None, cuda_graphs: bool | None = None):
-    """(engine, tokenizer) for a model name (see dgcli.store.resolve), weights on device/dtype.
+def load(name_or_path: str | None = None, device=None, dtype=None, cuda_graphs: bool | None = None,
+         vision: bool = True):
+    """(engine, tokenizer) for a model name (see dgcli.store.resolve), weights on device/dtype;
+    vision=False leaves the vision tower out (text only, less memory).
 
     The engine (dgcli/engine.py) holds the model and how it runs: on CUDA a static cache, denoising
     steps replayed from CUDA graphs (unless cuda_graphs=False or DG_CUDA_GRAPHS=0) and the fused LM
@@ -42,7 +47,7 @@ def load(name_or_path: str | None = None, device=None, dtype=None, cuda_graphs: 
     tokenizer = Tokenizer.from_dir(path)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    model = load_model(path, device=device, dtype=dtype, prepare=prepare_quantized)
+    model = load_model(path, device=device, dtype=dtype, prepare=prepare_quantized, vision=vision)
     return Engine(model, load_sampler_defaults(path), cuda_graphs=cuda_graphs), tokenizer
 
 
@@ -75,13 +80,25 @@ def stream_generate(engine, tokenizer: Tokenizer, prompt, *, raw: bool = False, 
     """
     engine = as_engine(engine)
     s = engine.sampler_settings(**settings)
-    ids = prompt_ids(tokenizer, prompt, raw=raw, system=system, think=think)
+    if isinstance(prompt, EncodedPrompt):  # ids with their images already placed (a chat session's)
+        ids, pixels = prompt.ids, prompt.images
+    elif has_images(prompt):  # messages with image parts: placeholders expanded, pixels ready
+        encoded = encode_prompt(engine.model, tokenizer, list(prompt), system=system, think=think)
+        ids, pixels = encoded.ids, encoded.images
+    else:
+        ids, pixels = prompt_ids(tokenizer, prompt, raw=raw, system=system, think=think), None
     if not ids and (cache is None or cache.length == 0):
         raise EmptyPromptError("empty prompt")
-    check_context(engine, len(ids), s.max_new_tokens, cache)
+    try:
+        check_context(engine, len(ids), s.max_new_tokens, cache)
+    except ContextLengthError as e:
+        if not pixels:
+            raise
+        raise ContextLengthError(f"{e} (the {len(pixels)} image(s) take {sum(p.tokens for p in pixels)} of the "
+                                 f"prompt's tokens)") from None
     new_ids: list[int] = []
     shown = ""
-    for event in denoise(engine, ids, s, cache=cache, logits_processor=logits_processor):
+    for event in denoise(engine, ids, s, cache=cache, logits_processor=logits_processor, images=pixels):
         if isinstance(event, BlockEvent):
             new_ids += event.token_ids
             text = final_text(tokenizer, new_ids, s)
@@ -113,12 +130,14 @@ def check_context(engine, prompt_tokens: int, max_new_tokens: int, cache=None) -
             f"tokens, but {what} holds {room}; shorten the prompt or lower the answer budget (--max-tokens)")
 
 
-def prefill(engine, token_ids: list[int], cache) -> PrefillEvent:
-    """Encode token ids onto `cache`, as a generation does first (chat uses it to mark a prefix)."""
+def prefill(engine, token_ids: list[int], cache, images=None) -> PrefillEvent:
+    """Encode token ids onto `cache`, as a generation does first (chat uses it to mark a prefix);
+    `images`: the Pixels of the image spans in token_ids."""
     engine = as_engine(engine)
     t0 = time.perf_counter()
     if token_ids:
-        engine.prefill(torch.tensor([token_ids], dtype=torch.long, device=engine.device), cache)
+        ids = torch.tensor([token_ids], dtype=torch.long, device=engine.device)
+        engine.prefill(ids, cache, images) if images else engine.prefill(ids, cache)
     if engine.device.type == "cuda":
         torch.cuda.synchronize(engine.device)
     return PrefillEvent(prompt_tokens=len(token_ids), cached_tokens=cache.length, seconds=time.perf_counter() - t0)

@@ -20,6 +20,7 @@ from . import __version__, store
 from .canvas_view import CanvasView, PlainView, TokenPieces, consume, format_stats
 from .cli_common import (BadUsage, DeviceOpt, DgGroup, DtypeOpt, NoGraphsOpt, EntropyBoundOpt, MaxTokensOpt, ModelOpt,
                          NoiseOpt, SeedOpt, StepsOpt, SystemOpt, TemperatureOpt, ThinkOpt, TMaxOpt, TMinOpt,
+                         ImageOpt, NoVisionOpt,
                          check_settings, confirm, echo, stdout_console, load, parse_size, quiet_closed_pipe, read_prompt,
                          resolve_name, sampling, stdout)
 from .config import MANIFEST_FILE
@@ -55,7 +56,8 @@ def use_canvas(stream, no_canvas: bool = False) -> bool:
 
 
 @app.command(epilog=example('dg run "Write a haiku about rain"', 'cat notes.md | dg run "Summarize:" > summary.txt',
-                            'dg run -m tiny --json --seed 1 "hi" | jq .tokens_per_second'))
+                            'dg run -m tiny --json --seed 1 "hi" | jq .tokens_per_second',
+                            'dg run --image photo.jpg "What is in this picture?"'))
 def run(
     prompt: Annotated[Optional[str], typer.Argument(metavar="PROMPT",
                                                     help="The prompt; text piped on stdin is appended.")] = None,
@@ -72,24 +74,33 @@ def run(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print a stats line on stderr.")] = False,
     device: DeviceOpt = None, dtype: DtypeOpt = None, no_cuda_graphs: NoGraphsOpt = False,
     trace: TraceOpt = None,
+    image: ImageOpt = None, no_vision: NoVisionOpt = False,
 ):
     """Answer one prompt and print the answer: only the answer goes to stdout.
 
     --temperature T sets the schedule's t_max=T and t_min=T/2 (the sampler cools from t_max to t_min
-    over a block's steps).
+    over a block's steps). --image FILE shows the model a picture (repeatable).
     """
     settings = sampling(max_tokens, steps, entropy_bound, t_min, t_max, temperature, seed)
     if raw and system:
         raise BadUsage("--system needs the chat template; it cannot be combined with --raw")
     if raw and think:
         raise BadUsage("--think needs the chat template; it cannot be combined with --raw")
+    if raw and image:
+        raise BadUsage("--image needs the chat template; it cannot be combined with --raw")
     text, system = read_input(prompt, system)
     if trace is not None:
         check_trace_target(trace)  # before the weights load
-    m, tok = load(model, device, dtype, cuda_graphs=False if no_cuda_graphs else None)
+    from .images import open_image
+
+    pictures = [open_image(f) for f in image or []]  # a bad file fails before the model loads
+    m, tok = load(model, device, dtype, cuda_graphs=False if no_cuda_graphs else None, vision=not no_vision)
     check_settings(m, settings)
     from .api import stream_generate
 
+    if pictures:  # one user message: the images, then the text (Hugging Face's content parts)
+        text = [{"role": "user", "content": [*({"type": "image", "image": p} for p in pictures),
+                                             {"type": "text", "text": text}]}]
     events = stream_generate(m, tok, text, raw=raw, system=system, think=think, **settings)
     with quiet_closed_pipe(), ExitStack() as stack:
         views = [stack.enter_context(v) for v in run_views(tok, canvas, noise, as_json)]
@@ -160,10 +171,12 @@ def chat(
     trace: Annotated[Optional[Path], typer.Option(
         "--trace", metavar="FILE", help="Trace every answer: FILE-1, FILE-2, ... (numbered before the .jsonl/.gz "
         "ending); /trace FILE inside traces the next one.")] = None,
+    no_vision: NoVisionOpt = False,
 ):
     """Chat in the terminal, watching each answer denoise on the live canvas.
 
-    Type /help inside for commands. Enter sends, Alt-Enter adds a line; Ctrl-C stops an answer.
+    Type /help inside for commands (/image FILE attaches a picture to the next message). Enter
+    sends, Alt-Enter adds a line; Ctrl-C stops an answer.
     """
     from .repl import ChatSession, InputText, Repl, line_reader, prompt_toolkit_reader
 
@@ -175,7 +188,7 @@ def chat(
     system = decode(system, "--system")
     if trace is not None:
         check_trace_target(trace)
-    m, tok = load(name, device, dtype, cuda_graphs=False if no_cuda_graphs else None)
+    m, tok = load(name, device, dtype, cuda_graphs=False if no_cuda_graphs else None, vision=not no_vision)
     check_settings(m, settings)
     session = ChatSession(m, tok, settings=settings, system=system, think=think)
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
@@ -324,7 +337,8 @@ def show(
     p = info["parameters"]
     lines = [
         f"{name}  ({info['kind']})", f"  path          {path}",
-        f"  parameters    {p / 1e9:.2f}B" if p >= 1e8 else f"  parameters    {p:,}",
+        (f"  parameters    {p / 1e9:.2f}B" if p >= 1e8 else f"  parameters    {p:,}")
+        + (f" (vision tower {info['vision_parameters']:,})" if info["vision_parameters"] else ""),
         f"  layers        {a['layers']} ({a['full_attention_layers']} full attention, the rest sliding window "
         f"{a['sliding_window']})",
         f"  attention     {a['attention_heads']} heads, kv heads {a['kv_heads']}, head dims {a['head_dims']}, "

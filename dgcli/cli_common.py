@@ -216,6 +216,11 @@ DeviceOpt = Annotated[Optional[str], typer.Option("--device", callback=_check_de
 NoGraphsOpt = Annotated[bool, typer.Option(
     "--no-cuda-graphs", help="Launch each denoising step's kernels one by one instead of replaying a "
     "captured CUDA graph: slower; for debugging (also DG_CUDA_GRAPHS=0).")]
+ImageOpt = Annotated[Optional[list[str]], typer.Option(
+    "--image", metavar="FILE", help="An image for the model to look at (repeatable; the images come before "
+    "the prompt text). Needs a model with a vision tower.")]
+NoVisionOpt = Annotated[bool, typer.Option(
+    "--no-vision", help="Do not load the vision tower (text only: less memory, no images).")]
 DtypeOpt = Annotated[Optional[Literal["bfloat16", "float16", "float32"]], typer.Option(
     "--dtype",
     help="Weight dtype (default: the checkpoint's; float32 on CPU).")]
@@ -264,7 +269,7 @@ def read_prompt(argument: str | None, stdin=None) -> str:
 
 
 def load(name: str, device: str | None = None, dtype: str | None = None, quiet: bool = False,
-         cuda_graphs: bool | None = None):
+         cuda_graphs: bool | None = None, vision: bool = True):
     """(model, tokenizer), with a spinner on a terminal's stderr while the weights load."""
     import dgcli
     from rich.console import Console
@@ -273,8 +278,8 @@ def load(name: str, device: str | None = None, dtype: str | None = None, quiet: 
     try:
         if err.is_terminal and not quiet:
             with err.status(f"loading {name}", spinner="dots"):
-                return dgcli.load(name, device=device, dtype=dtype, cuda_graphs=cuda_graphs)
-        return dgcli.load(name, device=device, dtype=dtype, cuda_graphs=cuda_graphs)
+                return dgcli.load(name, device=device, dtype=dtype, cuda_graphs=cuda_graphs, vision=vision)
+        return dgcli.load(name, device=device, dtype=dtype, cuda_graphs=cuda_graphs, vision=vision)
     except RuntimeError as e:  # e.g. a CUDA error from a device that exists but cannot be used
         if device is None or debug():
             raise

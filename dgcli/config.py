@@ -86,6 +86,12 @@ class ModelConfig:
     pad_token_id: int | None = 0
     bos_token_id: int | None = 2
     eos_token_id: list[int] = field(default_factory=lambda: [1])
+    # Images (dgcli/vision.py): the tower's config.json section (None: a text-only checkpoint), the
+    # placeholder id whose positions take the image features, and whether the encoder lets each
+    # image's tokens attend to each other both ways (use_bidirectional_attention: "vision").
+    vision_config: dict | None = None
+    image_token_id: int | None = None
+    bidirectional_vision: bool = False
 
     def is_sliding(self, i: int) -> bool:
         return self.layer_types[i] == SLIDING
@@ -227,6 +233,9 @@ class ModelConfig:
             pad_token_id=ids["pad_token_id"],
             bos_token_id=ids["bos_token_id"],
             eos_token_id=eos,
+            vision_config=top.get("vision_config") if top is not text else None,
+            image_token_id=top.get("image_token_id", 258_880) if top is not text else None,
+            bidirectional_vision=text.get("use_bidirectional_attention") == "vision",
         )
 
     @classmethod

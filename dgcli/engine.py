@@ -133,13 +133,33 @@ class Engine:
         """An empty cache of this engine's kind; a static one holds max_tokens (default: the model's context)."""
         return self.model.new_cache(static=self.static_cache, max_tokens=max_tokens, rollback=rollback)
 
-    def prefill(self, ids: torch.Tensor, cache: KVCache | StaticKVCache) -> None:
+    def prefill(self, ids: torch.Tensor, cache: KVCache | StaticKVCache, images=None) -> None:
         """Encode ids (1, T) after what the cache holds. A static cache takes them in chunks, so the
         pass's temporaries (masks, repeated K/V, fp32 norms) do not grow with the prompt; the
-        reference cache takes them in one pass, as the reference does."""
+        reference cache takes them in one pass, as the reference does. `images`: the
+        dgcli.images.Pixels of the image spans in ids, in order; the vision tower encodes them
+        together (one batch, as the reference), and no chunk cuts an image span."""
         chunk = PREFILL_CHUNK if isinstance(cache, StaticKVCache) else ids.shape[1]
-        for a in range(0, ids.shape[1], max(chunk, 1)):
-            self.model.encode(ids[:, a:a + chunk], cache)
+        feats, is_image = None, None
+        if images:
+            pixels = torch.stack([torch.from_numpy(p.pixels) for p in images])
+            positions = torch.stack([torch.from_numpy(p.positions) for p in images])
+            feats = self.model.image_features(pixels, positions)
+            is_image = (ids[0] == self.config.image_token_id).tolist()
+            if sum(is_image) != feats.shape[0]:
+                raise ValueError(f"{sum(is_image)} image tokens in the prompt for {feats.shape[0]} image features")
+        a, used = 0, 0
+        while a < ids.shape[1]:
+            b = min(a + max(chunk, 1), ids.shape[1])
+            if is_image is not None:
+                while b < len(is_image) and is_image[b - 1] and is_image[b]:  # finish the image span
+                    b += 1
+            n = 0 if is_image is None else sum(is_image[a:b])
+            if n:
+                self.model.encode(ids[:, a:b], cache, image_embeds=feats[used:used + n])
+            else:
+                self.model.encode(ids[:, a:b], cache)
+            a, used = b, used + n
 
     def commit(self, canvas: torch.Tensor, cache: KVCache | StaticKVCache) -> None:
         """Encode a finished canvas (1, L) into the cache."""

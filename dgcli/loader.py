@@ -4,7 +4,8 @@ Layout: config.json, generation_config.json, tokenizer files, and `*.safetensors
 `model.safetensors.index.json` when there are several). The model is built on the `meta` device,
 then each tensor is read from a memory-mapped shard straight to the target device and dtype and
 assigned: the weights exist once, never twice. Only safetensors are ever read; nothing is unpickled.
-Vision-tower tensors are skipped: dg is text only.
+The vision tower (dgcli/vision.py) is loaded when config.json describes one and the shards hold it;
+`vision=False` skips its tensors (text-only use), as does a checkpoint saved without them.
 """
 
 from __future__ import annotations
@@ -18,10 +19,9 @@ from safetensors import SafetensorError, safe_open
 
 from .config import MANIFEST_FILE, ModelConfig, SamplerSettings, read_json
 from .errors import CheckpointError, DgError, first_line
-from .model import DiffusionGemma
+from .model import VISION_PREFIXES, DiffusionGemma
 
 INDEX_FILE = "model.safetensors.index.json"
-SKIPPED_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -119,18 +119,32 @@ def keeps_stored_dtype(key: str, is_float: bool) -> bool:
     return not is_float or key.endswith((".scales", ".zeros"))
 
 
-def index_shards(path: Path, expected: dict[str, torch.Size]) -> list[tuple[Path, list[str]]]:
-    """Check every shard's header against the model (names, shapes, nothing missing) before any
-    tensor is read; returns the keys to load per shard. Corrupt headers are caught here."""
-    plan, seen = [], set()
+def has_vision_weights(path: Path) -> bool:
+    """Whether the shards hold vision-tower tensors (a text-only export may have dropped them)."""
     for shard in shard_files(path):
         try:
             with safe_open(str(shard), framework="pt", device="cpu") as f:
-                keys = [k for k in f.keys() if not k.startswith(SKIPPED_PREFIXES)]
+                if any(k.startswith(VISION_PREFIXES) for k in f.keys()):
+                    return True
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{shard} is corrupt or truncated ({first_line(e)})") from None
+    return False
+
+
+def index_shards(path: Path, expected: dict[str, torch.Size]) -> list[tuple[Path, list[str]]]:
+    """Check every shard's header against the model (names, shapes, nothing missing) before any
+    tensor is read; returns the keys to load per shard. Corrupt headers are caught here. Vision
+    tensors are skipped when the model was built without its tower."""
+    plan, seen = [], set()
+    skip = () if any(k.startswith(VISION_PREFIXES) for k in expected) else VISION_PREFIXES
+    for shard in shard_files(path):
+        try:
+            with safe_open(str(shard), framework="pt", device="cpu") as f:
+                keys = [k for k in f.keys() if not (skip and k.startswith(skip))]
                 for key in keys:
                     if key not in expected:
                         raise CheckpointError(
-                            f"{shard.name}: unexpected tensor '{key}' (not a DiffusionGemma text weight)"
+                            f"{shard.name}: unexpected tensor '{key}' (not a DiffusionGemma weight)"
                         )
                     shape = tuple(f.get_slice(key).get_shape())
                     if shape != tuple(expected[key]):
@@ -198,8 +212,9 @@ def read_state_dict(plan, device: torch.device, dtype: torch.dtype) -> dict[str,
     return tensors
 
 
-def load_model(path: str | Path, device=None, dtype=None, prepare=None) -> DiffusionGemma:
-    """The checkpoint at `path` as a DiffusionGemma on device/dtype (inference only).
+def load_model(path: str | Path, device=None, dtype=None, prepare=None, vision: bool = True) -> DiffusionGemma:
+    """The checkpoint at `path` as a DiffusionGemma on device/dtype (inference only); vision=False
+    leaves out its vision tower.
 
     prepare(model, path): called on the meta-built model before any weight is read, when the
     directory is a `dg quantize` output (has MANIFEST_FILE); the quantized runtime plugs in here
@@ -209,8 +224,9 @@ def load_model(path: str | Path, device=None, dtype=None, prepare=None) -> Diffu
     device = resolve_device(device)
     dtype = dtype or default_dtype(path, device)
     check_sizes(path, config)
+    vision = vision and config.vision_config is not None and has_vision_weights(path)
     with torch.device("meta"):
-        model = DiffusionGemma(config)
+        model = DiffusionGemma(config, vision=vision)
     if (path / MANIFEST_FILE).exists():
         if prepare is None:
             raise CheckpointError(f"{path} is a dg quantize output: load it with dgcli.load")

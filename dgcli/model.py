@@ -1,4 +1,4 @@
-"""DiffusionGemma (google/diffusiongemma-26B-A4B-it), text only, in plain PyTorch.
+"""DiffusionGemma (google/diffusiongemma-26B-A4B-it) in plain PyTorch (its vision tower: dgcli/vision.py).
 
 One set of weights run in two modes (reference: transformers 5.23.0 `models/diffusion_gemma`):
 - encoder mode: causal over new tokens + the cache; writes K/V into the cache (prompt prefill and
@@ -107,12 +107,14 @@ class Attention(nn.Module):
         v = self.v_norm(v)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, Hx, T, D)
 
-    def forward(self, x, cos, sin, cache: KVCache, i: int, encode: bool, kv_only: bool = False):
+    def forward(self, x, cos, sin, cache: KVCache, i: int, encode: bool, kv_only: bool = False, blocks=None):
         B, T, _ = x.shape
         q, k, v = self.qkv(x, cos, sin)
         window = self.window if self.sliding else None
         if encode:  # the cache stores the new K/V and says what this pass attends to
             k, v, causal, mask = cache.encode_kv(i, k, v, window)
+            if blocks is not None:
+                mask, causal = with_blocks(mask, causal, blocks, k.shape[-2]), False
             if kv_only:  # the last encoder layer's output is never used, only its K/V
                 return None
         else:  # the canvas attends to the cache and itself; the cache keeps nothing of it
@@ -139,6 +141,34 @@ class Attention(nn.Module):
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=1.0, enable_gqa=gqa)
         return y.transpose(1, 2).reshape(B, T, Hq * D)
+
+
+VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
+
+
+def image_blocks(is_image: torch.Tensor) -> torch.Tensor:
+    """Per token (T,): the index of the image span it belongs to (consecutive image tokens), -1 for text."""
+    prev = torch.roll(is_image, 1)
+    prev[0] = False
+    starts = torch.cumsum((is_image & ~prev).int(), 0) - 1
+    return torch.where(is_image, starts, -1)
+
+
+def with_blocks(mask: torch.Tensor | None, causal: bool, blocks: tuple[torch.Tensor, bool], S: int) -> torch.Tensor:
+    """The encoder's mask (T, S) for the new tokens, materialized as the reference does under
+    use_bidirectional_attention="vision" (text only too), with each image span visible to itself in
+    both directions. blocks: (image_blocks of the T new tokens, whether any is an image). The new
+    tokens are the last T of the S keys (every cache returns them so)."""
+    blocks, any_image = blocks
+    T = blocks.shape[0]
+    if mask is None:  # a plain causal flag (first prefill) or nothing to hide (one token)
+        mask = torch.ones(T, S, dtype=torch.bool, device=blocks.device)
+        if causal:
+            mask = torch.tril(mask, diagonal=S - T)
+    if not any_image:
+        return mask
+    keys = torch.cat([blocks.new_full((S - T,), -1), blocks])
+    return mask | ((blocks[:, None] == keys[None, :]) & (blocks[:, None] >= 0))
 
 
 class MLP(nn.Module):
@@ -255,8 +285,8 @@ class Layer(nn.Module):
         self.post_feedforward_layernorm = RMSNorm(H, eps)  # both branches, summed
         self.register_buffer("layer_scalar", torch.ones(1))  # the decoder's copy
 
-    def forward(self, x, cos, sin, cache, i, encode, scalar, kv_only=False):
-        h = self.self_attn(self.input_layernorm(x), cos, sin, cache, i, encode, kv_only)
+    def forward(self, x, cos, sin, cache, i, encode, scalar, kv_only=False, blocks=None):
+        h = self.self_attn(self.input_layernorm(x), cos, sin, cache, i, encode, kv_only, blocks)
         if kv_only:
             return None
         x = self.post_attention_layernorm.add_to(x, h)
@@ -343,23 +373,30 @@ class EncoderText(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, vision: bool = True):
         super().__init__()
         self.language_model = EncoderText(config)
+        if vision and config.vision_config is not None:  # the image encoder (dgcli/vision.py)
+            from .vision import MultimodalEmbedder, VisionConfig, VisionTower
+
+            vc = VisionConfig.from_dict(config.vision_config)
+            self.vision_tower = VisionTower(vc)
+            self.embed_vision = MultimodalEmbedder(vc, config.hidden_size)
 
 
 class Inner(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, vision: bool = True):
         super().__init__()
-        self.encoder = Encoder(config)
+        self.encoder = Encoder(config, vision)
         self.decoder = Decoder(config)
 
 
 class DiffusionGemma(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, vision: bool = True):
+        """vision=False leaves the checkpoint's vision tower out (text-only use)."""
         super().__init__()
         self.config = config
-        self.model = Inner(config)
+        self.model = Inner(config, vision)
         D = {t: config.layer_head_dim[config.layer_types.index(t)] for t in set(config.layer_types)}
         self.inv_freq = {t: rope_inv_freq(config, t, D[t]) for t in (SLIDING, FULL) if t in D}
         self._inv_freq_on: dict[torch.device, dict] = {}  # copies per device: no upload per call
@@ -372,12 +409,19 @@ class DiffusionGemma(nn.Module):
     def device(self) -> torch.device:
         return self.model.decoder.embed_tokens.weight.device
 
+    @property
+    def has_vision(self) -> bool:
+        return hasattr(self.model.encoder, "vision_tower")
+
     def parameter_counts(self) -> dict[str, int]:
-        """Text parameters in total, and active per token (all but the unrouted experts' share)."""
-        total = sum(p.numel() for p in self.parameters())
+        """Text parameters in total, and active per token (all but the unrouted experts' share);
+        `vision`: the vision tower's and projection's (counted in neither)."""
+        vision = sum(p.numel() for n, p in self.named_parameters() if n.startswith(VISION_PREFIXES))
+        total = sum(p.numel() for p in self.parameters()) - vision
         experts = sum(p.numel() for n, p in self.named_parameters() if ".experts." in n)
         c = self.config
-        return {"total": total, "active": total - experts + experts * c.top_k_experts // c.num_experts}
+        return {"total": total, "active": total - experts + experts * c.top_k_experts // c.num_experts,
+                "vision": vision}
 
     def new_cache(self, static: bool = False, max_tokens: int | None = None,
                   rollback: int = 0) -> KVCache | StaticKVCache:
@@ -395,16 +439,32 @@ class DiffusionGemma(nn.Module):
         return {t: rope_cos_sin(f, pos, dtype) for t, f in self._inv_freq_on[pos.device].items()}
 
     @torch.inference_mode()
-    def encode(self, ids: torch.Tensor, cache: KVCache) -> None:
-        """Encoder mode: run ids (B, T) causally at positions cache.length.. and append their K/V."""
+    def image_features(self, pixels: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Patches of a batch of images (dgcli/images.py) -> their soft tokens (n, H) in the text space."""
+        enc = self.model.encoder
+        return enc.embed_vision(enc.vision_tower(pixels.to(self.device), positions.to(self.device)))
+
+    @torch.inference_mode()
+    def encode(self, ids: torch.Tensor, cache: KVCache, image_embeds: torch.Tensor | None = None) -> None:
+        """Encoder mode: run ids (B, T) causally at positions cache.length.. and append their K/V.
+        image_embeds (n, H): the soft tokens of the images whose n placeholders (image_token_id) are in
+        ids, in order; they replace those positions' embeddings."""
         dec = self.model.decoder
         x = dec.embed_tokens(ids)
+        blocks = None
+        image_id = self.config.image_token_id
+        if self.config.bidirectional_vision:  # each image's tokens see each other (the reference's rule)
+            is_image = ids[0] == image_id if image_id is not None else torch.zeros_like(ids[0], dtype=torch.bool)
+            blocks = (image_blocks(is_image), image_embeds is not None)
+        if image_embeds is not None:
+            spots = (ids == image_id).unsqueeze(-1)
+            x = x.masked_scatter(spots, image_embeds.to(x.device, x.dtype))
         rope = self._rope(torch.arange(cache.length, cache.length + ids.shape[1], device=self.device), x.dtype)
         scalars = self.model.encoder.language_model.layers
         last = len(dec.layers) - 1
         for i, layer in enumerate(dec.layers):
             cos, sin = rope[self.config.layer_types[i]]
-            x = layer(x, cos, sin, cache, i, True, scalars[i].layer_scalar, kv_only=i == last)
+            x = layer(x, cos, sin, cache, i, True, scalars[i].layer_scalar, kv_only=i == last, blocks=blocks)
         cache.length += ids.shape[1]
 
     @torch.inference_mode()

@@ -24,6 +24,7 @@ HELP = """commands:
   /help                 this list
   /clear                forget the conversation
   /system TEXT          set the system prompt (/system alone removes it)
+  /image FILE           attach an image to the next message (models with a vision tower)
   /set KEY VALUE        change a setting: max_new_tokens (max_tokens), max_denoising_steps (steps),
                         entropy_bound, t_min, t_max, temperature (t_max=T, t_min=T/2),
                         stability_threshold, confidence_threshold, seed, think on|off,
@@ -239,6 +240,11 @@ class Repl:
         elif name == "/clear":
             s.clear()
             self.say("conversation cleared")
+        elif name == "/image":
+            if not arg:
+                raise DgError("usage: /image FILE")
+            n = s.attach(str(Path(arg.strip("\"'")).expanduser()))
+            self.say(f"[image: {n} tokens]")
         elif name == "/system":
             s.system = arg or None
             self.say(f"system prompt {'set' if arg else 'removed'}")

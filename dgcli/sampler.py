@@ -98,9 +98,11 @@ def denoise(
     settings: SamplerSettings,
     cache=None,
     logits_processor: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    images=None,
 ) -> Iterator[Event]:
     """Generate after prompt_ids (tokens not yet in `cache`), yielding events (see dgcli/events.py).
-    `engine`: a dgcli Engine (a plain model gets one with the default policy)."""
+    `engine`: a dgcli Engine (a plain model gets one with the default policy). `images`: the
+    dgcli.images.Pixels of the image spans in prompt_ids, in order."""
     t_start = time.perf_counter()
     engine = as_engine(engine)
     device = engine.device
@@ -130,7 +132,7 @@ def denoise(
         t0 = time.perf_counter()
         if block == 0:
             if pending.shape[1]:
-                engine.prefill(pending, cache)
+                engine.prefill(pending, cache, images) if images else engine.prefill(pending, cache)
             _sync(device)
             prefill_s = time.perf_counter() - t0
             yield PrefillEvent(prompt_tokens=prompt_len, cached_tokens=cache.length, seconds=prefill_s)

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 from .api import check_context, prefill, prompt_ids, stream_generate
+from .images import EncodedPrompt, encode_prompt, images_between, open_image, spans, vision_for, check_vision
 from .config import TUNABLE_SETTINGS, temperature_shorthand
 from .engine import as_engine
 from .errors import DgError
@@ -46,13 +48,42 @@ class ChatSession:
         self.context = context  # tokens a static cache holds
         self.cache = None  # made on the first turn, kept for the whole session
         self.tokens: list[int] = []  # the ids the cache holds
+        self.pending: list[dict] = []  # image parts attached to the next message (`attach`)
+
+    def image_part(self, image) -> dict:
+        """An image (path, bytes or PIL image) decoded and processed now, as a message part; the
+        processed patches ride along under "_pixels" (not shown to the template, not saved)."""
+        check_vision(self.engine.model)
+        processor, _ = vision_for(self.tokenizer)
+        return {"type": "image", "image": str(image) if isinstance(image, (str, Path)) else None,
+                "_pixels": processor(open_image(image))}
+
+    def attach(self, image) -> int:
+        """Attach an image to the next message; returns the tokens it takes."""
+        part = self.image_part(image)
+        self.pending.append(part)
+        return part["_pixels"].tokens
+
+    def _encode(self, msgs: list[dict]) -> tuple[list[int], list[int], list]:
+        """(prompt ids, ids of the conversation without the generation prompt, image patches)."""
+        pixels = [p["_pixels"] for m in msgs if isinstance(m["content"], list) for p in m["content"]
+                  if p.get("type") == "image"]
+        if not pixels:
+            ids = prompt_ids(self.tokenizer, msgs, think=self.think)
+            return ids, self.tokenizer.encode(self.tokenizer.apply_chat_template(
+                msgs, add_generation_prompt=False, enable_thinking=self.think), add_special_tokens=False), []
+        model = self.engine.model
+        ids = encode_prompt(model, self.tokenizer, msgs, think=self.think, pixels=pixels).ids
+        history = encode_prompt(model, self.tokenizer, msgs, think=self.think, pixels=pixels,
+                                add_generation_prompt=False).ids
+        return ids, history, pixels
 
     def conversation(self) -> list[dict]:
         msgs = [{"role": m["role"], "content": m["content"]} for m in self.messages]
         return ([{"role": "system", "content": self.system}] if self.system else []) + msgs
 
     def clear(self) -> None:
-        self.messages, self.last, self.last_reused, self.tokens = [], None, 0, []
+        self.messages, self.last, self.last_reused, self.tokens, self.pending = [], None, 0, [], []
 
     def cached_prefix(self, ids: list[int]) -> int:
         """Roll the cache back so that it holds ids[:n], n as large as it allows; returns n."""
@@ -60,6 +91,10 @@ class ChatSession:
             self.cache = self.engine.new_cache(max_tokens=self.context)
         cache = self.cache
         n = min(common_prefix(self.tokens[:cache.length], ids), len(ids) - 1) if self.reuse_cache else 0
+        image_id = self.engine.config.image_token_id
+        for a, b in spans(ids, image_id) if image_id is not None else []:
+            if a < n < b:  # never keep half an image: its tokens are encoded together
+                n = a
         if cache.truncate(n):
             return n
         if cache.marked_length is not None and cache.marked_length <= n:  # the last user message
@@ -68,16 +103,22 @@ class ChatSession:
         cache.reset()  # the sliding layers no longer reach back there
         return 0
 
-    def turn(self, text: str) -> Iterator[Event]:
-        """Add a user message and yield the answer's events. Closing it early (Ctrl-C) keeps the
+    def turn(self, text: str, images=()) -> Iterator[Event]:
+        """Add a user message (with the attached images, then `images`: paths, bytes or PIL images,
+        placed before the text) and yield the answer's events. Closing it early (Ctrl-C) keeps the
         committed part in the transcript, marked interrupted; an error takes the message back."""
-        self.messages.append({"role": "user", "content": text})
+        parts, self.pending = self.pending, []
+        try:
+            parts = parts + [self.image_part(im) for im in images]
+        except DgError:
+            self.pending = parts
+            raise
+        self.messages.append({"role": "user", "content": [*parts, {"type": "text", "text": text}] if parts else text})
         committed, done = "", None
         try:
             msgs = self.conversation()
-            ids = prompt_ids(self.tokenizer, msgs, think=self.think)
-            history = self.tokenizer.encode(self.tokenizer.apply_chat_template(
-                msgs, add_generation_prompt=False, enable_thinking=self.think), add_special_tokens=False)
+            ids, history, pixels = self._encode(msgs)
+            image_id = self.engine.config.image_token_id
             start = self.cached_prefix(ids)
             cache = self.cache
             # Refused before any compute (the conversation's prefill below included) if it cannot fit.
@@ -89,10 +130,13 @@ class ChatSession:
                 if self.reuse_cache and start < len(history) < len(ids) and ids[:len(history)] == history:
                     # The conversation so far, without the generation prompt: the next turn's prompt
                     # starts with it, whatever this answer turns out to be.
-                    extra_s = prefill(self.engine, ids[start:len(history)], cache).seconds
+                    extra_s = prefill(self.engine, ids[start:len(history)], cache,
+                                      images_between(ids, image_id, pixels, start, len(history))).seconds
                     cache.mark()
                     start = len(history)
-                events = stream_generate(self.engine, self.tokenizer, ids[start:], cache=cache, **self.settings)
+                prompt = EncodedPrompt(ids[start:], images_between(ids, image_id, pixels, start, len(ids))) \
+                    if pixels else ids[start:]
+                events = stream_generate(self.engine, self.tokenizer, prompt, cache=cache, **self.settings)
                 try:
                     for ev in events:
                         if isinstance(ev, PrefillEvent):
@@ -113,6 +157,7 @@ class ChatSession:
                 self.tokens = (ids + blocks)[:cache.length]
         except (DgError, ValueError):
             self.messages.pop()
+            self.pending = parts  # the images stay attached for the next try
             raise
         except BaseException:  # closed by the consumer, or Ctrl-C inside the engine
             self.messages.append({"role": "assistant", "content": committed, "interrupted": True})
@@ -155,16 +200,26 @@ class ChatSession:
         return {k: s[k] for k in TUNABLE_SETTINGS}
 
     def to_json(self) -> dict:
-        return {"system": self.system, "think": self.think, "settings": self.settings, "messages": self.messages}
+        """The conversation as JSON; an image is kept as its path (one given as data: as "[image]")."""
+        def saved(m):
+            if not isinstance(m["content"], list):
+                return m
+            content = [{"type": "image", "image": p["image"]} if p.get("type") == "image" and p.get("image")
+                       else {"type": "text", "text": "[image]"} if p.get("type") == "image" else p
+                       for p in m["content"]]
+            return {**m, "content": content}
+
+        return {"system": self.system, "think": self.think, "settings": self.settings,
+                "messages": [saved(m) for m in self.messages]}
 
     def load_json(self, d: dict) -> None:
         """Take a saved conversation (to_json's shape); everything is checked before anything changes."""
         msgs = d.get("messages") if isinstance(d, dict) else None
         if not isinstance(msgs, list) or not all(
-                isinstance(m, dict) and m.get("role") in ("user", "assistant") and isinstance(m.get("content"), str)
+                isinstance(m, dict) and m.get("role") in ("user", "assistant") and _content_ok(m.get("content"))
                 for m in msgs):
             raise DgError("not a dg conversation: expected an object with a 'messages' list of {role, content}, "
-                          "role user or assistant, content text")
+                          "role user or assistant, content text (or text and image-path parts)")
         system, think, settings = d.get("system"), d.get("think", self.think), d.get("settings")
         if system is not None and not isinstance(system, str):
             raise DgError(f"system must be text or null, got {type(system).__name__}")
@@ -186,8 +241,20 @@ class ChatSession:
                 raise DgError(f"{name} needs {'an integer' if whole else 'a number'}, got {json.dumps(value)[:40]}")
             new[name] = value
         new = self.checked(new)  # then the ranges, as /set checks them
+        msgs = [{**m, "content": [self.image_part(p["image"]) if p["type"] == "image" else p for p in m["content"]]}
+                if isinstance(m["content"], list) else m for m in msgs]  # the images, decoded again
         self.clear()
         self.messages = msgs
         self.system = system or None
         self.think = think
         self.settings = new
+
+
+def _content_ok(content) -> bool:
+    """A saved message's content: text, or a list of text parts and image parts naming a file."""
+    if isinstance(content, str):
+        return True
+    return isinstance(content, list) and all(
+        isinstance(p, dict) and ((p.get("type") == "text" and isinstance(p.get("text"), str))
+                                 or (p.get("type") == "image" and isinstance(p.get("image"), str)))
+        for p in content)

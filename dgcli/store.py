@@ -482,22 +482,23 @@ def describe(path: Path, context: int = 8192) -> dict:
 
     from .config import ModelConfig, read_json
     from .errors import CheckpointError
-    from .loader import SKIPPED_PREFIXES, load_sampler_defaults, shard_files
+    from .loader import load_sampler_defaults, shard_files
+    from .model import VISION_PREFIXES
     from .tokenizer import find_chat_template
 
     path = Path(path)
     c = ModelConfig.from_file(path / "config.json")
-    params = weight_bytes = 0
+    params = vision = weight_bytes = 0
     for shard in shard_files(path):
         try:  # headers only, checked as `dg run` checks them: a broken shard is one line, not a traceback
             weight_bytes += shard.stat().st_size
             with safe_open(str(shard), framework="pt", device="cpu") as f:
                 for k in f.keys():
-                    if not k.startswith(SKIPPED_PREFIXES):
-                        n = 1
-                        for d in f.get_slice(k).get_shape():
-                            n *= d
-                        params += n
+                    n = 1
+                    for d in f.get_slice(k).get_shape():
+                        n *= d
+                    params += n
+                    vision += n if k.startswith(VISION_PREFIXES) else 0
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{shard} is corrupt or truncated ({first_line(e)})") from None
     manifest = None
@@ -509,13 +510,14 @@ def describe(path: Path, context: int = 8192) -> dict:
     packed = (manifest or {}).get("tensors")
     if isinstance(packed, dict) and packed:
         # A quantized directory stores packed codes and scales: count the source tensors' shapes it records.
-        params = 0
+        params = vision = 0
         for name, t in packed.items():
-            if not name.startswith(SKIPPED_PREFIXES) and isinstance(t, dict) and isinstance(t.get("shape"), list):
+            if isinstance(t, dict) and isinstance(t.get("shape"), list):
                 n = 1
                 for d in t["shape"]:
                     n *= int(d)
                 params += n
+                vision += n if name.startswith(VISION_PREFIXES) else 0
     kv = c.kv_cache_bytes(context)["total"]  # what the static cache allocates, as the planner counts it
     tok_cfg = read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
     return {
@@ -530,7 +532,8 @@ def describe(path: Path, context: int = 8192) -> dict:
             "vocab_size": c.vocab_size, "canvas_length": c.canvas_length,
             "max_position_embeddings": c.max_position_embeddings,
         },
-        "parameters": params,
+        "parameters": params,  # the source model's (a quantized one's from its manifest), the vision tower's too
+        "vision_parameters": vision,
         "weight_bytes": weight_bytes,
         "quantization": manifest,
         "kv_cache_bytes": kv,

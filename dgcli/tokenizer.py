@@ -27,6 +27,7 @@ class Tokenizer:
         self.bos_token = special.get("bos_token")
         self.eos_token = special.get("eos_token")
         self._template = None
+        self.path: Path | None = None  # the checkpoint directory (images read its processor config)
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "Tokenizer":
@@ -39,7 +40,9 @@ class Tokenizer:
         except Exception as e:  # the tokenizers library raises plain Exceptions
             raise CheckpointError(f"{f} could not be read ({first_line(e)})") from None
         cfg = read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
-        return cls(tok, find_chat_template(path, cfg), {k: _token_str(cfg.get(k)) for k in ("bos_token", "eos_token")})
+        out = cls(tok, find_chat_template(path, cfg), {k: _token_str(cfg.get(k)) for k in ("bos_token", "eos_token")})
+        out.path = path
+        return out
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
@@ -48,7 +51,8 @@ class Tokenizer:
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            enable_thinking: bool = False) -> str:
+                            enable_thinking: bool = False, **tokens: str) -> str:
+        """The rendered conversation; `tokens`: more special tokens the template may read (image_token...)."""
         if not self.chat_template:
             raise DgError("this model has no chat template; pass the prompt raw (--raw) instead")
         if self._template is None:
@@ -56,7 +60,7 @@ class Tokenizer:
         try:
             return self._template.render(
                 messages=messages, add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking,
-                bos_token=self.bos_token or "", eos_token=self.eos_token or "",
+                bos_token=self.bos_token or "", eos_token=self.eos_token or "", **tokens,
             )
         except jinja2.TemplateError as e:
             raise DgError(f"chat template failed: {first_line(e)}") from None

@@ -32,7 +32,8 @@ from safetensors.torch import save_file
 from dgcli import __version__, store
 from dgcli.config import ModelConfig
 from dgcli.errors import CheckpointError, DgError, first_line
-from dgcli.loader import INDEX_FILE, SKIPPED_PREFIXES, shard_files
+from dgcli.model import VISION_PREFIXES
+from dgcli.loader import INDEX_FILE, has_vision_weights, shard_files
 from dgcli.units import format_bytes
 
 from .formats import FORMATS, SYM_DIVISORS, ASYM_SHRINK
@@ -71,8 +72,9 @@ def quantize_checkpoint(src: str | Path, out: Path | None = None, scheme: str = 
         raise DgError(f"{src_path} is already quantized by dg quantize; quantize the original checkpoint")
     source = describe_source(src_path)
     config = ModelConfig.from_file(src_path / "config.json")
+    vision = config.vision_config is not None and has_vision_weights(src_path)  # carried over when there
     try:
-        groups, estimate = plan(config, scheme, context, budget_bytes=budget_bytes)
+        groups, estimate = plan(config, scheme, context, budget_bytes=budget_bytes, vision=vision)
     except DgError as e:
         if progress and getattr(e, "hint", ""):
             print(e.hint, file=sys.stderr)
@@ -88,7 +90,8 @@ def quantize_checkpoint(src: str | Path, out: Path | None = None, scheme: str = 
         except DgError:  # an unusable DG_HOME is not this run's concern when OUT lies elsewhere
             pass
         _check_replaceable(out, force)
-        return _write(src_path, out, config, scheme, groups, estimate, source, budget_bytes, context, progress)
+        return _write(src_path, out, config, scheme, groups, estimate, source, budget_bytes, context, progress,
+                      vision)
 
 
 def _check_replaceable(out: Path, force: bool) -> None:
@@ -103,11 +106,12 @@ def _check_replaceable(out: Path, force: bool) -> None:
         raise OutputExistsError(f"{out} already exists (pass --force to replace it)")
 
 
-def _write(src_path, out, config, scheme, groups, estimate, source, budget_bytes, context, progress) -> Path:
+def _write(src_path, out, config, scheme, groups, estimate, source, budget_bytes, context, progress,
+           vision: bool = True) -> Path:
     if progress:
         print(estimate.table(), file=sys.stderr)
 
-    shapes = model_shapes(config)
+    shapes = model_shapes(config, vision)
     tensors = source_tensors(src_path, shapes)
     formats = tensor_formats({name: shapes[name] for name, *_ in tensors}, groups)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -221,16 +225,18 @@ def describe_source(path: Path) -> dict:
 
 
 def source_tensors(path: Path, shapes: dict) -> list[tuple[str, Path, torch.dtype, int]]:
-    """(name, shard, dtype, bytes) of every text tensor, checked against the model's names and shapes."""
+    """(name, shard, dtype, bytes) of every tensor, checked against the model's names and shapes
+    (`shapes` has the vision tower's when it is carried over)."""
     found = []
+    skip = () if any(k.startswith(VISION_PREFIXES) for k in shapes) else VISION_PREFIXES
     for shard in shard_files(path):
         try:
             with safe_open(str(shard), framework="pt", device="cpu") as f:
                 for key in f.keys():
-                    if key.startswith(SKIPPED_PREFIXES):
+                    if skip and key.startswith(skip):
                         continue
                     if key not in shapes:
-                        raise CheckpointError(f"{shard.name}: unexpected tensor '{key}' (not a DiffusionGemma text weight)")
+                        raise CheckpointError(f"{shard.name}: unexpected tensor '{key}' (not a DiffusionGemma weight)")
                     sl = f.get_slice(key)
                     shape, dtype = tuple(sl.get_shape()), _DTYPES.get(sl.get_dtype())
                     if shape != shapes[key]:

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from dgcli.config import ModelConfig
+from dgcli.model import VISION_PREFIXES
 from dgcli.errors import DgError
 from dgcli.units import format_bytes_both
 
@@ -52,7 +53,7 @@ UPGRADE_HEADROOM = 0.05
 
 WEIGHT_LABELS = {"experts": "routed experts", "attention": "attention q/k/v/o", "mlp": "dense MLP",
                  "self_cond": "self-conditioning MLP", "embedding": "embedding (lookup, LM head, soft)",
-                 "other": "router, norms, scalars"}
+                 "vision": "vision tower (all its tensors)", "other": "router, norms, scalars"}
 
 
 class BudgetError(DgError):
@@ -101,6 +102,12 @@ class Estimate:
         return self.total
 
     @property
+    def vision(self) -> int:
+        """The vision tower's weights (loaded unless --no-vision)."""
+        label = WEIGHT_LABELS["vision"]
+        return sum(r.nbytes for r in self.rows if r.section == "weights" and r.label.startswith(label))
+
+    @property
     def fits(self) -> bool:
         return self.budget_bytes is None or self.total <= self.budget_bytes
 
@@ -141,12 +148,13 @@ def _gb(n: int) -> str:
     return format_bytes_both(n, 2, width=8)
 
 
-def model_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every text tensor's name and shape, from the model built on the meta device."""
+def model_shapes(config: ModelConfig, vision: bool = True) -> dict[str, tuple[int, ...]]:
+    """Every tensor's name and shape (the vision tower's too, unless vision=False), from the model
+    built on the meta device."""
     from dgcli.model import DiffusionGemma
 
     with torch.device("meta"):
-        model = DiffusionGemma(config)
+        model = DiffusionGemma(config, vision=vision)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
@@ -165,7 +173,7 @@ def estimate(config: ModelConfig, formats: dict[str, str] | None = None, context
         fmt = formats.get(name, "bf16")
         if fmt == "keep":
             fmt = "bf16"  # kept tensors run in the model dtype, 16 bits on a GPU
-        g = tensor_group(name)
+        g = "vision" if name.startswith(VISION_PREFIXES) else tensor_group(name)  # the whole tower, one row
         per_group[g] = per_group.get(g, 0) + FORMATS[fmt].nbytes(shape, RUNTIME_16BIT)
         fmts_of.setdefault(g, set()).add(fmt)
     for g in WEIGHT_LABELS:
@@ -212,7 +220,8 @@ def estimate(config: ModelConfig, formats: dict[str, str] | None = None, context
                         kvb["sliding"] + 8 * ring))  # the sliding layers share one position map
     rows.append(Row("runtime", "CUDA context + cuBLAS/Triton workspace", CUDA_CONTEXT_BYTES))
 
-    notes = ["text weights only (the vision tower is not loaded)",
+    has_vision = any(tensor_group(n) == "vision" for n in shapes)
+    notes = ["the vision tower included (`--no-vision` leaves it out)" if has_vision else "text weights only",
              "the chat snapshot is only held by `dg chat`; `dg run` needs that much less"]
     return Estimate(rows, context, L, groups or _groups_of(formats, shapes), budget_bytes, scheme, notes)
 
@@ -265,16 +274,20 @@ def _groups_of(formats, shapes) -> dict[str, str]:
 
 
 def plan(config: ModelConfig, scheme: str = "int4", context: int = DEFAULT_CONTEXT, canvas: int | None = None,
-         budget_bytes: int | None = DEFAULT_BUDGET) -> tuple[dict[str, str], Estimate]:
+         budget_bytes: int | None = DEFAULT_BUDGET, vision: bool = True) -> tuple[dict[str, str], Estimate]:
     """(format per group, estimate) for a scheme under a budget.
 
     Starts from the scheme's smallest formats; refuses (BudgetError) if even those do not fit; then
     upgrades dense, then embedding, to their preferred formats while 5% of the budget stays spare.
-    Without a budget the smallest formats are used as they are.
+    Without a budget the smallest formats are used as they are. The text model decides the fit
+    and those upgrades; the vision tower (vision=True: counted, carried over) goes to bf16 only if
+    everything then fits with the headroom, and a note says when it does not fit at all (text
+    use: --no-vision).
     """
     allowed = get_scheme(scheme)
-    shapes = model_shapes(config)
-    choice = smallest(allowed)
+    shapes = model_shapes(config, vision)
+    has_vision = any(tensor_group(n) == "vision" for n in shapes)
+    choice = {g: f for g, f in smallest(allowed).items() if g != "vision" or has_vision}
 
     def est(c):
         return estimate(config, tensor_formats(shapes, c), context, canvas, budget_bytes, dict(c), scheme, shapes)
@@ -282,18 +295,23 @@ def plan(config: ModelConfig, scheme: str = "int4", context: int = DEFAULT_CONTE
     e = est(choice)
     if budget_bytes is None:
         return choice, e
-    if not e.fits:
+    text = e.total - e.vision
+    if text > budget_bytes:
         raise BudgetError(
-            f"scheme {scheme} needs {e.total / 1e9:.2f} GB at context {context:,}, over the "
+            f"scheme {scheme} needs {text / 1e9:.2f} GB at context {context:,}, over the "
             f"{budget_bytes / 1e9:.2f} GB budget (lower --context or raise --budget)", hint=e.table())
-    if e.total > budget_bytes * (1 - UPGRADE_HEADROOM):
+    if text > budget_bytes * (1 - UPGRADE_HEADROOM):
         e.notes.append("less than 5% of the budget spare: allocator fragmentation may not fit")
-    for group in UPGRADE_ORDER:
+    for group in (g for g in UPGRADE_ORDER if g in choice):
         for fmt in allowed.get(group, [])[:-1]:  # preferred first; the last is the floor we have
             trial = est({**choice, group: fmt})
-            if trial.total <= budget_bytes * (1 - UPGRADE_HEADROOM):
+            need = trial.total if group == "vision" else trial.total - trial.vision
+            if need <= budget_bytes * (1 - UPGRADE_HEADROOM):
                 choice, e = dict(trial.groups), trial
                 break
+    if not e.fits:
+        e.notes.append(f"with the vision tower ({e.vision / 1e9:.2f} GB) the total is over the budget: "
+                       f"load with --no-vision for text, or lower --context")
     return choice, e
 
 
@@ -313,4 +331,7 @@ def estimate_for_dir(path: str | Path, context: int = DEFAULT_CONTEXT, budget_by
             from dgcli.errors import CheckpointError
 
             raise CheckpointError(f"{manifest} is not a valid dg manifest") from None
-    return estimate(config, formats, context, budget_bytes=budget_bytes, scheme=scheme)
+    from dgcli.loader import has_vision_weights
+
+    shapes = model_shapes(config, vision=config.vision_config is not None and has_vision_weights(path))
+    return estimate(config, formats, context, budget_bytes=budget_bytes, scheme=scheme, shapes=shapes)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dgcli.errors import CheckpointError
-from dgcli.model import Embedding, Experts
+from dgcli.model import VISION_PREFIXES, Embedding, Experts
 from kernels._dispatch import use_triton
 from kernels.int8_linear import int8_linear
 from kernels.int8_soft import int8_soft, int8_soft_logits, lse_rows
@@ -214,7 +214,10 @@ def quantize_modules(model: nn.Module, formats: dict[str, str]) -> None:
         if FORMATS[fmt].packed:
             module, param = name.rsplit(".", 1)
             by_module.setdefault(module, {})[param] = fmt
+    vision = hasattr(getattr(getattr(model, "model", None), "encoder", None), "vision_tower")
     for path, fmts in by_module.items():
+        if not vision and path.startswith(VISION_PREFIXES):  # loaded without its tower (--no-vision)
+            continue
         parent_path, child = path.rsplit(".", 1)
         try:
             parent = model.get_submodule(parent_path)

@@ -20,7 +20,7 @@ def real():
 
 
 def test_default_scheme_fits_18gb_at_32k_itemised(real):
-    groups, e = plan(real, "int4", context=32768, budget_bytes=18_000_000_000)
+    groups, e = plan(real, "int4", context=32768, budget_bytes=18_000_000_000, vision=False)  # text (--no-vision)
     assert groups == {"experts": "int4_sym_g64", "dense": "int8_row", "embedding": "int8_row"}  # S3
     assert e.fits and e.total < 18e9
     assert e.weights == pytest.approx(14.56e9, abs=0.01e9)  # the default scheme's weights (docs/quantization.md)
@@ -41,13 +41,24 @@ def test_default_scheme_fits_18gb_at_32k_itemised(real):
                        + CUDA_CONTEXT_BYTES)
     table = e.table()
     assert "(the larger peak: counted)" in table and "(the smaller peak: not counted)" in table
-    _, e64 = plan(real, "int4", context=65536, budget_bytes=None)
+    _, e64 = plan(real, "int4", context=65536, budget_bytes=None, vision=False)
     assert e64.peak_section == "prefill" and e64.section("prefill") > 2 * e.section("prefill") - 1e8
 
 
+def test_vision_tower_is_counted_and_carried_in_int8_when_it_does_not_fit(real):
+    """At 18 GB and 32k the text model fits (above); the tower goes in int8 and the note says the
+    total with it is over the budget (text use: --no-vision)."""
+    groups, e = plan(real, "int4", context=32768, budget_bytes=18_000_000_000)
+    assert groups == {"experts": "int4_sym_g64", "dense": "int8_row", "embedding": "int8_row", "vision": "int8_row"}
+    assert not e.fits and e.total - e.vision < 18e9
+    assert any("--no-vision" in n for n in e.notes)
+    assert "vision tower (all its tensors) [bf16/int8_row]" in e.table()
+
+
 def test_weight_groups_match_parameter_counts(real):
-    e = estimate(real, {})  # everything 16-bit
+    e = estimate(real, {}, shapes=model_shapes(real, vision=False))  # the text model, everything 16-bit
     assert e.weights == pytest.approx(50.50e9, abs=0.01e9)
+    assert estimate(real, {}).weights - e.weights == 2 * 572_794_416  # + the vision tower, bf16
     by = {r.label.split(" [")[0]: r.nbytes for r in e.rows if r.section == "weights"}
     assert by["routed experts"] == 2 * 30 * 128 * 3 * 704 * 2816
     assert by["embedding (lookup, LM head, soft)"] == 2 * 262144 * 2816
@@ -62,8 +73,8 @@ def test_budget_refuses_or_upgrades(real):
     assert "over the 18.00 GB budget" in str(exc.value) and "\n" not in str(exc.value)
     assert "full: 5 layers x 131,328 positions" in exc.value.hint and "over by" in exc.value.hint
     groups, e = plan(real, "int4", context=32768, budget_bytes=24_000_000_000)  # S1, as on a 5090
-    assert groups == {"experts": "int4_sym_g64", "dense": "bf16", "embedding": "bf16"}
-    assert e.weights == pytest.approx(16.96e9, abs=0.01e9)
+    assert groups == {"experts": "int4_sym_g64", "dense": "bf16", "embedding": "bf16", "vision": "bf16"}
+    assert e.weights - e.vision == pytest.approx(16.96e9, abs=0.01e9) and e.vision == 2 * 572_794_416
     groups, e = plan(real, "nf4", context=32768)
     assert groups["dense"] == "nf4_g64" and e.weights < 14.56e9
     groups, e = plan(real, "int4", budget_bytes=None)  # no budget: the smallest formats
@@ -103,7 +114,7 @@ def test_planner_matches_the_traced_step_and_prefill(real, traced_32k):
     prompt) + chat's ring snapshot + the CUDA context it assumes (0.5 GiB, not traced): within 5%.
     Each peak's own items are held closer, so a missing buffer shows even when the total passes."""
     t = traced_32k
-    _, e = plan(real, "int4", context=32768, budget_bytes=None)
+    _, e = plan(real, "int4", context=32768, budget_bytes=None, vision=False)  # step_model traces the text model
     traced = max(t["peak_live_bytes_decode"], t["peak_live_bytes_prefill"]) + t["chat_snapshot_bytes"]
     assert e.total == pytest.approx(traced + CUDA_CONTEXT_BYTES, rel=0.05)
     base = t["weights_bytes"] + t["kv_cache_bytes"]
