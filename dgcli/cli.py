@@ -50,6 +50,11 @@ def root(version: Annotated[bool, typer.Option("--version", "-V", callback=_vers
     """dg: run DiffusionGemma locally, with the denoising canvas live in your terminal."""
 
 
+TraceOpt = Annotated[Optional[Path], typer.Option(
+    "--trace", metavar="FILE", help="Write what the sampler did at every step to FILE (JSON Lines; gzip if "
+    "it ends in .gz); see `dg trace report` and docs/trace.md.")]
+
+
 def use_canvas(stream, no_canvas: bool = False) -> bool:
     return (not no_canvas and stream.isatty() and not os.environ.get("NO_COLOR")
             and os.environ.get("TERM") != "dumb")
@@ -113,11 +118,6 @@ def run(
             stdout.flush()
     if verbose:
         typer.echo(format_stats(done), err=True)
-
-
-TraceOpt = Annotated[Optional[Path], typer.Option(
-    "--trace", metavar="FILE", help="Write what the sampler did at every step to FILE (JSON Lines; gzip if "
-    "it ends in .gz); see `dg trace report` and docs/trace.md.")]
 
 
 def check_trace_target(path: Path) -> None:

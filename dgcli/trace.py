@@ -22,6 +22,7 @@ import io
 import json
 import os
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -176,13 +177,24 @@ def numbered(path: str | os.PathLike, n: int) -> Path:
     return p.with_name(f"{p.name}-{n}")
 
 
+_PIECES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {id: piece}, across traces
+
+
 def pieces(tokenizer, ids: list[int]) -> list[str]:
     """Each id as it reads inside running text, leading space included (canvas_view.TokenPieces, raw:
-    newlines stay newlines; the renderers make them visible)."""
+    newlines stay newlines; the renderers make them visible). Kept per tokenizer: the noise touches
+    much of the vocabulary, and `dg probe` writes many traces."""
     from .canvas_view import TokenPieces
 
-    tp = TokenPieces(tokenizer)
-    return [tp.piece(i) for i in ids]
+    try:
+        known = _PIECES.setdefault(tokenizer, {})
+    except TypeError:  # not weak-referenceable: no cache
+        known = {}
+    todo = [i for i in dict.fromkeys(ids) if i not in known]
+    if todo:
+        tp = TokenPieces(tokenizer)
+        known.update((i, tp.piece(i)) for i in todo)
+    return [known[i] for i in ids]
 
 
 # ---- reading ------------------------------------------------------------------------------------------

@@ -282,8 +282,8 @@ def table(head: list, rows: list[list]) -> str:
 
 
 def script_json(data) -> str:
-    """JSON safe inside a <script> element (no '</' can close it)."""
-    return json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
+    """JSON safe inside a <script> element: no '<' at all, so neither '</script' nor '<!--' can occur."""
+    return json.dumps(data, separators=(",", ":")).replace("<", "\\u003c")
 
 
 def html_page(trace: Trace, m: dict) -> str:

@@ -20,6 +20,8 @@ def test_replay_page_in_chromium(tiny, tmp_path):
     with w:
         consume(dgcli.stream_generate(engine, tok, "hello", seed=4, max_denoising_steps=4, max_new_tokens=300), [w])
     trace = read_trace(tmp_path / "t.jsonl.gz")
+    nasty = "</script><!--<b>x"  # token strings are data: they can neither end the script nor become markup
+    trace.header["tokens"][str(trace.steps[0]["canvas"][0])] = nasty
     page = write_html(trace, metrics(trace), tmp_path / "report.html")
     steps = len(trace.steps)
     with chromium() as driver:
@@ -29,6 +31,7 @@ def test_replay_page_in_chromium(tiny, tmp_path):
         status = driver.find_element(By.ID, "status")
         first_html, first_status = canvas.get_attribute("innerHTML"), status.text
         assert "step 1/4" in first_status and "block 1" in first_status
+        assert canvas.text.startswith(nasty) and not driver.find_elements(By.CSS_SELECTOR, "#canvas b")
         assert driver.find_elements(By.CSS_SELECTOR, "#canvas span.acc")  # accepted positions are drawn bright
         slider = driver.find_element(By.ID, "slider")
         slider.send_keys(Keys.END)  # the last step: the second block, drawn after the first's text
