@@ -115,7 +115,7 @@ class Plan:
     def check_room(self, pos: int, cfg) -> None:
         if pos > cfg.max_position_embeddings:
             raise TemplateError(f"the template is longer than the model's context ({cfg.max_position_embeddings} "
-                                f"tokens): more than {pos} tokens")
+                                f"tokens), at least {pos} tokens")
 
     def choice_options(self, hole: Hole) -> list[list[int]]:
         options = [self.tok.encode(o, add_special_tokens=False) for o in hole.options]

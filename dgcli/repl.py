@@ -30,6 +30,8 @@ HELP = """commands:
   /show                 the settings in use
   /save FILE, /load FILE  the conversation as JSON
   /stats                numbers for the last answer
+  /fill TEMPLATE        send TEMPLATE and have the answer fill it: fixed text with holes
+                        {{text:N}} {{int:N}} {{choice:a|b}} {{bool}} (docs/fill.md)
   /exit, /bye, Ctrl-D   leave
 input: Enter sends; Alt-Enter starts a new line; a block between \"\"\" lines is sent whole.
 Ctrl-C stops an answer; at the prompt, press it twice (or Ctrl-D) to leave."""
@@ -185,8 +187,8 @@ class Repl:
                 continue
             self.answer(unquote(line))
 
-    def answer(self, text: str) -> None:
-        events = self.session.turn(text)
+    def answer(self, text: str, template=None) -> None:
+        events = self.session.turn(text, template=template)
         if self.canvas:
             view = CanvasView(self.console, self.pieces, fps=self.fps, noise=self.noise)
         else:
@@ -248,6 +250,12 @@ class Repl:
             except DgError as e:
                 raise DgError(f"cannot load {arg}: {e}") from None
             self.say(f"loaded {len(s.messages)} messages from {arg}")
+        elif name == "/fill":
+            if not arg:
+                raise DgError("usage: /fill TEMPLATE, e.g. /fill Name: {{text:4}}, age {{int:3}}")
+            from .template import parse
+
+            self.answer(arg, template=parse(arg))  # a bad template is one red line, before any compute
         elif name == "/stats":
             self.say(format_stats(s.last, s.last_reused) if s.last else "no answer yet")
         else:

@@ -68,9 +68,10 @@ class ChatSession:
         cache.reset()  # the sliding layers no longer reach back there
         return 0
 
-    def turn(self, text: str) -> Iterator[Event]:
+    def turn(self, text: str, template=None) -> Iterator[Event]:
         """Add a user message and yield the answer's events. Closing it early (Ctrl-C) keeps the
-        committed part in the transcript, marked interrupted; an error takes the message back."""
+        committed part in the transcript, marked interrupted; an error takes the message back.
+        `template`: the answer fills it (see dgcli.api.stream_generate)."""
         self.messages.append({"role": "user", "content": text})
         committed, done = "", None
         try:
@@ -92,7 +93,8 @@ class ChatSession:
                     extra_s = prefill(self.engine, ids[start:len(history)], cache).seconds
                     cache.mark()
                     start = len(history)
-                events = stream_generate(self.engine, self.tokenizer, ids[start:], cache=cache, **self.settings)
+                events = stream_generate(self.engine, self.tokenizer, ids[start:], cache=cache, template=template,
+                                         **self.settings)
                 try:
                     for ev in events:
                         if isinstance(ev, PrefillEvent):

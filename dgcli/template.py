@@ -113,6 +113,8 @@ def parse_hole(content: str, at: str) -> Hole:
         if not colon:
             raise unknown(head, at)
         name = head.strip()
+        if not rest.strip() or rest.strip()[0].isdigit():  # {{txt:4}}: a mistyped type, not a name
+            raise unknown(name, at)
         if not NAME.fullmatch(name):
             raise TemplateError(f"bad hole name '{name}' at {at}: letters, digits, _ . - (not starting with a digit)")
         spec = rest.strip()
