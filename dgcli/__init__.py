@@ -7,7 +7,7 @@ __version__ = "0.1.0"
 
 _API = {
     "load": "api", "stream_generate": "api", "generate": "api", "prefill": "api", "Engine": "engine",
-    "fill": "filling", "FillResult": "filling",
+    "fill": "api", "FillResult": "filling",
     "PrefillEvent": "events", "StepEvent": "events", "BlockEvent": "events", "DoneEvent": "events",
 }
 __all__ = [*_API, "__version__"]

@@ -1,4 +1,4 @@
-"""The Python API, in the style of mlx-lm: `load`, `stream_generate`, `generate`.
+"""The Python API, in the style of mlx-lm: `load`, `stream_generate`, `generate`, `fill` (templates).
 
     model, tokenizer = dgcli.load("tiny")
     for event in dgcli.stream_generate(model, tokenizer, "hi", seed=0):
@@ -153,3 +153,18 @@ def generate(model, tokenizer: Tokenizer, prompt, **kwargs) -> str:
         if isinstance(event, DoneEvent):
             done = event
     return done.text
+
+
+def fill(engine, tokenizer, prompt, template, **kwargs):
+    """Fill `template` (template text, a dgcli.template.Template, or a JSON Schema dict) as the answer
+    to `prompt` -> dgcli.filling.FillResult(text, holes, done); kwargs as stream_generate's."""
+    from .filling import FillResult, layout
+
+    engine = as_engine(engine)
+    settings = {k: v for k, v in kwargs.items() if k not in ("raw", "system", "think", "cache", "logits_processor")}
+    plan = layout(template, tokenizer, engine, engine.sampler_settings(**settings))
+    done = None
+    for event in stream_generate(engine, tokenizer, prompt, template=plan, **kwargs):
+        if isinstance(event, DoneEvent):
+            done = event
+    return FillResult(done.text, plan.read(done.token_ids)[1], done)

@@ -3,7 +3,7 @@
 
     engine, tok = dgcli.load("tiny")
     r = dgcli.fill(engine, tok, "Describe a cat.", "Name: {{name:text:4}}, age {{age:int:2}}", seed=0)
-    r.text, r.holes  # 'Name: ..., age 7', {'name': '...', 'age': 7}
+    r.text, r.holes  # 'Name: ..., age 7', {'name': '...', 'age': 7}   (dgcli.api.fill)
 
 `template_from(template=, schema=, seed_canvas=, pinned=)` is the one entry point for every form a
 caller may send (template text, a JSON Schema, vLLM's token arrays); `Plan` lays a Template out:
@@ -312,23 +312,3 @@ class FillResult:
     text: str
     holes: dict
     done: DoneEvent | None = None  # the generation's statistics
-
-
-def fill(engine, tokenizer, prompt, template, **kwargs) -> FillResult:
-    """Fill `template` (text, a Template, or a JSON Schema dict) as the answer to `prompt`; kwargs as
-    dgcli.stream_generate's (raw, system, think, cache, logits_processor, and the sampler settings)."""
-    from .api import stream_generate
-    from .engine import as_engine
-
-    engine = as_engine(engine)
-    plan = layout(template, tokenizer, engine, engine.sampler_settings(**settings_of(kwargs)))
-    done = None
-    for event in stream_generate(engine, tokenizer, prompt, template=plan, **kwargs):
-        if isinstance(event, DoneEvent):
-            done = event
-    return FillResult(done.text, plan.read(done.token_ids)[1], done)
-
-
-def settings_of(kwargs: dict) -> dict:
-    """The sampler settings among stream_generate's keyword arguments."""
-    return {k: v for k, v in kwargs.items() if k not in ("raw", "system", "think", "cache", "logits_processor")}

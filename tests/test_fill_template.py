@@ -114,3 +114,12 @@ def test_string_budget_bounds_the_characters():
     for n in range(1, 300):
         tokens, chars = string_budget(n)
         assert tokens >= 1 and chars >= 1 and tokens * chars + tokens - 1 <= n
+
+
+def test_fill_modules_import_only_downwards():
+    """template and schema know no model; filling sits below the API (api imports it, not the reverse)."""
+    from test_engine import dgcli_imports
+
+    assert not dgcli_imports("template") & {"filling", "sampler", "engine", "api", "tokenizer"}
+    assert dgcli_imports("schema") & {"filling", "sampler", "engine", "api"} == set()
+    assert not dgcli_imports("filling") & {"api", "session", "repl", "cli", "canvas_view"}
