@@ -271,9 +271,15 @@ class HoleProcessor:
     a shorter option. No host reads, so it runs inside the step as it is."""
 
     def __init__(self, positions: list[int], set_ids: list[int], sets: torch.Tensor, choices, pad: int, device):
-        self.pos = torch.tensor(positions, dtype=torch.long, device=device)
-        self.set_ids = torch.tensor(set_ids, dtype=torch.long, device=device)
-        self.sets = sets
+        self.refused = ~sets  # (S, V): what each allowed set refuses
+        self.runs = []  # (a, b, set ids): contiguous masked positions, masked in place through a slice
+        for p, k in zip(positions, set_ids):
+            if self.runs and self.runs[-1][1] == p:
+                self.runs[-1][1] += 1
+                self.runs[-1][2].append(k)
+            else:
+                self.runs.append([p, p + 1, [k]])
+        self.runs = [(a, b, torch.tensor(ks, dtype=torch.long, device=device)) for a, b, ks in self.runs]
         self.choices = []
         for start, options in choices:
             width = max(len(o) for o in options)
@@ -283,14 +289,13 @@ class HoleProcessor:
                                  own.sum(dim=1).to(torch.float32)))
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.pos.numel():
-            rows = logits[0, self.pos]
-            logits[0, self.pos] = rows.masked_fill(~self.sets[self.set_ids], float("-inf"))
+        for a, b, ks in self.runs:
+            logits[0, a:b].masked_fill_(self.refused[ks], float("-inf"))
         for pos, ids, own, lengths in self.choices:
             rows = logits[0, pos]  # (W, V)
             logp = torch.log_softmax(rows.float(), dim=-1)
             scores = (logp.gather(1, ids.T) * own.T).sum(dim=0) / lengths  # (K,)
-            chosen = ids[scores.argmax()]  # (W,), on the device: no host read
+            chosen = ids.index_select(0, scores.argmax().reshape(1))[0]  # (W,), on the device: no host read
             keep = torch.full_like(rows, float("-inf"))
             logits[0, pos] = keep.scatter_(1, chosen[:, None], rows.gather(1, chosen[:, None]))
         return logits
