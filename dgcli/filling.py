@@ -272,14 +272,12 @@ class HoleProcessor:
 
     def __init__(self, positions: list[int], set_ids: list[int], sets: torch.Tensor, choices, pad: int, device):
         self.refused = ~sets  # (S, V): what each allowed set refuses
-        self.runs = []  # (a, b, set ids): contiguous masked positions, masked in place through a slice
+        self.runs = []  # [a, b, set]: contiguous positions with one set, masked in place through a slice
         for p, k in zip(positions, set_ids):
-            if self.runs and self.runs[-1][1] == p:
+            if self.runs and self.runs[-1][1] == p and self.runs[-1][2] == k:
                 self.runs[-1][1] += 1
-                self.runs[-1][2].append(k)
             else:
-                self.runs.append([p, p + 1, [k]])
-        self.runs = [(a, b, torch.tensor(ks, dtype=torch.long, device=device)) for a, b, ks in self.runs]
+                self.runs.append([p, p + 1, k])
         self.choices = []
         for start, options in choices:
             width = max(len(o) for o in options)
@@ -289,8 +287,8 @@ class HoleProcessor:
                                  own.sum(dim=1).to(torch.float32)))
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        for a, b, ks in self.runs:
-            logits[0, a:b].masked_fill_(self.refused[ks], float("-inf"))
+        for a, b, k in self.runs:
+            logits[0, a:b].masked_fill_(self.refused[k], float("-inf"))  # one (V,) row for all b - a positions
         for pos, ids, own, lengths in self.choices:
             rows = logits[0, pos]  # (W, V)
             logp = torch.log_softmax(rows.float(), dim=-1)

@@ -33,7 +33,8 @@ from dgcli.filling import HoleProcessor  # noqa: E402
 def processors(L: int, V: int, device) -> dict:
     g = torch.Generator().manual_seed(0)
     sets = torch.stack([torch.rand(V, generator=g) < 0.5, torch.rand(V, generator=g) < 0.01]).to(device)
-    masked = HoleProcessor(list(range(L)), [i % 2 for i in range(L)], sets, [], pad=0, device=device)
+    # every position typed: 16 holes of 16 positions, two allowed sets in turn (as JSON strings and ints)
+    masked = HoleProcessor(list(range(L)), [i // 16 % 2 for i in range(L)], sets, [], pad=0, device=device)
     choices, pos = [], 0
     for k in range(16):  # 8 bool holes (2 one-token options), 8 enums (5 options of 1-3 tokens)
         n, width = (2, 1) if k < 8 else (5, 3)

@@ -71,3 +71,9 @@ def test_bad_templates_exit_2_with_one_line(runner, tmp_path, args, words):
     args = [str(tmp_path / names[a]) if a in names else a for a in args]
     r = invoke(runner, ["fill", *FAST, *args])
     assert r.exit_code == 2 and words in r.stderr and r.stderr.count("\n") == 1 and r.stdout == "", r.stderr
+
+
+def test_fill_help_has_examples(runner):
+    r = invoke(runner, ["fill", "--help"])
+    assert r.exit_code == 0 and "--schema" in r.stdout and "--steps" in r.stdout
+    assert "dg fill -m tiny --prefix" in r.stdout.split("Examples:")[1]
