@@ -183,6 +183,16 @@ def test_an_eos_ends_a_text_hole_and_pads_its_rest(tiny):
     assert holes == {"t": tok.decode([10]), "u": tok.decode([13, 14])} and text == f"a {holes['t']} b {holes['u']}"
 
 
+def test_an_eos_in_a_hole_that_spans_two_canvases_pads_it_in_the_next(tiny):
+    engine, tok = tiny
+    plan = layout("{{t:text:300}}", tok, engine, engine.sampler_settings())
+    first, second = torch.full((1, 256), 10), torch.full((1, 256), 11)
+    first[0, 200] = 1  # <eos>
+    assert plan.finish(0, first)[0, 201:].eq(0).all() and plan.finish(1, second)[0, :44].eq(0).all()
+    assert plan.finish(0, torch.full((1, 256), 10))[0].eq(10).all()  # a new generation starts afresh
+    assert plan.finish(1, second)[0, :44].eq(11).all()
+
+
 def test_token_level_template_keeps_its_pins(tiny):
     engine, tok = tiny
     seed = tok.encode("the water is blue and the sun")
