@@ -135,7 +135,7 @@ class Plan:
         L, lo = self.L, b * self.L
         tokens = [0] * L
         pinned = [False] * L
-        masks: dict[int, list[int]] = {}  # position -> allowed set id
+        masks: dict[int, int] = {}  # position -> allowed set id
         choices = []
         for s in self.slots:
             a, z = max(s.start, lo), min(s.start + s.width, lo + L)

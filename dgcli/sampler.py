@@ -234,7 +234,8 @@ class Block:
             t0 = time.perf_counter()
             captured = engine.capture_seconds
             out = engine.step(canvas, self.cache, sc, self.temps[i], processor)
-            canvas, accepted, stop, argmax, ent = self.decide(out, stability, plan)
+            canvas, accepted, stop = self.decide(out, stability, plan)
+            argmax, ent = pinned_stats(out, plan)
             sc = out.proc.to(engine.dtype)
             # The one host read of a step: the event's lists and the stop flag, in one transfer.
             host = _to_host(canvas[0], accepted[0], argmax[0], ent[0], stop)
@@ -256,15 +257,11 @@ class Block:
     def decide(self, out, stability: StabilityTracker, plan: TemplateBlock | None = None):
         """Sample every position; keep the lowest-entropy ones within the entropy bound, renoise the
         rest; stop when the argmax canvas is stable and the mean entropy below the threshold.
-        Pinned positions: zero entropy, their pin as argmax and canvas, outside the mean.
-        Returns (canvas, accepted, stop, argmax, entropy)."""
+        Pinned positions: zero entropy, their pin as argmax and canvas, outside the mean."""
         s, V = self.settings, self.engine.config.vocab_size
         sampled = out.sample(self.g)
         pins = plan if plan is not None and plan.n_pinned else None
-        ent, argmax = out.entropy, out.argmax
-        if pins is not None:
-            ent = ent.masked_fill(pins.pinned, 0.0)  # pins use none of the entropy bound
-            argmax = torch.where(pins.pinned, pins.tokens, argmax)
+        argmax, ent = pinned_stats(out, pins)
         accepted = accept_mask(ent, s.entropy_bound)
         noise = torch.randint(0, V, sampled.shape, device=sampled.device, generator=self.g)
         canvas = torch.where(accepted, sampled, noise)
@@ -274,7 +271,15 @@ class Block:
             canvas = torch.where(pins.pinned, pins.tokens, canvas)
             mean = ent.sum(dim=-1) / (ent.shape[-1] - pins.n_pinned)  # over the holes
         stop = stability(argmax) & (mean < s.confidence_threshold)
-        return canvas, accepted, stop, argmax, ent
+        return canvas, accepted, stop
+
+
+def pinned_stats(out, plan: TemplateBlock | None):
+    """(argmax, entropy) of a step with a template block's pins applied: the pin as argmax, zero
+    entropy (so pins use none of the entropy bound); the step's own without pins."""
+    if plan is None or not plan.n_pinned:
+        return out.argmax, out.entropy
+    return torch.where(plan.pinned, plan.tokens, out.argmax), out.entropy.masked_fill(plan.pinned, 0.0)
 
 
 def _to_host(canvas, accepted, argmax, entropy, stop) -> dict:
