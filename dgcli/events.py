@@ -29,7 +29,7 @@ class StepEvent:
     temperature: float
     stopped: bool  # stable and confident: this block commits after this step
     seconds: float  # time of this step
-    pinned: list[bool] | None = None  # a template's pinned positions (dgcli/fill.py); None: no template
+    pinned: list[bool] | None = None  # a template's pinned positions (entropy 0, always accepted); None: no template
 
 
 @dataclass

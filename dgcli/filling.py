@@ -26,6 +26,7 @@ from .sampler import TemplateBlock
 from .template import Fixed, Hole, Template, TemplateError, from_tokens, parse
 
 _PIECES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tokenizer -> each token's text
+_SETS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tokenizer -> {set key: allowed (V,) bool}
 
 
 def template_from(template=None, *, schema=None, seed_canvas=None, pinned=None) -> Template:
@@ -175,28 +176,35 @@ class Plan:
         else:
             key = ("string", hole.chars)
         if key not in self._set_ids:
-            pieces = token_pieces(self.tok, self.V)
-            ok = torch.zeros(self.V, dtype=torch.bool)
-            if key[0] == "int":
-                digits = [i for i, p in enumerate(pieces) if p.isascii() and (p.lstrip() if key[1] else p).isdigit()
-                          and p.rstrip() == p]
-                ok[digits] = True
-                if not key[1]:
-                    ok[self.pad] = True
-                if not digits:
-                    raise TemplateError("this tokenizer has no digit tokens: int holes cannot be filled")
-            else:
-                specials = {self.pad, *self.eos}
-                for i, p in enumerate(pieces):
-                    if p == "":
-                        ok[i] = i in specials  # pads end a string early, an EOS ends it; other specials never
-                    elif json_safe(p) and (hole.chars is None or len(p) <= hole.chars):
-                        ok[i] = True
-                if not ok.any():
-                    raise TemplateError("no token of this tokenizer fits a string hole")
+            cache = _SETS.setdefault(self.tok, {})
+            full = (*key, self.V, self.pad, tuple(self.eos))
+            if full not in cache:  # a vocabulary-long Python loop: once per tokenizer, not per request
+                cache[full] = self.make_set(key)
             self._set_ids[key] = len(self._sets)
-            self._sets.append(ok.to(self.device))
+            self._sets.append(cache[full].to(self.device))
         return self._set_ids[key]
+
+    def make_set(self, key: tuple) -> torch.Tensor:
+        pieces = token_pieces(self.tok, self.V)
+        ok = torch.zeros(self.V, dtype=torch.bool)
+        if key[0] == "int":
+            first = key[1]
+            digits = [i for i, p in enumerate(pieces) if p.isascii() and (p.lstrip() if first else p).isdigit()
+                      and p.rstrip() == p]
+            if not digits:
+                raise TemplateError("this tokenizer has no digit tokens: int holes cannot be filled")
+            ok[digits] = True
+            ok[self.pad] = not first
+        else:
+            specials, chars = {self.pad, *self.eos}, key[1]
+            for i, p in enumerate(pieces):
+                if p == "":
+                    ok[i] = i in specials  # pads end a string early, an EOS ends it; other specials never
+                elif json_safe(p) and (chars is None or len(p) <= chars):
+                    ok[i] = True
+            if not ok.any():
+                raise TemplateError("no token of this tokenizer fits a string hole")
+        return ok
 
     def finish(self, b: int, committed: torch.Tensor) -> torch.Tensor:
         """The committed canvas b: in a text or string hole, every position after its first EOS is a pad

@@ -19,7 +19,7 @@ event and the stop flag together. The decoder pass and the statistics are the en
 on CUDA it replays graphs and fuses the LM head; the decisions are the same up to float rounding.
 This module knows tokens only; text is the tokenizer layer's job (dgcli/api.py).
 
-Templates (dgcli/fill.py, docs/fill.md) hand in one `TemplateBlock` per canvas: pinned positions are
+Templates (dgcli/filling.py, docs/fill.md) hand in one `TemplateBlock` per canvas: pinned positions are
 written over the canvas after the same random draws as an untemplated run, are never renoised, keep
 their pin as argmax, count as zero entropy (accepted, using none of the entropy bound), and are left
 out of the stop rule's mean entropy (the mean is over the holes). Typed holes are a logits processor
@@ -45,7 +45,7 @@ from .events import BlockEvent, DoneEvent, Event, PrefillEvent, StepEvent
 
 @dataclass
 class TemplateBlock:
-    """One canvas of a template (laid out by dgcli/fill.py)."""
+    """One canvas of a template (laid out by dgcli/filling.py)."""
 
     pinned: torch.Tensor  # (L,) bool, on the engine's device
     tokens: torch.Tensor  # (L,) int64: the pins where pinned

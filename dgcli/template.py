@@ -5,7 +5,7 @@
 A hole is `{{TYPE}}` or `{{NAME:TYPE}}`; TYPE is `text:N` (at most N tokens of anything), `int:N`
 (digits only, at most N tokens), `choice:a|b|c` (exactly one option; `\\|` is a literal bar) or
 `bool` (true or false). `\\{{` writes a literal `{{`. A name may not be a type's keyword.
-This module only parses; dgcli/fill.py lays a template out on canvases and reads the result.
+This module only parses; dgcli/filling.py lays a template out on canvases and reads the result.
 """
 
 from __future__ import annotations
