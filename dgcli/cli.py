@@ -134,7 +134,8 @@ def fill(
                                                           "file.")] = None,
     schema: Annotated[Optional[Path], typer.Option("--schema", help="A JSON Schema file: the output is JSON "
                                                    "that validates against it.")] = None,
-    prefix: Annotated[Optional[Path], typer.Option("--prefix", help="Infill: the text before the gap (a file).")] = None,
+    prefix: Annotated[Optional[Path], typer.Option("--prefix", help="Infill: the text before the gap (a "
+                                                   "file).")] = None,
     suffix: Annotated[Optional[Path], typer.Option("--suffix", help="Infill: the text after the gap (a file).")] = None,
     length: Annotated[Optional[int], typer.Option("--length", min=1, help="Infill: most tokens in the gap.")] = None,
     steps: StepsOpt = None, entropy_bound: EntropyBoundOpt = None, t_min: TMinOpt = None, t_max: TMaxOpt = None,

@@ -184,18 +184,20 @@ def from_tokens(seed_canvas, pinned) -> Template:
     """vLLM's token-level template: `diffusion_seed_canvas` ids and `diffusion_pinned` flags of the same
     length. Pinned entries are kept; each run of unpinned ones is a text hole (their seed values are
     not used: those positions start as noise, as any canvas does)."""
-    def ints(name, xs, ok):
+    def items(name, xs, ok, expected):
         if not isinstance(xs, (list, tuple)) or not xs:
             raise TemplateError(f"{name} must be a non-empty list")
-        for x in xs:
-            if not ok(x):
-                raise TemplateError(f"{name} holds {x!r}: expected {'token ids (integers >= 0)' if name.endswith('canvas') else 'booleans or 0/1'}")
+        bad = next((x for x in xs if not ok(x)), None)
+        if bad is not None:
+            raise TemplateError(f"{name} holds {bad!r}: expected {expected}")
         return list(xs)
 
-    seed = ints("diffusion_seed_canvas", seed_canvas, lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0)
+    seed = items("diffusion_seed_canvas", seed_canvas,
+                 lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0, "token ids (integers >= 0)")
     if pinned is None:
         raise TemplateError("diffusion_seed_canvas needs diffusion_pinned (which of its positions are fixed)")
-    flags = ints("diffusion_pinned", pinned, lambda x: isinstance(x, bool) or x in (0, 1))
+    flags = items("diffusion_pinned", pinned, lambda x: isinstance(x, bool) or (isinstance(x, int) and x in (0, 1)),
+                  "booleans or 0/1")
     if len(flags) != len(seed):
         raise TemplateError(f"diffusion_pinned has {len(flags)} entries but diffusion_seed_canvas {len(seed)}")
     parts: list[Fixed | Hole] = []

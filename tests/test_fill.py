@@ -10,9 +10,9 @@ from rich.console import Console
 
 import dgcli
 from dgcli.canvas_view import PINNED, CanvasView
-from dgcli.events import BlockEvent, DoneEvent, StepEvent
-from dgcli.filling import HoleProcessor, Plan, layout, template_from
-from dgcli.template import TemplateError, parse
+from dgcli.events import BlockEvent, StepEvent
+from dgcli.filling import HoleProcessor, layout, template_from
+from dgcli.template import TemplateError
 
 FAST = {"max_denoising_steps": 4}
 SEEDS = range(12)

@@ -101,7 +101,8 @@ def test_schema_becomes_pinned_json_with_typed_holes():
     ({"type": "object", "required": ["b"], "properties": {"a": {"type": "null"}}}, "'required' names 'b'"),
     ({}, "allows anything"),
     ({"type": 5}, "not a valid JSON Schema"),
-    ({"type": "object", "properties": {"a": {"type": "string", "maxLength": -1}}}, "not a valid JSON Schema at /properties/a/maxLength"),
+    ({"type": "object", "properties": {"a": {"type": "string", "maxLength": -1}}},
+     "not a valid JSON Schema at /properties/a/maxLength"),
     ([1], "a JSON Schema is an object"),
 ])
 def test_unsupported_or_invalid_schemas_name_the_construct(schema, words):
