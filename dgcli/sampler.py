@@ -51,7 +51,8 @@ class TemplateBlock:
     tokens: torch.Tensor  # (L,) int64: the pins where pinned
     processor: Callable[[torch.Tensor], torch.Tensor] | None = None  # typed holes: (1, L, V) logits
     finish: Callable[[torch.Tensor], torch.Tensor] | None = None  # the committed canvas (1, L) -> (1, L)
-    pinned_host: list[bool] = field(default_factory=list)
+    pinned_host: list[bool] = field(init=False)  # for the events
+    n_pinned: int = field(init=False)
 
     def __post_init__(self):
         self.pinned_host = self.pinned.tolist()
