@@ -202,8 +202,8 @@ def read_template(template, template_file, schema, prefix, suffix, length):
 
         try:
             value = json.loads(read(schema, "--schema"))
-        except ValueError as e:
-            raise BadUsage(f"--schema {schema} is not JSON: {e}") from None
+        except (ValueError, RecursionError) as e:
+            raise BadUsage(f"--schema {schema} is not JSON: {e or 'nested too deeply'}") from None
         return to_template(value)
     if length is None or (prefix is None and suffix is None):
         raise BadUsage("infill needs --length and --prefix and/or --suffix")

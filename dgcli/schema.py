@@ -18,6 +18,7 @@ from .template import Fixed, Hole, Template, TemplateError
 DEFAULT_STRING_TOKENS = 16  # a string without maxLength
 INT_TOKENS = 6  # digits of an integer or number (tokenizers split digits one per token)
 MAX_ITEMS = 256
+MAX_DEPTH = 32  # nesting of objects and arrays
 IGNORED = {"title", "description", "$schema", "$id", "$comment", "default", "examples", "deprecated",
            "readOnly", "writeOnly", "additionalProperties", "required", "$defs", "definitions"}
 ALLOWED = {
@@ -39,6 +40,8 @@ def check(schema) -> None:
         raise TemplateError(f"a JSON Schema is an object, got {type(schema).__name__}")
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
+    except RecursionError:
+        raise TemplateError(f"the schema is nested too deeply (at most {MAX_DEPTH} levels)") from None
     except jsonschema.SchemaError as e:
         path = "/".join(str(p) for p in e.absolute_path)
         raise TemplateError(f"not a valid JSON Schema{' at /' + path if path else ''}: "
@@ -59,8 +62,10 @@ def to_template(schema) -> Template:
     return Template(tuple(merged))
 
 
-def emit(s, path: str, out: list) -> None:
+def emit(s, path: str, out: list, depth: int = 0) -> None:
     at = path or "the top level"
+    if depth > MAX_DEPTH:
+        raise TemplateError(f"the schema is nested too deeply (at {at}): at most {MAX_DEPTH} levels")
     if s is True or s == {}:
         raise TemplateError(f"a schema that allows anything (at {at}) cannot be filled: give it a type")
     if s is False:
@@ -98,7 +103,7 @@ def emit(s, path: str, out: list) -> None:
         out.append(Fixed("{"))
         for i, (key, sub) in enumerate(props.items()):
             out.append(Fixed((", " if i else "") + json.dumps(key) + ": "))
-            emit(sub, f"{path}.{key}" if path else key, out)
+            emit(sub, f"{path}.{key}" if path else key, out, depth + 1)
         out.append(Fixed("}"))
     elif kind == "array":
         lo, hi = s.get("minItems"), s.get("maxItems")
@@ -113,7 +118,7 @@ def emit(s, path: str, out: list) -> None:
         for i in range(lo):
             if i:
                 out.append(Fixed(", "))
-            emit(items, f"{path}[{i}]", out)
+            emit(items, f"{path}[{i}]", out, depth + 1)
         out.append(Fixed("]"))
     elif kind == "string":
         if s.get("minLength", 0) > 0:

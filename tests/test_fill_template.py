@@ -89,6 +89,13 @@ def test_schema_becomes_pinned_json_with_typed_holes():
     assert set(holes) == {"name", "age", "ok", "color", "tags[0]", "tags[1]"}
 
 
+def nested(depth):
+    schema = {"type": "null"}
+    for _ in range(depth):
+        schema = {"type": "array", "minItems": 1, "maxItems": 1, "items": schema}
+    return schema
+
+
 @pytest.mark.parametrize("schema, words", [
     ({"type": "object", "properties": {"a": {"anyOf": [{"type": "string"}]}}}, "'anyOf' (at a) is not supported"),
     ({"type": "string", "pattern": "^a"}, "'pattern' on a string"),
@@ -104,6 +111,7 @@ def test_schema_becomes_pinned_json_with_typed_holes():
     ({"type": "object", "properties": {"a": {"type": "string", "maxLength": -1}}},
      "not a valid JSON Schema at /properties/a/maxLength"),
     ([1], "a JSON Schema is an object"),
+    (nested(40), "nested too deeply"),
 ])
 def test_unsupported_or_invalid_schemas_name_the_construct(schema, words):
     with pytest.raises(TemplateError) as e:
