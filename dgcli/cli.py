@@ -140,6 +140,8 @@ def fill(
     length: Annotated[Optional[int], typer.Option("--length", min=1, help="Infill: most tokens in the gap.")] = None,
     steps: StepsOpt = None, entropy_bound: EntropyBoundOpt = None, t_min: TMinOpt = None, t_max: TMaxOpt = None,
     temperature: TemperatureOpt = None, seed: SeedOpt = None, system: SystemOpt = None,
+    raw: Annotated[bool, typer.Option("--raw", help="Send the prompt as it is, without the chat template "
+                                      "(e.g. code infill).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: text, holes, counts, timings, "
                                           "settings.")] = False,
     canvas: Annotated[bool, typer.Option("--canvas", help="Draw the live canvas on stderr (if it is a "
@@ -158,6 +160,8 @@ def fill(
     from .repl import InputText
 
     settings = sampling(None, steps, entropy_bound, t_min, t_max, temperature, seed)
+    if raw and system:
+        raise BadUsage("--system needs the chat template; it cannot be combined with --raw")
     tmpl = read_template(template, template_file, schema, prefix, suffix, length)
     decode = InputText()
     piped = decode.read(sys.stdin, "stdin").rstrip("\n") if sys.stdin is not None and not sys.stdin.isatty() else None
@@ -167,7 +171,7 @@ def fill(
     from .api import stream_generate
 
     plan = layout(template_from(tmpl), tok, m, m.sampler_settings(**settings))
-    events = stream_generate(m, tok, text, system=decode(system, "--system"), template=plan, **settings)
+    events = stream_generate(m, tok, text, raw=raw, system=decode(system, "--system"), template=plan, **settings)
     with quiet_closed_pipe(), ExitStack() as stack:
         views = [stack.enter_context(v) for v in run_views(tok, canvas, noise, as_json)]
         done = consume(events, views)

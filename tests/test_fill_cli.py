@@ -48,6 +48,8 @@ def test_infill_from_files(runner, tmp_path):
     assert r.exit_code == 0 and r.stdout.startswith("def area(r):\n    ") and r.stdout.endswith("\n    return a\n")
     r = invoke(runner, ["fill", *FAST, "--template-file", str(tmp_path / "t.txt")])
     assert r.exit_code == 0 and r.stdout[:4] == "x = " and r.stdout[4:].strip().isdigit()
+    r = invoke(runner, ["fill", *FAST, "--raw", "--template-file", str(tmp_path / "t.txt"), "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["prompt_tokens"] == 1  # <bos> alone
 
 
 @pytest.mark.parametrize("args, words", [
@@ -63,6 +65,7 @@ def test_infill_from_files(runner, tmp_path):
     (["--template", "{{int:1}}", "--schema", "MISSING"], "give one of --template"),
     (["--prefix", "NOT_JSON"], "infill needs --length"),
     (["--length", "0", "--prefix", "NOT_JSON"], "--length"),
+    (["--raw", "--system", "be brief", "--template", "{{int:1}}"], "cannot be combined with --raw"),
 ])
 def test_bad_templates_exit_2_with_one_line(runner, tmp_path, args, words):
     (tmp_path / "anyof.json").write_text('{"type": "object", "properties": {"a": {"anyOf": [{"type": "null"}]}}}')
