@@ -1,4 +1,4 @@
-"""dg: the local runner for DiffusionGemma. Python API: load, stream_generate, generate.
+"""dg: the local runner for DiffusionGemma. Python API: load, stream_generate, generate, fill.
 
 The API is imported lazily so that `dg --version`, `dg list` and `--help` start without torch.
 """
@@ -7,6 +7,7 @@ __version__ = "0.1.0"
 
 _API = {
     "load": "api", "stream_generate": "api", "generate": "api", "prefill": "api", "Engine": "engine",
+    "fill": "api", "FillResult": "filling",
     "PrefillEvent": "events", "StepEvent": "events", "BlockEvent": "events", "DoneEvent": "events",
 }
 __all__ = [*_API, "__version__"]

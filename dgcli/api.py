@@ -1,4 +1,4 @@
-"""The Python API, in the style of mlx-lm: `load`, `stream_generate`, `generate`.
+"""The Python API, in the style of mlx-lm: `load`, `stream_generate`, `generate`, `fill` (templates).
 
     model, tokenizer = dgcli.load("tiny")
     for event in dgcli.stream_generate(model, tokenizer, "hi", seed=0):
@@ -72,14 +72,22 @@ def prompt_ids(tokenizer: Tokenizer, prompt, raw: bool = False, system: str | No
 def stream_generate(engine, tokenizer: Tokenizer, prompt, *, raw: bool = False, system: str | None = None,
                     think: bool = False, cache=None,
                     logits_processor: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                    **settings) -> Iterator[Event]:
+                    template=None, **settings) -> Iterator[Event]:
     """Yield the sampler's events, with text filled in on BlockEvent (the new text) and DoneEvent (all of it).
 
     `engine`: from dgcli.load (a plain DiffusionGemma works too, with the default policy).
     `cache`: a KV cache already holding a prefix (`engine.new_cache()`); `prompt` is then only what follows it.
+    `template`: the answer fills it (template text, a JSON Schema dict, or a dgcli.filling.Plan; see
+    docs/fill.md); it sets the answer's length, so max_new_tokens is ignored.
     """
     engine = as_engine(engine)
     s = engine.sampler_settings(**settings)
+    plan = None
+    if template is not None:
+        from .filling import layout
+
+        plan = layout(template, tokenizer, engine, s)
+        s = s.replace(max_new_tokens=plan.n_blocks * plan.L)
     if isinstance(prompt, EncodedPrompt):  # ids with their images already placed (a chat session's)
         ids, pixels = prompt.ids, prompt.images
     elif has_images(prompt):  # messages with image parts: placeholders expanded, pixels ready
@@ -90,7 +98,7 @@ def stream_generate(engine, tokenizer: Tokenizer, prompt, *, raw: bool = False, 
     if not ids and (cache is None or cache.length == 0):
         raise EmptyPromptError("empty prompt")
     try:
-        check_context(engine, len(ids), s.max_new_tokens, cache)
+        check_context(engine, len(ids), s.max_new_tokens, cache, template=plan is not None)
     except ContextLengthError as e:
         if not pixels:
             raise
@@ -98,8 +106,15 @@ def stream_generate(engine, tokenizer: Tokenizer, prompt, *, raw: bool = False, 
                                  f"prompt's tokens)") from None
     new_ids: list[int] = []
     shown = ""
-    for event in denoise(engine, ids, s, cache=cache, logits_processor=logits_processor, images=pixels):
-        if isinstance(event, BlockEvent):
+    for event in denoise(engine, ids, s, cache=cache, logits_processor=logits_processor, images=pixels,
+                         template=plan.blocks if plan is not None else None):
+        if isinstance(event, BlockEvent) and plan is not None:
+            new_ids += event.token_ids
+            text = plan.read(new_ids)[0]
+            event.text, shown = text[len(shown):], text
+        elif isinstance(event, DoneEvent) and plan is not None:
+            event.text = plan.read(event.token_ids)[0]
+        elif isinstance(event, BlockEvent):
             new_ids += event.token_ids
             text = final_text(tokenizer, new_ids, s)
             if not event.finished and text.endswith("\ufffd"):  # a character split across blocks
@@ -110,7 +125,7 @@ def stream_generate(engine, tokenizer: Tokenizer, prompt, *, raw: bool = False, 
         yield event
 
 
-def check_context(engine, prompt_tokens: int, max_new_tokens: int, cache=None) -> None:
+def check_context(engine, prompt_tokens: int, max_new_tokens: int, cache=None, template: bool = False) -> None:
     """Refuse, before any compute, a prompt whose tokens (after what `cache` holds) plus the answer
     budget, rounded up to whole canvases (the sampler decodes whole ones), cannot fit the model's
     positions or the cache's room: a ContextLengthError naming both numbers."""
@@ -127,7 +142,8 @@ def check_context(engine, prompt_tokens: int, max_new_tokens: int, cache=None) -
         parts = f"{prompt_tokens} prompt" + (f" + {cached} cached" if cached else "")
         raise ContextLengthError(
             f"too long: {parts} + {answer} answer tokens ({max_new_tokens} as whole {L}-token canvases) = {need} "
-            f"tokens, but {what} holds {room}; shorten the prompt or lower the answer budget (--max-tokens)")
+            f"tokens, but {what} holds {room}; shorten the prompt or "
+            + ("the template" if template else "lower the answer budget (--max-tokens)"))
 
 
 def prefill(engine, token_ids: list[int], cache, images=None) -> PrefillEvent:
@@ -156,3 +172,18 @@ def generate(model, tokenizer: Tokenizer, prompt, **kwargs) -> str:
         if isinstance(event, DoneEvent):
             done = event
     return done.text
+
+
+def fill(engine, tokenizer, prompt, template, **kwargs):
+    """Fill `template` (template text, a dgcli.template.Template, or a JSON Schema dict) as the answer
+    to `prompt` -> dgcli.filling.FillResult(text, holes, done); kwargs as stream_generate's."""
+    from .filling import FillResult, layout
+
+    engine = as_engine(engine)
+    settings = {k: v for k, v in kwargs.items() if k not in ("raw", "system", "think", "cache", "logits_processor")}
+    plan = layout(template, tokenizer, engine, engine.sampler_settings(**settings))
+    done = None
+    for event in stream_generate(engine, tokenizer, prompt, template=plan, **kwargs):
+        if isinstance(event, DoneEvent):
+            done = event
+    return FillResult(done.text, plan.read(done.token_ids)[1], done)

@@ -2,7 +2,8 @@
 
 Both views consume the event stream (dgcli/events.py) and nothing else: no torch, no model.
 `CanvasView` draws the block being denoised as text in reading order inside a Rich `Live` region:
-positions the sampler accepted this step bright, the rest (fresh noise) dimmed, or drawn as `·`,
+positions the sampler accepted this step bright, a template's pinned positions in cyan, the rest
+(fresh noise) dimmed, or drawn as `·`,
 or as the model's current draft; under it a step counter, a bar for the block, how many positions
 this step accepted (acceptance is decided afresh each step: it is not progress), and tokens/s
 (steps/s until the first block commits, so a one-block answer still shows a rate).
@@ -29,6 +30,7 @@ from .units import format_bytes
 
 NOISE_STYLES = ("text", "dots", "draft")  # how unaccepted positions are drawn
 ACCEPTED, NOISE, DRAFT, COMMITTED, STATUS = "bold green", "dim", "dim italic", "", "dim"
+PINNED = "cyan"  # a template's fixed positions (dg fill)
 
 
 class TokenPieces:
@@ -218,7 +220,9 @@ class CanvasView:
         for i, (piece, acc) in enumerate(zip(pieces, ev.accepted)):
             if strip_first and i == 0:
                 piece = piece.lstrip()
-            if acc:
+            if ev.pinned is not None and ev.pinned[i]:
+                out.append(piece, style=PINNED)
+            elif acc:
                 out.append(piece, style=ACCEPTED)
             elif self.noise == "dots":
                 out.append(" ·" if piece.startswith(" ") else "·", style=NOISE)
@@ -235,11 +239,13 @@ class CanvasView:
             grid.add_row(Text(f"block {self.blocks + 1:>2}", style=STATUS), Text(what, style=STATUS),
                          Text(rate, style=STATUS))
         else:
+            free = len(ev.accepted) - (sum(ev.pinned) if ev.pinned else 0)  # a template's holes only
+            accepted = sum(a and not (ev.pinned and ev.pinned[i]) for i, a in enumerate(ev.accepted))
             grid.add_row(
                 Text(f"block {ev.block + 1:>2}", style=STATUS),
                 ProgressBar(total=ev.max_steps, completed=ev.step, width=16),
                 Text(f"step {ev.step:>2}/{ev.max_steps}", style=STATUS),
-                Text(f"{sum(ev.accepted):>3}/{len(ev.accepted)} accepted this step", style=STATUS),
+                Text(f"{accepted:>3}/{free} accepted this step", style=STATUS),
                 Text(rate, style=STATUS),
             )
         return grid

@@ -156,6 +156,105 @@ def run_views(tok, canvas: bool, noise: str, as_json: bool) -> list:
     return [view] if inline or as_json else [view, PlainView(stdout)]
 
 
+@app.command(epilog=example("dg fill -m tiny --template 'Name: {{name:text:4}}, age {{age:int:3}}, {{choice:cat|dog}}'",
+                            "dg fill -m tiny --schema person.json --json 'A person from Paris'",
+                            "dg fill -m tiny --prefix head.py --suffix tail.py --length 64"))
+def fill(
+    prompt: Annotated[Optional[str], typer.Argument(metavar="PROMPT", help="What the filled text answers "
+                                                    "(optional); text piped on stdin is appended.")] = None,
+    model: ModelOpt = store.DEFAULT_MODEL,
+    template: Annotated[Optional[str], typer.Option("--template", help="Template text: fixed text with "
+                                                    "{{TYPE}} / {{NAME:TYPE}} holes (docs/fill.md).")] = None,
+    template_file: Annotated[Optional[Path], typer.Option("--template-file", help="Read the template from a "
+                                                          "file.")] = None,
+    schema: Annotated[Optional[Path], typer.Option("--schema", help="A JSON Schema file: the output is JSON "
+                                                   "that validates against it.")] = None,
+    prefix: Annotated[Optional[Path], typer.Option("--prefix", help="Infill: the text before the gap (a "
+                                                   "file).")] = None,
+    suffix: Annotated[Optional[Path], typer.Option("--suffix", help="Infill: the text after the gap (a file).")] = None,
+    length: Annotated[Optional[int], typer.Option("--length", min=1, help="Infill: most tokens in the gap.")] = None,
+    steps: StepsOpt = None, entropy_bound: EntropyBoundOpt = None, t_min: TMinOpt = None, t_max: TMaxOpt = None,
+    temperature: TemperatureOpt = None, seed: SeedOpt = None, system: SystemOpt = None,
+    raw: Annotated[bool, typer.Option("--raw", help="Send the prompt as it is, without the chat template "
+                                      "(e.g. code infill).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: text, holes, counts, timings, "
+                                          "settings.")] = False,
+    canvas: Annotated[bool, typer.Option("--canvas", help="Draw the live canvas on stderr (if it is a "
+                                         "terminal); pinned positions are drawn apart.")] = False,
+    noise: NoiseOpt = "text",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print a stats line on stderr.")] = False,
+    device: DeviceOpt = None, dtype: DtypeOpt = None, no_cuda_graphs: NoGraphsOpt = False,
+    trace: TraceOpt = None,
+):
+    """Fill a template: fixed text stays, the model writes the holes around it. Only the filled text
+    goes to stdout.
+
+    Give one of --template, --template-file, --schema, or --prefix/--suffix with --length (infill).
+    The template sets the answer's length, so there is no --max-tokens.
+    """
+    from .filling import layout, template_from
+    from .repl import InputText
+
+    settings = sampling(None, steps, entropy_bound, t_min, t_max, temperature, seed)
+    if raw and system:
+        raise BadUsage("--system needs the chat template; it cannot be combined with --raw")
+    tmpl = read_template(template, template_file, schema, prefix, suffix, length)
+    decode = InputText()
+    piped = decode.read(sys.stdin, "stdin").rstrip("\n") if sys.stdin is not None and not sys.stdin.isatty() else None
+    text = "\n\n".join(p for p in (decode(prompt, "the prompt"), piped) if p and p.strip())
+    if trace is not None:
+        check_trace_target(trace)  # before the weights load
+    m, tok = load(model, device, dtype, cuda_graphs=False if no_cuda_graphs else None)
+    check_settings(m, settings)
+    from .api import stream_generate
+
+    plan = layout(template_from(tmpl), tok, m, m.sampler_settings(**settings))
+    events = stream_generate(m, tok, text, raw=raw, system=decode(system, "--system"), template=plan, **settings)
+    with quiet_closed_pipe(), ExitStack() as stack:
+        views = [stack.enter_context(v) for v in run_views(tok, canvas, noise, as_json)]
+        if trace is not None:
+            views.append(stack.enter_context(trace_writer(trace, m, tok, model=model, settings=settings,
+                                                          prompt=text)))
+        done = consume(events, views)
+        if as_json:
+            stdout.write(json.dumps({"model": model, **done.to_dict(), "holes": plan.read(done.token_ids)[1]}) + "\n")
+            stdout.flush()
+    if verbose:
+        typer.echo(format_stats(done), err=True)
+
+
+def read_template(template, template_file, schema, prefix, suffix, length):
+    """The one template source the flags give (a Template), or one usage line."""
+    from .template import infill, parse
+
+    infill_flags = prefix is not None or suffix is not None or length is not None
+    given = sum(x is not None for x in (template, template_file, schema)) + infill_flags
+    if given != 1:
+        raise BadUsage("give one of --template, --template-file, --schema, or --prefix/--suffix with --length")
+
+    def read(path: Path, flag: str) -> str:
+        try:
+            return path.read_bytes().decode("utf-8", "replace")
+        except OSError as e:
+            raise BadUsage(f"cannot read {flag} {path}: {e.strerror or e}") from None
+
+    if template is not None:
+        return parse(template)
+    if template_file is not None:
+        return parse(read(template_file, "--template-file"))
+    if schema is not None:
+        from .schema import to_template
+
+        try:
+            value = json.loads(read(schema, "--schema"))
+        except (ValueError, RecursionError) as e:
+            raise BadUsage(f"--schema {schema} is not JSON: {e or 'nested too deeply'}") from None
+        return to_template(value)
+    if length is None or (prefix is None and suffix is None):
+        raise BadUsage("infill needs --length and --prefix and/or --suffix")
+    return infill(read(prefix, "--prefix") if prefix else "", read(suffix, "--suffix") if suffix else "", length)
+
+
 @app.command(epilog=example("dg chat", "dg chat tiny", "dg chat -m ./my-quantized-model --think"))
 def chat(
     name: Annotated[Optional[str], typer.Argument(metavar="NAME", help="Model (same as --model).")] = None,

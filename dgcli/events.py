@@ -29,6 +29,7 @@ class StepEvent:
     temperature: float
     stopped: bool  # stable and confident: this block commits after this step
     seconds: float  # time of this step
+    pinned: list[bool] | None = None  # a template's pinned positions (entropy 0, always accepted); None: no template
 
 
 @dataclass
@@ -43,7 +44,7 @@ class BlockEvent:
 @dataclass
 class DoneEvent:
     token_ids: list[int]  # every new id, whole canvases, pads included (the reference's sequences[prompt_len:])
-    finish_reason: str  # "eos" or "length"
+    finish_reason: str  # "eos", "length", or "template" (a filled template: it sets the length)
     prompt_tokens: int
     generated_tokens: int  # up to the first EOS and at most max_new_tokens
     blocks: int

@@ -33,6 +33,8 @@ HELP = """commands:
   /save FILE, /load FILE  the conversation as JSON
   /stats                numbers for the last answer
   /trace FILE           trace the next answer into FILE (.gz: gzip); /trace off stops --trace
+  /fill TEMPLATE        send TEMPLATE and have the answer fill it: fixed text with holes
+                        {{text:N}} {{int:N}} {{choice:a|b}} {{bool}} (docs/fill.md)
   /exit, /bye, Ctrl-D   leave
 input: Enter sends; Alt-Enter starts a new line; a block between \"\"\" lines is sent whole.
 Ctrl-C stops an answer; at the prompt, press it twice (or Ctrl-D) to leave."""
@@ -193,8 +195,8 @@ class Repl:
                 continue
             self.answer(unquote(line))
 
-    def answer(self, text: str) -> None:
-        events = self.session.turn(text)
+    def answer(self, text: str, template=None) -> None:
+        events = self.session.turn(text, template=template)
         if self.canvas:
             view = CanvasView(self.console, self.pieces, fps=self.fps, noise=self.noise)
         else:
@@ -291,6 +293,12 @@ class Repl:
                 self.say(f"tracing: next answer to {self.trace_next}" if self.trace_next else
                          f"tracing every answer to {self.trace_all} (numbered)" if self.trace_all else
                          "tracing off; /trace FILE traces the next answer")
+        elif name == "/fill":
+            if not arg:
+                raise DgError("usage: /fill TEMPLATE, e.g. /fill Name: {{text:4}}, age {{int:3}}")
+            from .template import parse
+
+            self.answer(arg, template=parse(arg))  # a bad template is one red line, before any compute
         elif name == "/stats":
             self.say(format_stats(s.last, s.last_reused) if s.last else "no answer yet")
         else:

@@ -18,6 +18,12 @@ head, one kernel reads proc and E once). A step reads the host once, for its
 event and the stop flag together. The decoder pass and the statistics are the engine's (dgcli/engine.py):
 on CUDA it replays graphs and fuses the LM head; the decisions are the same up to float rounding.
 This module knows tokens only; text is the tokenizer layer's job (dgcli/api.py).
+
+Templates (dgcli/filling.py, docs/fill.md) hand in one `TemplateBlock` per canvas: pinned positions are
+written over the canvas after the same random draws as an untemplated run, are never renoised, keep
+their pin as argmax, count as zero entropy (accepted, using none of the entropy bound), and are left
+out of the stop rule's mean entropy (the mean is over the holes). Typed holes are a logits processor
+of the block, applied before the statistics. No EOS handling: the template decides the length.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ import math
 import random
 import resource
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -34,6 +41,29 @@ from .engine import Engine, as_engine, entropy  # noqa: F401 (entropy: the sampl
 from .errors import CheckpointError, EmptyPromptError
 from .config import SamplerSettings
 from .events import BlockEvent, DoneEvent, Event, PrefillEvent, StepEvent
+
+
+@dataclass
+class TemplateBlock:
+    """One canvas of a template (laid out by dgcli/filling.py)."""
+
+    pinned: torch.Tensor  # (L,) bool, on the engine's device
+    tokens: torch.Tensor  # (L,) int64: the pins where pinned
+    processor: Callable[[torch.Tensor], torch.Tensor] | None = None  # typed holes: (1, L, V) logits
+    finish: Callable[[torch.Tensor], torch.Tensor] | None = None  # the committed canvas (1, L) -> (1, L)
+    pinned_host: list[bool] = field(init=False)  # for the events
+    n_pinned: int = field(init=False)
+
+    def __post_init__(self):
+        self.pinned_host = self.pinned.tolist()
+        self.n_pinned = sum(self.pinned_host)
+
+
+def chain(first, second):
+    """Two logits processors, first then second (either may be None)."""
+    if first is None or second is None:
+        return first or second
+    return lambda logits: second(first(logits))
 
 
 def temperature_schedule(settings: SamplerSettings) -> torch.Tensor:
@@ -99,10 +129,12 @@ def denoise(
     cache=None,
     logits_processor: Callable[[torch.Tensor], torch.Tensor] | None = None,
     images=None,
+    template: Sequence[TemplateBlock] | None = None,
 ) -> Iterator[Event]:
     """Generate after prompt_ids (tokens not yet in `cache`), yielding events (see dgcli/events.py).
     `engine`: a dgcli Engine (a plain model gets one with the default policy). `images`: the
-    dgcli.images.Pixels of the image spans in prompt_ids, in order."""
+    dgcli.images.Pixels of the image spans in prompt_ids, in order. `template`: one TemplateBlock per
+    canvas; it sets the number of blocks (settings.max_new_tokens should cover them)."""
     t_start = time.perf_counter()
     engine = as_engine(engine)
     device = engine.device
@@ -120,7 +152,7 @@ def denoise(
     eos = torch.tensor(settings.eos_token_id, device=device) if settings.eos_token_id else None
     prompt_len = ids.shape[1]
     max_length = cache.length + prompt_len + settings.max_new_tokens
-    n_blocks = math.ceil(settings.max_new_tokens / L)
+    n_blocks = len(template) if template else math.ceil(settings.max_new_tokens / L)
     captured = engine.capture_seconds
 
     pending = ids
@@ -141,11 +173,15 @@ def denoise(
             _sync(device)
             commit_s += time.perf_counter() - t0
 
-        argmax, steps = yield from block_state.run(block)
+        plan = template[block] if template else None
+        argmax, steps = yield from block_state.run(block, plan)
         denoise_s += block_state.seconds
         committed = argmax.clone()  # a graph's output buffer: the next replay overwrites it
         finished = cache.length + L >= max_length
-        if eos is not None:
+        if plan is not None:  # the template sets the length; EOS inside a hole ends only that hole
+            committed = plan.finish(committed) if plan.finish else committed
+            finished, finish_reason = block == n_blocks - 1, "template"
+        elif eos is not None:
             committed, has_eos = pad_after_eos(committed, eos, settings.pad_token_id)
             if has_eos:
                 finished, finish_reason = True, "eos"
@@ -161,7 +197,8 @@ def denoise(
         token_ids=token_ids,
         finish_reason=finish_reason,
         prompt_tokens=prompt_len,
-        generated_tokens=min(useful_length(token_ids, settings.eos_token_id), settings.max_new_tokens),
+        generated_tokens=(sum(L - t.n_pinned for t in template[:len(steps_per_block)]) if template else
+                          min(useful_length(token_ids, settings.eos_token_id), settings.max_new_tokens)),
         blocks=len(steps_per_block),
         steps_per_block=steps_per_block,
         prefill_seconds=prefill_s,
@@ -184,21 +221,27 @@ class Block:
         self.temps, self.temps_host, self.processor = temps, temps_host, processor
         self.seconds = 0.0  # denoising time of the last block, graph captures excluded
 
-    def run(self, block: int):
+    def run(self, block: int, plan: TemplateBlock | None = None):
         engine, s = self.engine, self.settings
         V, L = engine.config.vocab_size, engine.config.canvas_length
         canvas = torch.randint(0, V, (1, L), device=engine.device, generator=self.g)
         sc, out = None, None
         stability = StabilityTracker(s.stability_threshold)
         self.seconds = 0.0
+        if plan is not None and plan.n_pinned:
+            canvas = torch.where(plan.pinned, plan.tokens, canvas)  # the same draws, then the pins
+            if plan.n_pinned == L:  # nothing to denoise
+                return canvas, 0
+        processor = chain(self.processor, plan.processor if plan is not None else None)
         for i in range(s.max_denoising_steps):
             t0 = time.perf_counter()
             captured = engine.capture_seconds
-            out = engine.step(canvas, self.cache, sc, self.temps[i], self.processor)
-            canvas, accepted, stop = self.decide(out, stability)
+            out = engine.step(canvas, self.cache, sc, self.temps[i], processor)
+            canvas, accepted, stop = self.decide(out, stability, plan)
+            argmax, ent = pinned_stats(out, plan)
             sc = out.proc.to(engine.dtype)
             # The one host read of a step: the event's lists and the stop flag, in one transfer.
-            host = _to_host(canvas[0], accepted[0], out.argmax[0], out.entropy[0], stop)
+            host = _to_host(canvas[0], accepted[0], argmax[0], ent[0], stop)
             if not host["finite"]:
                 raise CheckpointError("the model's outputs are NaN or infinite: its weights are broken "
                                       "(re-download or re-quantize them)")
@@ -208,21 +251,38 @@ class Block:
                 block=block, step=i + 1, max_steps=s.max_denoising_steps, canvas=host["canvas"],
                 accepted=host["accepted"], argmax=host["argmax"], entropy=host["entropy"],
                 temperature=self.temps_host[i], stopped=host["stop"], seconds=dt,
+                pinned=plan.pinned_host if plan is not None else None,
             )
             if host["stop"]:
                 break
-        return out.argmax, i + 1
+        return argmax, i + 1
 
-    def decide(self, out, stability: StabilityTracker):
+    def decide(self, out, stability: StabilityTracker, plan: TemplateBlock | None = None):
         """Sample every position; keep the lowest-entropy ones within the entropy bound, renoise the
-        rest; stop when the argmax canvas is stable and the mean entropy below the threshold."""
+        rest; stop when the argmax canvas is stable and the mean entropy below the threshold.
+        Pinned positions: zero entropy, their pin as argmax and canvas, outside the mean."""
         s, V = self.settings, self.engine.config.vocab_size
         sampled = out.sample(self.g)
-        accepted = accept_mask(out.entropy, s.entropy_bound)
+        pins = plan if plan is not None and plan.n_pinned else None
+        argmax, ent = pinned_stats(out, pins)
+        accepted = accept_mask(ent, s.entropy_bound)
         noise = torch.randint(0, V, sampled.shape, device=sampled.device, generator=self.g)
         canvas = torch.where(accepted, sampled, noise)
-        stop = stability(out.argmax) & (out.entropy.mean(dim=-1) < s.confidence_threshold)
+        if pins is None:
+            mean = out.entropy.mean(dim=-1)
+        else:
+            canvas = torch.where(pins.pinned, pins.tokens, canvas)
+            mean = ent.sum(dim=-1) / (ent.shape[-1] - pins.n_pinned)  # over the holes
+        stop = stability(argmax) & (mean < s.confidence_threshold)
         return canvas, accepted, stop
+
+
+def pinned_stats(out, plan: TemplateBlock | None):
+    """(argmax, entropy) of a step with a template block's pins applied: the pin as argmax, zero
+    entropy (so pins use none of the entropy bound); the step's own without pins."""
+    if plan is None or not plan.n_pinned:
+        return out.argmax, out.entropy
+    return torch.where(plan.pinned, plan.tokens, out.argmax), out.entropy.masked_fill(plan.pinned, 0.0)
 
 
 def _to_host(canvas, accepted, argmax, entropy, stop) -> dict:

@@ -103,10 +103,11 @@ class ChatSession:
         cache.reset()  # the sliding layers no longer reach back there
         return 0
 
-    def turn(self, text: str, images=()) -> Iterator[Event]:
+    def turn(self, text: str, images=(), template=None) -> Iterator[Event]:
         """Add a user message (with the attached images, then `images`: paths, bytes or PIL images,
         placed before the text) and yield the answer's events. Closing it early (Ctrl-C) keeps the
-        committed part in the transcript, marked interrupted; an error takes the message back."""
+        committed part in the transcript, marked interrupted; an error takes the message back.
+        `template`: the answer fills it (see dgcli.api.stream_generate)."""
         parts, self.pending = self.pending, []
         try:
             parts = parts + [self.image_part(im) for im in images]
@@ -136,7 +137,8 @@ class ChatSession:
                     start = len(history)
                 prompt = EncodedPrompt(ids[start:], images_between(ids, image_id, pixels, start, len(ids))) \
                     if pixels else ids[start:]
-                events = stream_generate(self.engine, self.tokenizer, prompt, cache=cache, **self.settings)
+                events = stream_generate(self.engine, self.tokenizer, prompt, cache=cache, template=template,
+                                         **self.settings)
                 try:
                     for ev in events:
                         if isinstance(ev, PrefillEvent):

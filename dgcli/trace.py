@@ -135,7 +135,10 @@ class TraceWriter:
 
     def update(self, event) -> None:
         if isinstance(event, StepEvent):
-            self.trace.steps.append({k: getattr(event, k) for k in STEP_FIELDS})
+            record = {k: getattr(event, k) for k in STEP_FIELDS}
+            if event.pinned is not None:  # a template's fixed positions (dg fill): optional in format 1
+                record["pinned"] = event.pinned
+            self.trace.steps.append(record)
         elif isinstance(event, BlockEvent):
             self.trace.blocks.append({k: getattr(event, k) for k in BLOCK_FIELDS})
         elif isinstance(event, PrefillEvent):
