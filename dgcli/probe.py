@@ -27,7 +27,7 @@ from .config import MAX_DENOISING_STEPS
 from .errors import DgError, first_line
 from .trace import write_atomic, writer
 from .trace_metrics import GRANULARITIES, mean, metrics
-from .trace_report import fmt, table
+from .trace_report import fmt, table, tau_axes
 
 SUMMARY_FORMAT, SUMMARY_VERSION = "dg-probe-summary", 1
 
@@ -213,13 +213,7 @@ def tau_figure(summary: dict) -> str:
             ys = [a["kendall_tau"][str(g)] for g in GRANULARITIES]
             ax.plot(GRANULARITIES, [math.nan if y is None else y for y in ys], marker="o", ms=3,
                     label=f"{name} ({budget} steps)")
-    ax.axhline(0, color="grey", lw=0.8)
-    ax.set_xscale("log", base=2)
-    ax.set_xlim(0.7, 90)  # fixed: a plot whose taus are all undefined has no data to scale to
-    ax.set_xticks(GRANULARITIES, [str(g) for g in GRANULARITIES])
-    ax.set_ylim(-1.05, 1.05)
-    ax.set_xlabel("granularity (positions per window)")
-    ax.set_ylabel("mean Kendall tau-b")
+    tau_axes(ax, "mean Kendall tau-b")
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     buf = io.BytesIO()

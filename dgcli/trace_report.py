@@ -104,13 +104,7 @@ def write_pngs(trace: Trace, m: dict, out_dir: Path) -> list[Path]:
     means = [m["summary"]["kendall_tau"][str(g)] for g in GRANULARITIES]
     ax.plot(GRANULARITIES, [np.nan if y is None else y for y in means], color="black", lw=2, marker="o",
             label="mean")
-    ax.axhline(0, color="grey", lw=0.8)
-    ax.set_xscale("log", base=2)
-    ax.set_xlim(0.7, 90)  # fixed: a plot whose taus are all undefined has no data to scale to
-    ax.set_xticks(GRANULARITIES, [str(g) for g in GRANULARITIES])
-    ax.set_ylim(-1.05, 1.05)
-    ax.set_xlabel("granularity (positions per window)")
-    ax.set_ylabel("Kendall tau-b (1 = left to right)")
+    tau_axes(ax, "Kendall tau-b (1 = left to right)")
     ax.set_title(f"commit order: {title}", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -326,3 +320,14 @@ settling in the last 25% of a block's steps.</p>
 def write_html(trace: Trace, m: dict, path: Path) -> Path:
     write_atomic(path, html_page(trace, m).encode("utf-8"))
     return path
+
+
+def tau_axes(ax, ylabel: str) -> None:
+    """The axes of a tau-against-granularity plot (the report's and dg probe's)."""
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlim(0.7, 90)  # fixed: a plot whose taus are all undefined has no data to scale to
+    ax.set_xticks(GRANULARITIES, [str(g) for g in GRANULARITIES])
+    ax.set_ylim(-1.05, 1.05)
+    ax.set_xlabel("granularity (positions per window)")
+    ax.set_ylabel(ylabel)
