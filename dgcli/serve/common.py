@@ -229,10 +229,21 @@ class GenRequest:
         return render(True), render(False), multi
 
 
+def stop_prefix(text: str, stops: list[str]) -> int:
+    """Length of the longest end of text that begins a stop string (held back until it is decided)."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
+
+
 class Answer:
     """Events in, answer out: text deltas as blocks commit, the thought apart, `stop` strings cut
-    (the last few characters are held back until it is sure they do not begin one), tool calls at
-    the end. One per request."""
+    (text that may begin one is held back until the next block decides), tool calls at the end.
+    One per request."""
 
     def __init__(self, tokenizer, settings, stop: list[str]):
         self.tok, self.s, self.stop = tokenizer, settings, stop
@@ -263,13 +274,12 @@ class Answer:
             at = content.find(s)
             if at >= 0:
                 content, self.stopped = content[:at], True
-        if final and p.open_part == "tool_call":  # cut off inside a call: the text as it stands
+        if final and p.open_part == "tool_call" and not self.stopped:  # cut off inside a call: the text as is
             content += p.pending
         show = content
         if not final and not self.stopped:
             show = content.rstrip("\ufffd")  # a character split across blocks
-            hold = max((len(s) - 1 for s in self.stop), default=0)
-            show = show[:max(len(self.sent_content), len(show) - hold)]
+            show = show[:max(len(self.sent_content), len(show) - stop_prefix(show, self.stop))]
         thought = p.reasoning if final or p.open_part != "reasoning" else p.reasoning.rstrip("\ufffd")
         self.parts = Parts(content, p.reasoning, p.tool_calls, p.open_part)
         dc, self.sent_content = show[len(self.sent_content):], max(show, self.sent_content, key=len)

@@ -83,7 +83,7 @@ def split_answer(tokenizer, ids: list[int], markers: dict[str, int] | None = Non
         open_part, pending = "tool_call", tokenizer.decode(part, skip_special_tokens=False)
     thought = tokenizer.decode(reasoning, skip_special_tokens=True)
     if thought.startswith(THOUGHT_LABEL):
-        thought = thought[len(THOUGHT_LABEL):].lstrip("\n")
+        thought = thought[len(THOUGHT_LABEL):].lstrip()
     return Parts(tokenizer.decode(content, skip_special_tokens=True), thought, calls, open_part, pending)
 
 
