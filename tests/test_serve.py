@@ -258,36 +258,36 @@ def first_canvas(lines) -> None:
     raise AssertionError("no canvas event")
 
 
-def test_queue_full_is_429_and_a_client_that_leaves_frees_it(tiny):
+def wait_until(condition, timeout: float = 30) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
+def test_queue_full_is_429_and_clients_that_leave_free_it(tiny):
     long = {"model": "tiny", "messages": chat("hi"), "stream": True, "dg_canvas": True, **LONG}
-    with Served(*tiny, max_queue=1) as s, httpx.Client(timeout=60) as h:
-        with h.stream("POST", s.url + "/v1/chat/completions", json=long) as running:
+    url = "/v1/chat/completions"
+    with Served(*tiny, max_queue=1) as s, httpx.Client(timeout=60) as h, httpx.Client(timeout=60) as h2:
+        with h.stream("POST", s.url + url, json=long) as running:
             lines = running.iter_lines()  # kept: a dropped iterator closes the stream
             first_canvas(lines)  # it runs
-            left = []
-
-            def wait_then_leave():  # a client that gives up while it waits in the queue
-                try:
-                    httpx.post(s.url + "/v1/chat/completions", json={**long, "stream": False}, timeout=1.0)
-                except httpx.ReadTimeout:
-                    left.append(True)
-
-            waiter = threading.Thread(target=wait_then_leave, daemon=True)
-            waiter.start()
-            deadline = time.monotonic() + 30
-            while s.worker.queued() < 1 and time.monotonic() < deadline:
-                time.sleep(0.01)
-            r = h.post(s.url + "/v1/chat/completions", json={"model": "tiny", "messages": chat("x"), **FAST})
-            assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
-            assert r.json()["error"]["code"] == "queue_full"
-            waiter.join(30)
-            deadline = time.monotonic() + 30
-            while s.worker.queued() and time.monotonic() < deadline:
-                time.sleep(0.01)
-            assert left and s.worker.queued() == 0 and s.worker.running is not None  # dropped from the queue
-        # The streaming client left (and the waiting one timed out): neither holds the queue.
+            with h2.stream("POST", s.url + url, json=long) as waiting:
+                queued = waiting.iter_lines()
+                next(queued)  # the first chunk comes at once: it waits in the queue
+                assert s.worker.queued() == 1
+                r = h.post(s.url + url, json={"model": "tiny", "messages": chat("x"), **FAST})
+                assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
+                assert r.json()["error"]["code"] == "queue_full"
+            # The waiting client left: dropped from the queue, while the first still runs.
+            assert wait_until(lambda: s.worker.queued() == 0) and s.worker.running is not None
+            # A non-streaming client that gives up while it waits is dropped too.
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(s.url + url, json={**long, "stream": False}, timeout=1.5)
+            assert wait_until(lambda: s.worker.queued() == 0) and s.worker.running is not None
+        # The running client left: its generation is cancelled between two steps.
         assert s.idle()
-        r = h.post(s.url + "/v1/chat/completions", json={"model": "tiny", "messages": chat("hi"), "seed": 5, **FAST})
+        r = h.post(s.url + url, json={"model": "tiny", "messages": chat("hi"), "seed": 5, **FAST})
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == expected(tiny, "hi", 5)
 
 
