@@ -98,7 +98,8 @@ class Ctx:
             async for ev in job.events():
                 if isinstance(ev, BlockEvent):
                     answer.block(ev)
-                    if answer.stopped:
+                    if answer.stopped:  # a stop string: the rest is not needed
+                        job.cancel()
                         break
                 elif isinstance(ev, DoneEvent):
                     done = ev
