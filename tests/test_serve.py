@@ -17,7 +17,8 @@ from serve_helpers import Served
 
 FAST = {"max_tokens": 32, "max_denoising_steps": 4}
 ENGINE_FAST = {"max_new_tokens": 32, "max_denoising_steps": 4}
-LONG = {"max_tokens": 4096, "max_denoising_steps": 1024, "stability_threshold": 1024}  # never settles: only ever cancelled
+# Never settles (1024 equal steps in a row are needed): only ever cancelled.
+LONG = {"max_tokens": 4096, "max_denoising_steps": 1024, "stability_threshold": 1024}
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +115,8 @@ def test_canvas_events_only_when_asked(server):
         plain = h.post(server.url + "/v1/chat/completions", json=body).text
         live = h.post(server.url + "/v1/chat/completions", json={**body, "dg_canvas": True}).text
     assert "event: canvas" not in plain and plain.rstrip().endswith("data: [DONE]")
-    frames = [json.loads(block.split("data: ", 1)[1]) for block in live.split("\n\n") if block.startswith("event: canvas")]
+    frames = [json.loads(block.split("data: ", 1)[1]) for block in live.split("\n\n")
+              if block.startswith("event: canvas")]
     assert frames and all(len(f["tokens"]) == len(f["accepted"]) == 256 for f in frames)
     assert frames[0]["step"] == 1 and frames[0]["accepted_count"] == frames[0]["accepted"].count("1")
     text = lambda s: "".join(json.loads(b[6:])["choices"][0]["delta"].get("content", "")  # noqa: E731
@@ -230,7 +232,8 @@ def test_too_long_and_too_big(server):
     with httpx.Client(timeout=60) as h:
         r = h.post(server.url + "/v1/chat/completions", json={"model": "tiny", "messages": chat("hi"),
                                                               "max_tokens": 9000})
-        assert r.status_code == 400 and "8192" in r.json()["error"]["message"] and "9216" in r.json()["error"]["message"]
+        message = r.json()["error"]["message"]
+        assert r.status_code == 400 and "8192" in message and "9216" in message  # the context, and what was asked
         big = {"model": "tiny", "messages": chat("x" * (LIMIT + 10))}
         r = h.post(server.url + "/v1/chat/completions", json=big)
         assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"

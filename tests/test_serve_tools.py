@@ -36,7 +36,8 @@ def test_malformed_tool_calls_are_not_calls(text):
 
 def test_openai_shape_has_json_arguments_and_ids():
     calls = openai_tool_calls([{"name": "f", "arguments": {"a": "é"}}, {"name": "g", "arguments": {}}])
-    assert [c["function"] for c in calls] == [{"name": "f", "arguments": '{"a": "é"}'}, {"name": "g", "arguments": "{}"}]
+    assert [c["function"] for c in calls] == [{"name": "f", "arguments": '{"a": "é"}'},
+                                              {"name": "g", "arguments": "{}"}]
     assert calls[0]["id"] != calls[1]["id"] and all(c["type"] == "function" for c in calls)
 
 

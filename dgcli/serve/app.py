@@ -157,7 +157,7 @@ def create_app(engine, tokenizer, model_name: str, *, api_key: str | None = None
                cors_origin: str | None = None, max_body: int = MAX_BODY) -> Starlette:
     """The ASGI app serving one loaded model. `app.state.ctx.worker` is its generation thread."""
     ctx = Ctx(engine, tokenizer, model_name, api_key, max_queue, max_body)
-    ctx.page = PAGE.read_text(encoding="utf-8").replace("{{MODEL}}", json.dumps(model_name))
+    ctx.page = PAGE.read_text(encoding="utf-8").replace("{{MODEL}}", json.dumps(model_name).replace("<", "\\u003c"))
     e = ctx.endpoint
     routes = [
         Route("/", e(page, public=True), methods=["GET"]),

@@ -59,6 +59,7 @@ def chat_request(body: dict) -> GenRequest:
         req.think = get_bool(kwargs, "enable_thinking", name="chat_template_kwargs.enable_thinking")
     choice = body.get("tool_choice")
     req.tools = None if choice == "none" else get_tools(body)
+    # Structured output (response_format json_schema, dg_template, dg_schema) will be read here.
     if body.get("response_format") not in (None, {"type": "text"}):
         raise bad("response_format", "is not supported yet (only {\"type\": \"text\"})")
     stream_fields(body, req)
