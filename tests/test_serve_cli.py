@@ -1,4 +1,4 @@
-"""`dg serve` as a command: SIGTERM during a generation exits 0 promptly; a taken port, an empty key
+"""`dg serve` as a command: SIGTERM or Ctrl-C during a generation exits 0 promptly; a taken port, an empty key
 are one-line usage errors before the model loads; a non-loopback host is warned about."""
 
 import json
@@ -31,7 +31,8 @@ def start_server(*args) -> tuple[subprocess.Popen, str]:
     raise AssertionError(f"dg serve did not start: {proc.communicate()}")
 
 
-def test_sigterm_during_a_generation_exits_0(tiny):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_a_stop_signal_during_a_generation_exits_0(tiny, sig):
     proc, url = start_server()
     try:
         with httpx.Client(timeout=30) as h, h.stream("POST", url + "/v1/chat/completions", json={
@@ -41,7 +42,7 @@ def test_sigterm_during_a_generation_exits_0(tiny):
             for line in lines:
                 if line.startswith("event: canvas"):
                     break  # generating
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(sig)
             rest = [x for x in lines if x]  # the stream ends: the generation was cancelled
         assert proc.wait(timeout=20) == 0
         errors = [json.loads(x[6:])["error"] for x in rest if x.startswith('data: {"error"')]
