@@ -6,8 +6,14 @@ import threading
 import time
 
 import uvicorn
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models
 
 from dgcli.serve import create_app
+from dgcli.tokenizer import Tokenizer
+
+Q = '<|"|>'  # Gemma 4's string quote in tool calls
+SPECIAL = ["<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>", Q, "<eos>"]
 
 
 class Served:
@@ -44,3 +50,15 @@ class Served:
                 return True
             time.sleep(0.01)
         return False
+
+
+def pieces_tokenizer():
+    """(tokenizer, ids): a tokenizer whose tokens are given pieces of text (decoded by concatenation)
+    and Gemma 4's markers, with a chat template that renders the last message; ids(*pieces) -> ids."""
+    words = ["thought", "\n", "Let me check.", "Sure.", " It is sunny.", "call:get_weather{city:", "Paris",
+             ",days:3}", "call:broken{", "x"]
+    vocab = {w: i for i, w in enumerate(SPECIAL + words)}
+    tok = HFTokenizer(models.WordLevel(vocab, unk_token="x"))
+    tok.add_special_tokens(SPECIAL)
+    tok.decoder = decoders.Fuse()
+    return Tokenizer(tok, "{{ messages[-1].content }}", {}), lambda *ps: [vocab[p] for p in ps]

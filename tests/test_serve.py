@@ -355,3 +355,61 @@ def test_load_50_requests_from_8_clients_some_leaving(tiny):
         for i in (1, 7):
             assert got[i] == dgcli.generate(*tiny, chat(f"request {i}"), seed=i, max_new_tokens=16,
                                             max_denoising_steps=2)
+
+
+# ---- the answer's parts, end to end (the tiny model does not think by itself: its output is given) ----
+
+def given_answer(ids):
+    """A stand-in for the worker session's generate: one canvas holding `ids`, then EOS."""
+    from dgcli.events import BlockEvent, DoneEvent, PrefillEvent
+
+    def generate(prompt, history=None, settings=None, reuse=None):
+        yield PrefillEvent(prompt_tokens=len(prompt), cached_tokens=len(prompt), seconds=0.0)
+        canvas = ids + [1] + [0] * (255 - len(ids))
+        yield BlockEvent(block=0, token_ids=canvas, steps=1, finished=True)
+        yield DoneEvent(token_ids=canvas, finish_reason="eos", prompt_tokens=len(prompt), generated_tokens=len(ids),
+                        blocks=1, steps_per_block=[1], prefill_seconds=0.0, denoise_seconds=0.0, commit_seconds=0.0,
+                        total_seconds=0.0, seed=0)
+
+    return generate
+
+
+def test_the_thought_comes_back_apart_in_both_apis(tiny):
+    tok = tiny[1]
+    with Served(*tiny) as s, httpx.Client(timeout=30) as h:
+        # <|channel>thought ...<channel|> then the answer
+        s.worker.session.generate = given_answer([6] + tok.encode("thought ready above") + [7] + tok.encode("ever red"))
+        think = {"model": "tiny", "messages": chat("hi"), "chat_template_kwargs": {"enable_thinking": True}}
+        msg = h.post(s.url + "/v1/chat/completions", json=think).json()["choices"][0]["message"]
+        assert (msg["content"], msg["reasoning_content"]) == ("ever red", "ready above")
+        deltas = [json.loads(b[6:])["choices"][0]["delta"] for b in h.post(
+            s.url + "/v1/chat/completions", json={**think, "stream": True}).text.split("\n\n")
+            if b.startswith("data: {")]
+        assert "".join(d.get("reasoning_content", "") for d in deltas) == "ready above"
+        assert "".join(d.get("content", "") for d in deltas) == "ever red"
+        ollama = h.post(s.url + "/api/chat", json={"model": "tiny", "messages": chat("hi"), "think": True,
+                                                   "stream": False}).json()["message"]
+        assert (ollama["content"], ollama["thinking"]) == ("ever red", "ready above")
+
+
+def test_tool_calls_come_back_in_both_apis(tiny):
+    from serve_helpers import Q, pieces_tokenizer
+
+    tok, ids = pieces_tokenizer()  # one with Gemma 4's tool-call tokens (tiny has none)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    body = {"model": "tiny", "messages": chat("weather?"), "tools": tools}
+    with Served(tiny[0], tok) as s, httpx.Client(timeout=30) as h:
+        s.worker.session.generate = given_answer(ids("Sure.", "<|tool_call>", "call:get_weather{city:", Q, "Paris", Q,
+                                                     ",days:3}", "<tool_call|>"))
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+        r = client.chat.completions.create(**body)
+        call = r.choices[0].message.tool_calls[0]
+        assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content == "Sure."
+        assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris",
+                                                                                              "days": 3}
+        chunks = list(client.chat.completions.create(**body, stream=True))
+        streamed = [c.choices[0].delta.tool_calls for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+        assert streamed[0][0].function.name == "get_weather" and chunks[-1].choices[0].finish_reason == "tool_calls"
+        ollama = h.post(s.url + "/api/chat", json={**body, "stream": False}).json()["message"]
+        want = {"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}
+        assert ollama["tool_calls"] == [{"function": want}]

@@ -2,16 +2,12 @@
 thinking channel into reasoning, stop strings across blocks, tools passed to the chat template."""
 
 import pytest
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models
 
 from dgcli.events import BlockEvent
 from dgcli.serve.common import Answer
 from dgcli.serve.tools import openai_tool_calls, parse_tool_call, split_answer
 from dgcli.tokenizer import Tokenizer
-
-Q = '<|"|>'
-SPECIAL = ["<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>", Q, "<eos>"]
+from serve_helpers import Q, pieces_tokenizer
 
 
 @pytest.mark.parametrize("text,want", [
@@ -43,15 +39,7 @@ def test_openai_shape_has_json_arguments_and_ids():
 
 @pytest.fixture(scope="module")
 def pieces_tok():
-    """A tokenizer whose tokens are given pieces of text (decoded by concatenation) and Gemma 4's markers."""
-    words = ["thought", "\n", "Let me check.", "Sure.", " It is sunny.", "call:get_weather{city:", "Paris",
-             ",days:3}", "call:broken{", "x"]
-    vocab = {w: i for i, w in enumerate(SPECIAL + words)}
-    tok = HFTokenizer(models.WordLevel(vocab, unk_token="x"))
-    tok.add_special_tokens(SPECIAL)
-    tok.decoder = decoders.Fuse()
-    t = Tokenizer(tok, None, {})
-    return t, lambda *ps: [vocab[p] for p in ps]
+    return pieces_tokenizer()
 
 
 def test_answer_ids_split_into_thought_content_and_calls(pieces_tok):
