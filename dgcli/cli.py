@@ -387,6 +387,53 @@ def probe(
         raise typer.Exit(130)
 
 
+@app.command(epilog=example("dg serve -m tiny", "dg serve --port 11434        # where Ollama's clients look",
+                            "DG_API_KEY=secret dg serve --host 0.0.0.0",
+                            "curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' "
+                            "-d '{\"model\": \"tiny\", \"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}'"))
+def serve(
+    model: ModelOpt = store.DEFAULT_MODEL,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on; the default is this machine only.")]
+    = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port (vLLM's default; 0 picks a free one).")]
+    = 8000,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="DG_API_KEY", show_envvar=True,
+                                                   help="Require 'Authorization: Bearer KEY' on the API.")] = None,
+    max_queue: Annotated[int, typer.Option("--max-queue", min=1, max=100000, help="Requests that may wait while "
+                                           "one generates; more get 429 with Retry-After.")] = 16,
+    cors_origin: Annotated[Optional[str], typer.Option("--cors-origin", metavar="ORIGIN", help="Let pages from "
+                                                       "ORIGIN (e.g. http://localhost:3000) call the API.")] = None,
+    device: DeviceOpt = None, dtype: DtypeOpt = None, no_cuda_graphs: NoGraphsOpt = False,
+):
+    """Serve the model over HTTP: OpenAI's API (/v1), Ollama's (/api), and a chat page with the live canvas (/).
+
+    One generation runs at a time; others wait in a queue. SIGTERM or Ctrl-C stops the server
+    (the running generation is cancelled). docs/serve.md lists the endpoints and fields.
+    """
+    import socket
+
+    from .serve import create_app
+    from .serve import serve as run_server
+    from .serve.app import is_loopback
+
+    if api_key is not None and not api_key.strip():
+        raise BadUsage("--api-key (or DG_API_KEY) is empty")
+    try:  # refuse a taken port or a bad host before the model loads
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except (OSError, OverflowError) as e:
+        raise BadUsage(f"cannot listen on {host}:{port}: {getattr(e, 'strerror', None) or e}") from None
+    if not is_loopback(host):
+        typer.echo(f"warning: listening on {host}: other machines can reach this server"
+                   + ("; only clients with the API key can use it" if api_key else
+                      " and, without --api-key, use the model freely"), err=True)
+    m, tok = load(model, device, dtype, cuda_graphs=False if no_cuda_graphs else None)
+    run_server(create_app(m, tok, model, api_key=api_key, max_queue=max_queue, cors_origin=cors_origin),
+               host=host, port=port)
+
+
 @app.command(epilog=example("dg pull", "dg pull google/diffusiongemma-26B-A4B-it", "dg pull tiny"))
 def pull(name: Annotated[str, typer.Argument(metavar="NAME", help="HF repo id, or 'tiny'.")] = store.DEFAULT_MODEL):
     """Download a model into the Hugging Face cache (shared with other tools; resumes; uses HF_TOKEN)."""

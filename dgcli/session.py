@@ -85,12 +85,14 @@ class ChatSession:
     def clear(self) -> None:
         self.messages, self.last, self.last_reused, self.tokens, self.pending = [], None, 0, [], []
 
-    def cached_prefix(self, ids: list[int]) -> int:
-        """Roll the cache back so that it holds ids[:n], n as large as it allows; returns n."""
+    def cached_prefix(self, ids: list[int], reuse: bool | None = None) -> int:
+        """Roll the cache back so that it holds ids[:n], n as large as it allows (0 when reuse is off:
+        reuse=None means the session's reuse_cache); returns n."""
         if self.cache is None:
             self.cache = self.engine.new_cache(max_tokens=self.context)
         cache = self.cache
-        n = min(common_prefix(self.tokens[:cache.length], ids), len(ids) - 1) if self.reuse_cache else 0
+        reuse = self.reuse_cache if reuse is None else reuse
+        n = min(common_prefix(self.tokens[:cache.length], ids), len(ids) - 1) if reuse else 0
         image_id = self.engine.config.image_token_id
         for a, b in spans(ids, image_id) if image_id is not None else []:
             if a < n < b:  # never keep half an image: its tokens are encoded together
@@ -117,46 +119,17 @@ class ChatSession:
         self.messages.append({"role": "user", "content": [*parts, {"type": "text", "text": text}] if parts else text})
         committed, done = "", None
         try:
-            msgs = self.conversation()
-            ids, history, pixels = self._encode(msgs)
-            image_id = self.engine.config.image_token_id
-            start = self.cached_prefix(ids)
-            cache = self.cache
-            # Refused before any compute (the conversation's prefill below included) if it cannot fit.
-            check_context(self.engine, len(ids) - start, self.engine.sampler_settings(**self.settings).max_new_tokens,
-                          cache)
-            self.last_reused, extra_s = start, 0.0
-            blocks: list[int] = []  # the cache holds (ids + blocks)[:cache.length]
+            ids, history, pixels = self._encode(self.conversation())
+            events = self.generate(ids, history if self.reuse_cache else None, pixels=pixels, template=template)
             try:
-                if self.reuse_cache and start < len(history) < len(ids) and ids[:len(history)] == history:
-                    # The conversation so far, without the generation prompt: the next turn's prompt
-                    # starts with it, whatever this answer turns out to be.
-                    extra_s = prefill(self.engine, ids[start:len(history)], cache,
-                                      images_between(ids, image_id, pixels, start, len(history))).seconds
-                    cache.mark()
-                    start = len(history)
-                prompt = EncodedPrompt(ids[start:], images_between(ids, image_id, pixels, start, len(ids))) \
-                    if pixels else ids[start:]
-                events = stream_generate(self.engine, self.tokenizer, prompt, cache=cache, template=template,
-                                         **self.settings)
-                try:
-                    for ev in events:
-                        if isinstance(ev, PrefillEvent):
-                            ev.prompt_tokens += start - self.last_reused  # what this turn encoded in both calls
-                            ev.seconds += extra_s
-                        elif isinstance(ev, BlockEvent):
-                            committed += ev.text
-                            blocks += ev.token_ids
-                        elif isinstance(ev, DoneEvent):
-                            ev.prompt_tokens += start - self.last_reused
-                            ev.prefill_seconds += extra_s
-                            ev.total_seconds += extra_s
-                            done = ev
-                        yield ev
-                finally:
-                    events.close()
+                for ev in events:
+                    if isinstance(ev, BlockEvent):
+                        committed += ev.text
+                    elif isinstance(ev, DoneEvent):
+                        done = ev
+                    yield ev
             finally:
-                self.tokens = (ids + blocks)[:cache.length]
+                events.close()
         except (DgError, ValueError):
             self.messages.pop()
             self.pending = parts  # the images stay attached for the next try
@@ -166,6 +139,51 @@ class ChatSession:
             raise
         self.messages.append({"role": "assistant", "content": done.text if done else committed})
         self.last = done
+
+    def generate(self, ids: list[int], history: list[int] | None = None, settings: dict | None = None,
+                 reuse: bool | None = None, pixels=(), template=None) -> Iterator[Event]:
+        """Yield the events of an answer to the prompt `ids` (a whole rendered conversation), with the
+        session's cache: the prefix `ids` shares with the cached tokens is not encoded again (unless
+        reuse=False: then the answer is computed as a one-off generation computes it, token for token).
+        `history` (a prefix of ids: the conversation without the generation prompt) is encoded and
+        marked first, so that a next turn, which starts with it, can come back to it. `pixels`: the
+        processed images of the image spans in ids, in order; `template`: the answer fills it. dg
+        chat's turns and dg serve's requests (settings per request) both come here."""
+        settings = self.settings if settings is None else settings
+        image_id = self.engine.config.image_token_id
+        start = self.cached_prefix(ids, reuse)
+        cache = self.cache
+        # Refused before any compute (the conversation's prefill below included) if it cannot fit.
+        check_context(self.engine, len(ids) - start, self.engine.sampler_settings(**settings).max_new_tokens, cache)
+        self.last_reused, extra_s = start, 0.0
+        blocks: list[int] = []  # the cache holds (ids + blocks)[:cache.length]
+        try:
+            if history is not None and start < len(history) < len(ids) and ids[:len(history)] == history:
+                # The conversation so far, without the generation prompt: the next turn's prompt
+                # starts with it, whatever this answer turns out to be.
+                extra_s = prefill(self.engine, ids[start:len(history)], cache,
+                                  images_between(ids, image_id, pixels, start, len(history))).seconds
+                cache.mark()
+                start = len(history)
+            prompt = EncodedPrompt(ids[start:], images_between(ids, image_id, pixels, start, len(ids))) \
+                if pixels else ids[start:]
+            events = stream_generate(self.engine, self.tokenizer, prompt, cache=cache, template=template, **settings)
+            try:
+                for ev in events:
+                    if isinstance(ev, PrefillEvent):
+                        ev.prompt_tokens += start - self.last_reused  # what this turn encoded in both calls
+                        ev.seconds += extra_s
+                    elif isinstance(ev, BlockEvent):
+                        blocks += ev.token_ids
+                    elif isinstance(ev, DoneEvent):
+                        ev.prompt_tokens += start - self.last_reused
+                        ev.prefill_seconds += extra_s
+                        ev.total_seconds += extra_s
+                    yield ev
+            finally:
+                events.close()
+        finally:
+            self.tokens = (ids + blocks)[:cache.length]
 
     # ---- settings and transcript ----
 

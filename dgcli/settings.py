@@ -19,6 +19,7 @@ SWITCHES = {  # name: (default, what it does) — the README lists exactly these
     "DG_KERNELS": ("auto", "ref: plain PyTorch everywhere; triton: Triton kernels (also on the CPU interpreter); "
                            "auto: Triton on CUDA"),
     "DG_AUTOTUNE": ("on", "time the Triton kernels' tile candidates once per shape and device, and keep the choice"),
+    "DG_API_KEY": ("none", "the key `dg serve` requires (as --api-key): `Authorization: Bearer KEY`"),
 }
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 KERNEL_MODES = ("ref", "triton", "auto")

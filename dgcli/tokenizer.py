@@ -51,8 +51,9 @@ class Tokenizer:
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            enable_thinking: bool = False, **tokens: str) -> str:
-        """The rendered conversation; `tokens`: more special tokens the template may read (image_token...)."""
+                            enable_thinking: bool = False, tools: list[dict] | None = None, **tokens: str) -> str:
+        """The rendered conversation; `tools`: function specs the template lists; `tokens`: more special
+        tokens the template may read (image_token...)."""
         if not self.chat_template:
             raise DgError("this model has no chat template; pass the prompt raw (--raw) instead")
         if self._template is None:
@@ -60,7 +61,7 @@ class Tokenizer:
         try:
             return self._template.render(
                 messages=messages, add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking,
-                bos_token=self.bos_token or "", eos_token=self.eos_token or "", **tokens,
+                tools=tools, bos_token=self.bos_token or "", eos_token=self.eos_token or "", **tokens,
             )
         except jinja2.TemplateError as e:
             raise DgError(f"chat template failed: {first_line(e)}") from None
