@@ -294,7 +294,9 @@ class SamplerSettings:
         number("t_max", 0, MAX_TEMPERATURE)
         if not self.t_max > self.t_min:
             bad("t_max", f"must be greater than t_min={self.t_min}")
-        integer("stability_threshold", 0)
+        # It sizes a [k, canvas] history buffer, and a block stops within max_denoising_steps anyway.
+        integer("stability_threshold", 0, MAX_DENOISING_STEPS,
+                f" (the argmax must repeat that many steps; a block has at most {MAX_DENOISING_STEPS})")
         number("confidence_threshold", 0, MAX_ENTROPY_BOUND)
         if self.seed is not None:
             integer("seed", 0, MAX_SEED)

@@ -89,6 +89,7 @@ def test_dg_run_too_long_exits_2_with_one_line(monkeypatch):
     {"max_denoising_steps": 2.5}, {"max_new_tokens": -4}, {"max_new_tokens": "16"},
     {"seed": 2**64}, {"seed": MAX_SEED + 1}, {"seed": -1}, {"seed": "7"},
     {"entropy_bound": math.inf}, {"confidence_threshold": math.nan}, {"stability_threshold": -1},
+    {"stability_threshold": 10**6},  # would allocate a [10**6, canvas] int64 history (2 GB)
     {"eos_token_id": "1"}, {"pad_token_id": "0"},
 ])
 def test_out_of_range_settings_are_refused(overrides):
@@ -98,8 +99,9 @@ def test_out_of_range_settings_are_refused(overrides):
 
 def test_the_bounds_themselves_are_accepted():
     s = SamplerSettings().replace(t_max=MAX_TEMPERATURE, t_min=0.0, max_denoising_steps=MAX_DENOISING_STEPS,
-                                  seed=MAX_SEED)
-    assert (s.t_max, s.max_denoising_steps, s.seed) == (MAX_TEMPERATURE, MAX_DENOISING_STEPS, MAX_SEED)
+                                  seed=MAX_SEED, stability_threshold=MAX_DENOISING_STEPS)
+    assert (s.t_max, s.max_denoising_steps, s.seed, s.stability_threshold) == \
+        (MAX_TEMPERATURE, MAX_DENOISING_STEPS, MAX_SEED, MAX_DENOISING_STEPS)
 
 
 @pytest.mark.parametrize("key, value", [("t_max", "inf"), ("t_max", "1e308"), ("temperature", "nan"),
