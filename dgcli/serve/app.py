@@ -97,7 +97,8 @@ class Ctx:
             why = str(e).replace("(--max-tokens)", "(max_tokens)")
             if req.pixels:
                 why += f" (the {len(req.pixels)} image(s) take {sum(p.tokens for p in req.pixels)} of the prompt's tokens)"
-            raise ApiError(400, why, param="messages", code="context_length_exceeded") from None
+            raise ApiError(400, why, param=req.template_param if plan else "messages",
+                           code="context_length_exceeded") from None
         job = Job(ids, history, multi, settings, req.canvas, pixels=req.pixels, template=plan)
         self.worker.submit(job)
         return job, Answer(self.tokenizer, s, req.stop, template=plan is not None), len(ids)
