@@ -31,6 +31,7 @@ from ..errors import DgError, first_line
 from ..events import BlockEvent, DoneEvent
 from . import ollama_api, openai_api
 from ..filling import layout
+from ..images import ImageError
 from .common import Answer, ApiError, GenRequest
 from .worker import Job, Worker
 
@@ -75,7 +76,10 @@ class Ctx:
 
     async def start(self, req: GenRequest) -> tuple[Job, Answer, int]:
         """Check the request against the model (before it waits in the queue) and queue it."""
-        ids, history, multi = await run_in_threadpool(req.encode, self.tokenizer, self.engine.model)
+        try:
+            ids, history, multi = await run_in_threadpool(req.encode, self.tokenizer, self.engine.model)
+        except ImageError as e:  # not an image, too large, no vision tower: the client's to change
+            raise ApiError(400, str(e), param="messages") from None
         if not ids:
             raise ApiError(400, "the prompt is empty", param="prompt")
         vocab = self.engine.config.vocab_size
