@@ -316,7 +316,8 @@ def encode_prompt(model, tokenizer, messages: list[dict], *, system: str | None 
     if system:
         shown = [{"role": "system", "content": system}] + shown
     text = tokenizer.apply_chat_template(shown, add_generation_prompt=add_generation_prompt, enable_thinking=think,
-                                         tools=tools, image_token=media.image, boi_token=media.begin, eoi_token=media.end)
+                                         tools=tools, image_token=media.image, boi_token=media.begin,
+                                         eoi_token=media.end)
     ids = tokenizer.encode(media.expand(text, [p.tokens for p in pixels]), add_special_tokens=False)
     image_id = model.config.image_token_id
     if sum(1 for t in ids if t == image_id) != sum(p.tokens for p in pixels):

@@ -49,7 +49,8 @@ def b64(path) -> str:
 
 
 def openai_msg(path, text=Q):
-    return {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64(path)}},
+    url = "data:image/png;base64," + b64(path)
+    return {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                         {"type": "text", "text": text}]}
 
 

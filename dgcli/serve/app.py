@@ -29,9 +29,9 @@ from ..api import check_context
 from ..engine import as_engine
 from ..errors import DgError, first_line
 from ..events import BlockEvent, DoneEvent
-from . import ollama_api, openai_api
 from ..filling import layout
 from ..images import ImageError
+from . import ollama_api, openai_api
 from .common import Answer, ApiError, GenRequest
 from .worker import Job, Worker
 
@@ -100,7 +100,8 @@ class Ctx:
         except DgError as e:
             why = str(e).replace("(--max-tokens)", "(max_tokens)")
             if req.pixels:
-                why += f" (the {len(req.pixels)} image(s) take {sum(p.tokens for p in req.pixels)} of the prompt's tokens)"
+                n = sum(p.tokens for p in req.pixels)
+                why += f" (the {len(req.pixels)} image(s) take {n} of the prompt's tokens)"
             raise ApiError(400, why, param=req.template_param if plan else "messages",
                            code="context_length_exceeded") from None
         job = Job(ids, history, multi, settings, req.canvas, pixels=req.pixels, template=plan)
