@@ -298,9 +298,11 @@ def check_vision(model) -> None:
 
 
 def encode_prompt(model, tokenizer, messages: list[dict], *, system: str | None = None, think: bool = False,
-                  add_generation_prompt: bool = True, pixels: list[Pixels] | None = None) -> EncodedPrompt:
+                  add_generation_prompt: bool = True, pixels: list[Pixels] | None = None,
+                  tools: list | None = None) -> EncodedPrompt:
     """Chat messages whose content may hold image parts -> token ids with each image's placeholder
-    expanded, and the images' patches (`pixels`: already processed, in order, to skip decoding)."""
+    expanded, and the images' patches (`pixels`: already processed, in order, to skip decoding);
+    `tools`: function specs for the chat template."""
     check_vision(model)
     processor, media = vision_for(tokenizer)
     if pixels is None:
@@ -314,7 +316,8 @@ def encode_prompt(model, tokenizer, messages: list[dict], *, system: str | None 
     if system:
         shown = [{"role": "system", "content": system}] + shown
     text = tokenizer.apply_chat_template(shown, add_generation_prompt=add_generation_prompt, enable_thinking=think,
-                                         image_token=media.image, boi_token=media.begin, eoi_token=media.end)
+                                         tools=tools, image_token=media.image, boi_token=media.begin,
+                                         eoi_token=media.end)
     ids = tokenizer.encode(media.expand(text, [p.tokens for p in pixels]), add_special_tokens=False)
     image_id = model.config.image_token_id
     if sum(1 for t in ids if t == image_id) != sum(p.tokens for p in pixels):

@@ -199,8 +199,10 @@ BAD = [
      None),
     ("POST", "/v1/chat/completions", {"model": "tiny", "messages": chat("hi"), "stream": "yes"}, 400, "stream"),
     ("POST", "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}, 400,
+        {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]}]}, 400,
      "messages[0].content[0].type"),
+    ("POST", "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": [  # no vision tower
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}, 400, "messages"),
     ("POST", "/v1/completions", {"model": "tiny", "prompt": ""}, 400, "prompt"),
     ("POST", "/v1/completions", {"model": "tiny", "prompt": [10**9]}, 400, "prompt"),
     ("POST", "/v1/nothing", {}, 404, None),

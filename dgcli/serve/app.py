@@ -29,6 +29,8 @@ from ..api import check_context
 from ..engine import as_engine
 from ..errors import DgError, first_line
 from ..events import BlockEvent, DoneEvent
+from ..filling import layout
+from ..images import ImageError
 from . import ollama_api, openai_api
 from .common import Answer, ApiError, GenRequest
 from .worker import Job, Worker
@@ -74,21 +76,37 @@ class Ctx:
 
     async def start(self, req: GenRequest) -> tuple[Job, Answer, int]:
         """Check the request against the model (before it waits in the queue) and queue it."""
-        ids, history, multi = await run_in_threadpool(req.encode, self.tokenizer)
+        try:
+            ids, history, multi = await run_in_threadpool(req.encode, self.tokenizer, self.engine.model)
+        except ImageError as e:  # not an image, too large, no vision tower: the client's to change
+            raise ApiError(400, str(e), param="messages") from None
         if not ids:
             raise ApiError(400, "the prompt is empty", param="prompt")
         vocab = self.engine.config.vocab_size
         if max(ids) >= vocab:
             raise ApiError(400, f"token id {max(ids)} is not in the vocabulary (0 to {vocab - 1})", param="prompt")
-        s = self.engine.sampler_settings(**req.settings)  # ConfigError (a DgError): 400 with the reason
+        settings = dict(req.settings)
+        s = self.engine.sampler_settings(**settings)  # ConfigError (a DgError): 400 with the reason
+        plan = None
+        if req.template is not None:  # laid out now: a bad one is a 400 before the queue
+            try:
+                plan = await run_in_threadpool(layout, req.template, self.tokenizer, self.engine, s)
+            except DgError as e:
+                raise ApiError(400, f"'{req.template_param}' cannot be used: {e}", param=req.template_param) from None
+            settings["max_new_tokens"] = plan.n_blocks * plan.L  # the template sets the answer's length
+            s = s.replace(max_new_tokens=settings["max_new_tokens"])
         try:
-            check_context(self.engine, len(ids), s.max_new_tokens)
+            check_context(self.engine, len(ids), s.max_new_tokens, template=plan is not None)
         except DgError as e:
-            raise ApiError(400, str(e).replace("(--max-tokens)", "(max_tokens)"), param="messages",
+            why = str(e).replace("(--max-tokens)", "(max_tokens)")
+            if req.pixels:
+                n = sum(p.tokens for p in req.pixels)
+                why += f" (the {len(req.pixels)} image(s) take {n} of the prompt's tokens)"
+            raise ApiError(400, why, param=req.template_param if plan else "messages",
                            code="context_length_exceeded") from None
-        job = Job(ids, history, multi, req.settings, req.canvas)
+        job = Job(ids, history, multi, settings, req.canvas, pixels=req.pixels, template=plan)
         self.worker.submit(job)
-        return job, Answer(self.tokenizer, s, req.stop), len(ids)
+        return job, Answer(self.tokenizer, s, req.stop, template=plan is not None), len(ids)
 
     async def collect(self, job: Job, answer: Answer, request) -> None:
         """Run a non-streaming job to its end; the client leaving cancels it."""

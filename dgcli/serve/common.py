@@ -128,25 +128,67 @@ def seed(body: dict, key: str, name: str | None = None) -> int | None:
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
-def content_text(content, param: str) -> str:
-    """A message's content as text: a string, or a list of parts of which only text parts are taken
-    for now. (Image parts will be decoded here: issue 16.)"""
+def content_text(content, param: str):
+    """A message's content: text (a string, or its text parts joined), or, when it holds images, a list
+    of text parts and image parts (`image_part`: decoded later, off the event loop)."""
     if content is None:
         return ""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
         raise bad(param, f"must be a string or a list of content parts, got {_show(content)}")
-    texts = []
+    parts = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
+        where = f"{param}[{j}]"
         if kind == "text" and isinstance(part.get("text"), str):
-            texts.append(part["text"])
+            parts.append({"type": "text", "text": part["text"]})
         elif kind == "text":
-            raise bad(f"{param}[{j}].text", "must be a string")
+            raise bad(f"{where}.text", "must be a string")
+        elif kind == "image_url":
+            url = part.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            parts.append(image_part(data_url(url, f"{where}.image_url.url"), where))
         else:
-            raise bad(f"{param}[{j}].type", f"content part type {_show(kind)} is not supported (only 'text')")
-    return "\n".join(texts)
+            raise bad(f"{where}.type", f"content part type {_show(kind)} is not supported "
+                                       "(only 'text' and 'image_url')")
+    if any(p["type"] == "image" for p in parts):
+        return parts
+    return "\n".join(p["text"] for p in parts)
+
+
+# ---- images: base64 only; a server never fetches a URL it is given ----
+
+def data_url(url, param: str) -> bytes:
+    """The bytes of a `data:<type>;base64,...` URL; 400 for a remote URL or anything else."""
+    if not isinstance(url, str):
+        raise bad(param, "must be a data: URL (data:image/png;base64,...)")
+    if url[:8].lower().startswith(("http://", "https://")):
+        raise bad(param, "is a remote URL: dg serve never fetches one; send the image inline as a data: URL "
+                         "(data:image/png;base64,...)")
+    head, comma, data = url.partition(",")
+    if not head.lower().startswith("data:") or not comma:
+        raise bad(param, "must be a data: URL (data:image/png;base64,...)")
+    if not head.lower().endswith(";base64"):
+        raise bad(param, "must be a base64 data: URL (data:image/png;base64,...)")
+    return b64(data, param)
+
+
+def b64(text, param: str) -> bytes:
+    import base64
+    import binascii
+
+    if not isinstance(text, str) or not text.strip():
+        raise bad(param, "must be an image as a non-empty base64 string")
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise bad(param, "is not valid base64") from None
+
+
+def image_part(data: bytes, param: str) -> dict:
+    """An image part whose bytes are decoded (Pillow) and processed when the request is encoded."""
+    return {"type": "image", "_data": data, "_name": param}
 
 
 def chat_messages(messages, param: str = "messages") -> list[dict]:
@@ -197,6 +239,72 @@ def get_tools(body: dict, key: str = "tools") -> list | None:
     return tools or None
 
 
+# ---- templates: the answer fills one (docs/fill.md) ----
+
+def template_fields(body: dict, xargs: dict | None = None, response_format: bool = False,
+                    ollama_format: bool = False) -> tuple[object, str | None]:
+    """(Template or None, the field it came from) from at most one of: `dg_template` (template text),
+    `dg_schema` (a JSON Schema), vLLM's `diffusion_seed_canvas` + `diffusion_pinned` (in `vllm_xargs`
+    or at the top level), OpenAI's `response_format` json_schema, Ollama's `format` schema."""
+    from ..template import TemplateError
+    from ..filling import template_from
+
+    found = []  # (field, keyword for template_from, value)
+    if body.get("dg_template") is not None:
+        found.append(("dg_template", "template", get_str(body, "dg_template")))
+    if body.get("dg_schema") is not None:
+        found.append(("dg_schema", "schema", body["dg_schema"]))
+    for where, d in (("", body), ("vllm_xargs.", xargs or {})):
+        if d.get("diffusion_seed_canvas") is not None or d.get("diffusion_pinned") is not None:
+            found.append((where + "diffusion_seed_canvas", "tokens",
+                          (d.get("diffusion_seed_canvas"), d.get("diffusion_pinned"))))
+    if response_format:
+        schema = response_schema(body.get("response_format"))
+        if schema is not None:
+            found.append(("response_format.json_schema.schema", "schema", schema))
+    if ollama_format:
+        fmt = body.get("format")
+        if fmt == "json":
+            raise bad("format", "'json' needs a schema here: dg fills a schema's template (give format a JSON "
+                                "Schema object); free-form JSON is not constrained")
+        if isinstance(fmt, dict):
+            found.append(("format", "schema", fmt))
+        elif fmt not in (None, ""):
+            raise bad("format", f"must be a JSON Schema object, got {_show(fmt)}")
+    if not found:
+        return None, None
+    if len(found) > 1:
+        raise bad(found[1][0], f"cannot be combined with '{found[0][0]}': give one template")
+    name, kind, value = found[0]
+    try:
+        if kind == "schema":
+            if not isinstance(value, dict):
+                raise TemplateError(f"a JSON Schema is an object, got {_show(value)}")
+            return template_from(schema=value), name
+        if kind == "tokens":
+            return template_from(seed_canvas=value[0], pinned=value[1]), name
+        return template_from(value), name
+    except TemplateError as e:
+        raise bad(name, f"cannot be used: {e}") from None
+
+
+def response_schema(fmt) -> dict | None:
+    """The schema of OpenAI's `response_format: {"type": "json_schema", "json_schema": {"schema": ...}}`."""
+    if fmt is None or fmt == {"type": "text"}:
+        return None
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "json_object":
+        raise bad("response_format", "{\"type\": \"json_object\"} needs a schema here: dg fills a schema's "
+                                     "template; use {\"type\": \"json_schema\", \"json_schema\": {\"schema\": {...}}}")
+    if kind != "json_schema":
+        raise bad("response_format.type", f"must be 'text' or 'json_schema', got {_show(kind)}")
+    spec = fmt.get("json_schema")
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    if not isinstance(schema, dict):
+        raise bad("response_format.json_schema.schema", "is required: a JSON Schema object")
+    return schema
+
+
 # ---- one generation request ----
 
 @dataclass
@@ -212,20 +320,38 @@ class GenRequest:
     stream: bool = False
     include_usage: bool = False
     canvas: bool = False  # dg_canvas: also send the denoising steps
+    template: object = None  # a dgcli.template.Template the answer fills (dg_template, a schema, vLLM's arrays)
+    template_param: str | None = None  # the field it came from, for errors
+    pixels: list = field(default_factory=list)  # the images' patches, in order (set by encode)
 
-    def encode(self, tokenizer) -> tuple[list[int], list[int] | None, bool]:
-        """(prompt ids, the conversation's ids without the generation prompt or None, multi-turn)."""
+    def encode(self, tokenizer, model=None) -> tuple[list[int], list[int] | None, bool]:
+        """(prompt ids, the conversation's ids without the generation prompt or None, multi-turn).
+        Images are decoded and processed here (an ImageError, 400, for a bad one); `self.pixels`."""
         if self.messages is None:
             if isinstance(self.prompt, list):
                 return list(self.prompt), None, False
             return tokenizer.encode(self.prompt, add_special_tokens=True), None, False
+        multi = any(m["role"] == "assistant" for m in self.messages)
+        parts = [p for m in self.messages if isinstance(m["content"], list) for p in m["content"]
+                 if p["type"] == "image"]
+        if parts:
+            from ..images import check_vision, encode_prompt, image_from_bytes, vision_for
+
+            check_vision(model)
+            processor, _ = vision_for(tokenizer)
+            self.pixels = [processor(image_from_bytes(p["_data"], p["_name"])) for p in parts]
+
+            def encoded(gen: bool) -> list[int]:
+                return encode_prompt(model, tokenizer, self.messages, think=self.think, tools=self.tools,
+                                     pixels=self.pixels, add_generation_prompt=gen).ids
+
+            return encoded(True), encoded(False), multi
 
         def render(gen: bool) -> list[int]:
             text = tokenizer.apply_chat_template(self.messages, add_generation_prompt=gen,
                                                  enable_thinking=self.think, tools=self.tools)
             return tokenizer.encode(text, add_special_tokens=False)
 
-        multi = any(m["role"] == "assistant" for m in self.messages)
         return render(True), render(False), multi
 
 
@@ -245,8 +371,10 @@ class Answer:
     (text that may begin one is held back until the next block decides), tool calls at the end.
     One per request."""
 
-    def __init__(self, tokenizer, settings, stop: list[str]):
+    def __init__(self, tokenizer, settings, stop: list[str], template: bool = False):
         self.tok, self.s, self.stop = tokenizer, settings, stop
+        self.template = template  # a filled template: the text is the template's (pads out), no thought or calls
+        self.filled = ""
         self.markers = marker_ids(tokenizer)
         self.ids: list[int] = []
         self.sent_content = self.sent_reasoning = ""
@@ -260,15 +388,18 @@ class Answer:
     def block(self, ev: BlockEvent) -> tuple[str, str]:
         """(content delta, reasoning delta) after a committed block."""
         self.ids += ev.token_ids
+        self.filled += ev.text
         return self._update(final=False)
 
     def finish(self, done: DoneEvent | None) -> tuple[str, str]:
         """The last deltas; `done` is None when the generation was cut short by a stop string."""
         self.done = done
+        if done is not None and self.template:
+            self.filled = done.text
         return self._update(final=True)
 
     def _update(self, final: bool) -> tuple[str, str]:
-        p = split_answer(self.tok, self._useful(), self.markers)
+        p = Parts(self.filled) if self.template else split_answer(self.tok, self._useful(), self.markers)
         content = p.content
         for s in self.stop:
             at = content.find(s)
@@ -306,4 +437,4 @@ class Answer:
             return "tool_calls"
         if self.stopped or self.done is None:
             return "stop"
-        return "stop" if self.done.finish_reason == "eos" else "length"
+        return "stop" if self.done.finish_reason in ("eos", "template") else "length"

@@ -2,7 +2,8 @@
 ending with a `done: true` object that carries Ollama's counts and timings in nanoseconds).
 Errors are Ollama's `{"error": "..."}`.
 
-`ollama_request` is the one place a body becomes a GenRequest (images and `format` come later).
+`ollama_request` is the one place a body becomes a GenRequest: `images` (base64, on a message or
+on /api/generate) and `format` (a JSON Schema: the answer fills its template) included.
 """
 
 from __future__ import annotations
@@ -15,17 +16,12 @@ from starlette.responses import JSONResponse, StreamingResponse
 
 from .. import __version__
 from ..events import BlockEvent, DoneEvent
-from .common import (ApiError, GenRequest, bad, chat_messages, get_bool, get_int, get_number, get_stop, get_str,
-                     get_tools, sampler_fields, seed, temperature)
+from .common import (ApiError, GenRequest, b64, bad, chat_messages, get_bool, get_int, get_number, get_stop, get_str,
+                     get_tools, image_part, sampler_fields, seed, temperature, template_fields)
 
 
 def ollama_request(body: dict, chat: bool) -> GenRequest:
     """/api/chat's or /api/generate's body as a GenRequest (400 for anything wrong in it)."""
-    if body.get("images") or (chat and isinstance(body.get("messages"), list) and any(
-            isinstance(m, dict) and m.get("images") for m in body["messages"])):
-        raise bad("images", "are not supported yet")
-    if body.get("format") not in (None, ""):
-        raise bad("format", "is not supported yet")
     opts = body.get("options")
     if opts is None:
         opts = {}
@@ -46,8 +42,11 @@ def ollama_request(body: dict, chat: bool) -> GenRequest:
         raise bad("think", "must be true, false, or a level")
     req = GenRequest(settings=s, think=bool(think) and think not in ("none", "false"),
                      stop=get_stop(opts, "stop", "options.stop"), stream=get_bool(body, "stream", True))
+    req.template, req.template_param = template_fields(body, ollama_format=True)
     if chat:
         req.messages = chat_messages(body.get("messages"))
+        for i, (m, msg) in enumerate(zip(body["messages"], req.messages)):
+            with_images(msg, m.get("images"), f"messages[{i}].images")
         req.tools = get_tools(body)
     else:
         prompt = get_str(body, "prompt") or ""
@@ -55,11 +54,35 @@ def ollama_request(body: dict, chat: bool) -> GenRequest:
         if get_bool(body, "raw"):
             if system:
                 raise bad("system", "needs the chat template; it cannot be combined with raw")
+            if body.get("images"):
+                raise bad("images", "need the chat template; they cannot be combined with raw")
             req.prompt = prompt
         else:
             req.messages = ([{"role": "system", "content": system}] if system else []) + \
-                           [{"role": "user", "content": prompt}]
+                           [with_images({"role": "user", "content": prompt}, body.get("images"), "images")]
     return req
+
+
+def with_images(msg: dict, images, param: str) -> dict:
+    """Ollama's `images` (base64 strings) as image parts before the message's text, as `dg run --image`."""
+    if images is None or images == []:
+        return msg
+    if not isinstance(images, list):
+        raise bad(param, "must be a list of base64-encoded images")
+    parts = []
+    for j, im in enumerate(images):
+        where = f"{param}[{j}]"
+        if isinstance(im, str) and im[:8].lower().startswith(("http://", "https://")):
+            raise bad(where, "is a remote URL: dg serve never fetches one; send the image as base64")
+        if isinstance(im, str) and im[:5].lower() == "data:":  # a data: URL is taken too
+            im = im.partition(",")[2]
+        parts.append(image_part(b64(im, where), where))
+    text = msg["content"]
+    if isinstance(text, list):
+        msg["content"] = parts + text
+    else:
+        msg["content"] = parts + ([{"type": "text", "text": text}] if text else [])
+    return msg
 
 
 def _now() -> str:

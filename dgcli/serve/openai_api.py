@@ -14,7 +14,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 
 from ..events import BlockEvent, DoneEvent, PrefillEvent
 from .common import (Answer, ApiError, GenRequest, bad, chat_messages, get_bool, get_int, get_number, get_stop,
-                     get_str, get_tools, sampler_fields, seed, temperature)
+                     get_str, get_tools, sampler_fields, seed, temperature, template_fields)
 
 
 def settings_from(body: dict) -> dict:
@@ -47,6 +47,8 @@ def stream_fields(body: dict, req: GenRequest) -> None:
         req.include_usage = get_bool(opts, "include_usage", name="stream_options.include_usage")
     req.canvas = get_bool(body, "dg_canvas")
     req.stop = get_stop(body, "stop")
+    # The answer fills a template: dg_template, dg_schema, response_format json_schema, vLLM's arrays.
+    req.template, req.template_param = template_fields(body, body.get("vllm_xargs"), response_format=True)
 
 
 def chat_request(body: dict) -> GenRequest:
@@ -59,9 +61,6 @@ def chat_request(body: dict) -> GenRequest:
         req.think = get_bool(kwargs, "enable_thinking", name="chat_template_kwargs.enable_thinking")
     choice = body.get("tool_choice")
     req.tools = None if choice == "none" else get_tools(body)
-    # Structured output (response_format json_schema, dg_template, dg_schema) will be read here.
-    if body.get("response_format") not in (None, {"type": "text"}):
-        raise bad("response_format", "is not supported yet (only {\"type\": \"text\"})")
     stream_fields(body, req)
     return req
 

@@ -9,6 +9,7 @@ the server stops) drops a waiting job, or closes a running generation between tw
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 import sys
 import threading
@@ -27,9 +28,13 @@ _END = object()
 
 class Job:
     def __init__(self, ids: list[int], history: list[int] | None, multi_turn: bool, settings: dict,
-                 canvas: bool = False):
+                 canvas: bool = False, pixels=(), template=None):
         self.ids, self.history, self.multi_turn = ids, history, multi_turn
         self.settings, self.canvas = settings, canvas
+        self.pixels, self.template = list(pixels), template  # the images' patches; a filling.Plan
+        # Image spans are runs of one token id whatever the image: the cache is reused only where the
+        # images are the same too.
+        self.image_keys = [hashlib.sha256(p.pixels.tobytes()).hexdigest() for p in self.pixels]
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
@@ -71,7 +76,8 @@ class Worker:
         self.running: Job | None = None
         self.stopping = False
         self.cond = threading.Condition()
-        self.prev: tuple[list[int] | None, int] = (None, 0)  # the last request's history and prompt length
+        # the last request's history, prompt length and image keys
+        self.prev: tuple[list[int] | None, int, list[str]] = (None, 0, [])
         self.seconds = 1.0  # a running mean of a request's time, for Retry-After
         self.thread = threading.Thread(target=self._loop, name="dg-serve-worker", daemon=True)
         self.thread.start()
@@ -135,16 +141,19 @@ class Worker:
                 self.seconds = 0.8 * self.seconds + 0.2 * (time.perf_counter() - t0)
 
     def _run(self, job: Job) -> None:
-        (prev, prev_len), self.prev = self.prev, (job.history, len(job.ids))
+        (prev, prev_len, prev_keys), self.prev = self.prev, (job.history, len(job.ids), job.image_keys)
         # A request computes its answer exactly as `dg run` would, unless it continues the previous
         # request's conversation (starts with it and goes on past its prompt: a repeated request
         # does not): then the cache's shared prefix is reused, as dg chat reuses it. A multi-turn
         # conversation is encoded in two parts (the history is marked), so that its next turn can
         # come back to it; a single turn in one piece, as `dg run` encodes it.
         continues = (prev is not None and job.history is not None and len(job.history) > prev_len
-                     and job.ids[:len(prev)] == prev)
+                     and job.ids[:len(prev)] == prev and job.image_keys[:len(prev_keys)] == prev_keys)
+        extra = {"pixels": job.pixels} if job.pixels else {}
+        if job.template is not None:
+            extra["template"] = job.template
         events = self.session.generate(job.ids, job.history if job.multi_turn else None, job.settings,
-                                       reuse=continues)
+                                       reuse=continues, **extra)
         try:
             for ev in events:
                 if job.cancelled.is_set() or self.stopping:
@@ -162,7 +171,10 @@ class Worker:
     def canvas(self, ev: StepEvent) -> dict:
         """What the page draws for one step: the canvas's tokens as they read (accepted ones marked),
         and the draft (the argmax a commit would keep) as text."""
-        return {"block": ev.block, "step": ev.step, "max_steps": ev.max_steps, "tokens": self.pieces(ev.canvas),
-                "accepted": "".join("1" if a else "0" for a in ev.accepted), "accepted_count": sum(ev.accepted),
-                "draft": self.tokenizer.decode(ev.argmax, skip_special_tokens=True), "stopped": ev.stopped,
-                "seconds": ev.seconds}
+        out = {"block": ev.block, "step": ev.step, "max_steps": ev.max_steps, "tokens": self.pieces(ev.canvas),
+               "accepted": "".join("1" if a else "0" for a in ev.accepted), "accepted_count": sum(ev.accepted),
+               "draft": self.tokenizer.decode(ev.argmax, skip_special_tokens=True), "stopped": ev.stopped,
+               "seconds": ev.seconds}
+        if ev.pinned is not None:  # a template's fixed positions, as `accepted`
+            out["pinned"] = "".join("1" if p else "0" for p in ev.pinned)
+        return out
