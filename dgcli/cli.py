@@ -404,6 +404,7 @@ def serve(
     cors_origin: Annotated[Optional[str], typer.Option("--cors-origin", metavar="ORIGIN", help="Let pages from "
                                                        "ORIGIN (e.g. http://localhost:3000) call the API.")] = None,
     device: DeviceOpt = None, dtype: DtypeOpt = None, no_cuda_graphs: NoGraphsOpt = False,
+    no_vision: NoVisionOpt = False,
 ):
     """Serve the model over HTTP: OpenAI's API (/v1), Ollama's (/api), and a chat page with the live canvas (/).
 
@@ -429,7 +430,7 @@ def serve(
         typer.echo(f"warning: listening on {host}: other machines can reach this server"
                    + ("; only clients with the API key can use it" if api_key else
                       " and, without --api-key, use the model freely"), err=True)
-    m, tok = load(model, device, dtype, cuda_graphs=False if no_cuda_graphs else None)
+    m, tok = load(model, device, dtype, cuda_graphs=False if no_cuda_graphs else None, vision=not no_vision)
     run_server(create_app(m, tok, model, api_key=api_key, max_queue=max_queue, cors_origin=cors_origin),
                host=host, port=port)
 

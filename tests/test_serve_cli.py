@@ -77,3 +77,15 @@ def test_a_host_other_machines_reach_is_warned_about(runner, monkeypatch, key, w
     assert r.exit_code == 0, r.output
     assert f"warning: listening on 127.0.0.1: other machines can reach this server" in r.output and words in r.output
     assert started["host"] == "127.0.0.1" and started["app"][1]["api_key"] == key
+
+
+@pytest.mark.parametrize("flag, vision", [([], True), (["--no-vision"], False)])
+def test_no_vision_serves_text_only(runner, monkeypatch, flag, vision):
+    """--no-vision leaves the tower out (the 18 GB plan at 32k has no room for it), as for run and chat."""
+    loaded = {}
+    monkeypatch.setattr(dgcli.cli, "load", lambda *a, **k: loaded.update(k) or ("engine", "tok"))
+    monkeypatch.setattr(dgcli.serve, "create_app", lambda *a, **k: None)
+    monkeypatch.setattr(dgcli.serve, "serve", lambda app, host, port: None)
+    r = runner.invoke(dgcli.cli.app, ["serve", "-m", "tiny", "--port", "0", *flag])
+    assert r.exit_code == 0, r.output
+    assert loaded["vision"] is vision
