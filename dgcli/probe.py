@@ -172,15 +172,20 @@ def summarise(rows: list[dict], *, model: str, settings: dict, steps: list, inte
     }
 
 
-def probe(engine, tok, prompts: list[Prompt], out_dir: Path, *, settings: dict, steps: list, model: str,
-          progress=None) -> dict:
-    """Run every prompt at every step budget; write the traces, summary.json and report.html. On Ctrl-C
-    the summary covers the runs that finished (and says interrupted)."""
+def make_out_dir(out_dir: Path) -> None:
+    """DIR and DIR/traces, or one usage line (the CLI calls it before the weights load)."""
     try:
         (out_dir / "traces").mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ProbeInputError(f"cannot use {out_dir} as the output directory: {e.strerror or first_line(e)}") \
             from None
+
+
+def probe(engine, tok, prompts: list[Prompt], out_dir: Path, *, settings: dict, steps: list, model: str,
+          progress=None) -> dict:
+    """Run every prompt at every step budget; write the traces, summary.json and report.html. On Ctrl-C
+    the summary covers the runs that finished (and says interrupted)."""
+    make_out_dir(out_dir)
     rows, interrupted = [], False
     planned = len(prompts) * len(steps)
     try:

@@ -29,6 +29,7 @@ from pathlib import Path
 from . import __version__
 from .errors import DgError, first_line
 from .events import BlockEvent, DoneEvent, PrefillEvent, StepEvent
+from .files import check_not_special
 
 FORMAT = "dg-trace"
 VERSION = 1
@@ -73,6 +74,7 @@ def check_target(path: str | os.PathLike) -> Path:
     p = Path(path).expanduser()
     if p.is_dir():
         raise TraceError(f"{path} is a directory: give a file name")
+    check_not_special(p)
     if not p.parent.is_dir():
         raise TraceError(f"cannot write {path}: directory {p.parent} does not exist")
     return p
@@ -80,6 +82,7 @@ def check_target(path: str | os.PathLike) -> Path:
 
 def write_atomic(path: Path, data: bytes) -> None:
     """data under path, never half of it: a temporary file beside it, then a rename."""
+    check_not_special(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -88,11 +91,14 @@ def write_atomic(path: Path, data: bytes) -> None:
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise DgError(f"cannot write {path}: {e.strerror or first_line(e)}") from None
+    except BaseException:  # Ctrl-C or a signal mid-write: no temporary file left behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def encode(trace: Trace, gz: bool) -> bytes:
     text = "".join(json.dumps(r, separators=(",", ":"), ensure_ascii=False) + "\n" for r in trace.lines())
-    data = text.encode("utf-8")
+    data = text.encode("utf-8", "backslashreplace")  # a lone surrogate (a prompt's "\ud800") as its JSON escape
     return gzip.compress(data, compresslevel=6, mtime=0) if gz else data  # 6: gzip's own default, ~9's size
 
 
@@ -246,7 +252,9 @@ def parse(text: str, name: str = "the trace") -> Trace:
     trace = Trace(header)
     for n, line in enumerate(lines[1:], start=2):
         try:
-            r = json.loads(line)
+            r = json.loads(line, parse_constant=_no_constant)
+        except NonFinite as e:
+            raise TraceError(f"{name}: line {n} holds {e}, which is not a number a trace can have") from None
         except ValueError:
             if n == len(lines):
                 raise TraceError(f"{name} is truncated (its last line is cut off)") from None
@@ -285,6 +293,15 @@ def parse(text: str, name: str = "the trace") -> Trace:
     if missing:
         raise TraceError(f"{name}: the header lacks the strings of {len(missing)} token ids (e.g. {min(missing)})")
     return trace
+
+
+class NonFinite(ValueError):
+    pass
+
+
+def _no_constant(name: str):
+    """NaN and Infinity: json.loads takes them, but metrics and --json would carry them on (invalid JSON)."""
+    raise NonFinite(name)
 
 
 def check(record: dict, fields: dict, name: str, n: int) -> None:
