@@ -239,7 +239,9 @@ def parse(text: str, name: str = "the trace") -> Trace:
     if not lines or not lines[0].strip():
         raise TraceError(f"{name} is empty: not a dg trace")
     try:
-        header = json.loads(lines[0])
+        header = json.loads(lines[0], parse_constant=_no_constant)
+    except NonFinite as e:
+        raise TraceError(f"{name}: line 1 holds {e}, which is not a number a trace can have") from None
     except ValueError:
         header = None
     if not isinstance(header, dict) or header.get("type") != "header" or header.get("format") != FORMAT:
