@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 
-from .template import Fixed, Hole, Template, TemplateError
+from .template import Fixed, Hole, Template, TemplateError, unicode_text
 
 DEFAULT_STRING_TOKENS = 16  # a string without maxLength
 INT_TOKENS = 6  # digits of an integer or number (tokenizers split digits one per token)
@@ -146,7 +146,8 @@ def emit(s, path: str, out: list, depth: int = 0) -> None:
 def dump(value, at: str) -> str:
     """A const or enum value as JSON text; NaN and Infinity (which json.loads takes) are not JSON."""
     try:
-        return json.dumps(value, allow_nan=False)
+        text = json.dumps(value, allow_nan=False, ensure_ascii=False)
+        return json.dumps(json.loads(unicode_text(text)))  # a lone surrogate ("\ud800") as U+FFFD
     except ValueError:
         raise TemplateError(f"a const or enum value (at {at}) is NaN or Infinity, which JSON cannot hold") from None
 

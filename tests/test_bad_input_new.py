@@ -148,6 +148,16 @@ def test_lone_surrogates_reach_neither_the_tokenizer_nor_the_trace(tmp_path):
     assert json.loads((out / "summary.json").read_text())["runs_done"] == 1
 
 
+@pytest.mark.parametrize("template", ["\ud800 {{text:2}}", "{{choice:a\udcff|b}}", {"enum": ["\ud800"]}],
+                         ids=["fixed", "choice", "schema-enum"])
+def test_fill_answer_with_lone_surrogates_can_be_sent(tiny, template):  # dg serve's dg_template was a 500
+    import dgcli
+
+    out = dgcli.fill(*tiny, "hi", template, max_denoising_steps=2, seed=1)
+    json.dumps({"text": out.text, "holes": out.holes}, ensure_ascii=False).encode("utf-8")  # as a server sends it
+    assert "\ufffd" in out.text + "".join(map(str, out.holes.values())) or out.text == "b"  # the choice's other
+
+
 def test_tokenizer_replaces_lone_surrogates(tiny):
     tok = tiny[1]
     assert tok.encode("a\ud800b") == tok.encode("a\ufffd\ufffd\ufffdb")  # as surrogatepass bytes, replaced
