@@ -77,6 +77,12 @@ def check_target(path: str | os.PathLike) -> Path:
     check_not_special(p)
     if not p.parent.is_dir():
         raise TraceError(f"cannot write {path}: directory {p.parent} does not exist")
+    test = p.parent / f".{p.name}.check-{os.getpid()}"  # can a file be made there? (before the run, not after)
+    try:
+        os.close(os.open(test, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.unlink(test)
+    except OSError as e:
+        raise TraceError(f"cannot write {path}: {e.strerror or first_line(e)}") from None
     return p
 
 

@@ -63,6 +63,19 @@ def test_writes_refuse_a_special_file(tmp_path, trace_file, args):
     assert stat.S_ISFIFO(os.stat(fifo).st_mode) and os.listdir(tmp_path) == ["fifo"]
 
 
+@pytest.mark.parametrize("args", [
+    ["run", *FAST, "--trace", "/proc/dg-test.jsonl", "hi"],
+    ["fill", *FAST, "--template", "a {{text:2}}", "--trace", "/proc/dg-test.jsonl.gz"],
+    ["chat", *FAST, "--trace", "/proc/dg-test.jsonl"],
+    ["trace", "report", "{trace}", "-o", "/proc/dg-test.html"],
+], ids=["run", "fill", "chat", "report"])
+def test_unwritable_trace_target_fails_before_the_work(trace_file, monkeypatch, args):
+    """A place where no file can be made (/proc here; a read-only directory for a user) is refused
+    before the model loads, not after the whole generation."""
+    monkeypatch.setattr(cli, "load", lambda *a, **k: pytest.fail("loaded the model"))
+    one_error(invoke([a.format(trace=trace_file) for a in args], input=""), 2, "cannot write /proc/dg-test")
+
+
 def test_atomic_writes_refuse_a_special_file(tmp_path):  # chat's /save, dg quantize's files
     os.mkfifo(tmp_path / "fifo")
     with pytest.raises(NotAFileError, match="not a regular file"):
