@@ -237,3 +237,87 @@ def test_sigterm_mid_generation_leaves_no_trace_file(tmp_path):
         proc.kill()
     assert b"Traceback" not in proc.stderr.read()
     assert os.listdir(tmp_path) == []
+
+
+# ---- pins: classes that already held when tried (one line, the right code, before the model loads) -------
+
+def png_bomb(path: Path, side: int = 60000) -> Path:
+    """A 1-bit PNG claiming side x side pixels in a file of a few hundred bytes."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = zlib.compress((b"\0" * (side // 8 + 2)) * 8)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+                     + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+    return path
+
+
+def put(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+@pytest.fixture
+def no_load(monkeypatch):
+    monkeypatch.setattr(cli, "load", lambda *a, **k: pytest.fail("loaded the model"))
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (lambda d: d, "is not a file"),
+    (lambda d: put(d / "empty.png", b""), "is not an image"),
+    (lambda d: png_bomb(d / "bomb.png"), "too large"),
+    (lambda d: put(d / "cut.png", png_bomb(d / "b.png", 64).read_bytes()[:60]), "cannot be decoded"),
+    (lambda d: os.symlink("loop", d / "loop") or d / "loop", "loop"),
+], ids=["directory", "0-byte", "png-bomb", "truncated", "symlink-loop"])
+def test_bad_images_fail_before_the_model_loads(tmp_path, no_load, make, fragment):
+    one_error(invoke(["run", *FAST, "--image", str(make(tmp_path)), "hi"]), 2, fragment)
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (lambda d: put(d / "e.jsonl", b""), "is empty"),
+    (lambda d: d, "is a directory"),
+    (lambda d: put(d / "z.gz", b""), "is empty"),
+    (lambda d: put(d / "c.gz", gzip.compress(b"x" * 999)[:20]), "truncated"),
+    (lambda d: put(d / "h.jsonl", b'{"a": "' + b"x" * 3_000_000 + b'"}\n'), "not a dg trace"),
+    (lambda d: d / "missing.jsonl", "cannot read"),
+], ids=["empty", "directory", "0-byte-gz", "cut-gz", "huge-line", "missing"])
+def test_bad_trace_files(tmp_path, make, fragment):
+    one_error(invoke(["trace", "report", str(make(tmp_path))]), 2, fragment)
+
+
+def test_trace_report_png_onto_a_file(tmp_path, trace_file):
+    (tmp_path / "f").write_text("x")
+    one_error(invoke(["trace", "report", str(trace_file), "--png", str(tmp_path / "f")]), 2, "is a file")
+    assert (tmp_path / "f").read_text() == "x"
+
+
+@pytest.mark.parametrize("lines, flags, fragment", [
+    ("", [], "no prompts"),
+    ('{"prompt": "hi"}\nnot json\n', [], ":2: not JSON"),
+    ('{"regime": "x"}\n', [], 'non-empty "prompt"'),
+    ('{"prompt": "hi"}\n', ["--steps", "0"], "from 1 to"),
+    ('{"prompt": "hi"}\n', ["--steps=-1"], "from 1 to"),
+    ('{"prompt": "hi"}\n', ["--steps", "abc"], "separated by commas"),
+    ('{"prompt": "hi"}\n', ["--steps", ","], "separated by commas"),
+], ids=["empty", "bad-json", "no-prompt", "steps-0", "steps-neg", "steps-abc", "steps-comma"])
+def test_bad_probe_input(tmp_path, no_load, lines, flags, fragment):
+    (tmp_path / "p.jsonl").write_text(lines)
+    r = invoke(["probe", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "out"), *FAST, *flags])
+    one_error(r, 2, fragment)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("template, fragment", [
+    ("{{text:100000000}}", "longer than the model's context"),
+    ("a {{text:0}}", "N >= 1"),
+    ("a {{text:{{int:2}}}}", "unclosed"),
+    ("a {{text:3", "unclosed"),
+    ("{{choice:a||b}}", "empty option"),
+    ("{{choice: |\t}}", "empty option"),
+    ("", "empty template"),
+], ids=["huge-n", "n-0", "nested", "unbalanced", "empty-option", "blank-options", "empty"])
+def test_bad_templates(tiny, template, fragment):
+    one_error(invoke(["fill", *FAST, "--template", template]), 2, fragment)
