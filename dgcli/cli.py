@@ -225,6 +225,7 @@ def fill(
 
 def read_template(template, template_file, schema, prefix, suffix, length):
     """The one template source the flags give (a Template), or one usage line."""
+    from .files import read_file_limited
     from .repl import InputText
     from .template import infill, parse
 
@@ -235,7 +236,8 @@ def read_template(template, template_file, schema, prefix, suffix, length):
 
     def read(path: Path, flag: str) -> str:
         try:
-            return InputText()(path.read_bytes(), f"{flag} {path}")  # bad bytes: U+FFFD, said once
+            data = read_file_limited(path, 64 * 2**20, f"{flag} {path}")  # /dev/zero is not a template
+            return InputText()(data, f"{flag} {path}")  # bad bytes: U+FFFD, said once
         except OSError as e:
             raise BadUsage(f"cannot read {flag} {path}: {e.strerror or e}") from None
 

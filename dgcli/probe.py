@@ -25,6 +25,7 @@ from .api import stream_generate
 from .canvas_view import consume
 from .config import MAX_DENOISING_STEPS
 from .errors import DgError, first_line
+from .files import read_file_limited
 from .trace import write_atomic, writer
 from .trace_metrics import GRANULARITIES, mean, metrics
 from .trace_report import fmt, table, tau_axes
@@ -50,7 +51,7 @@ def read_prompts(paths: list[Path]) -> list[Prompt]:
     out = []
     for path in paths:
         try:
-            text = Path(path).read_text(encoding="utf-8")
+            text = read_file_limited(path, 256 * 2**20).decode("utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise ProbeInputError(f"cannot read {path}: {getattr(e, 'strerror', None) or first_line(e)}") from None
         for n, line in enumerate(text.splitlines(), start=1):

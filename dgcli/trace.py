@@ -29,13 +29,14 @@ from pathlib import Path
 from . import __version__
 from .errors import DgError, first_line
 from .events import BlockEvent, DoneEvent, PrefillEvent, StepEvent
-from .files import check_not_special
+from .files import check_not_special, read_file_limited, read_limited
 
 FORMAT = "dg-trace"
 VERSION = 1
 STEP_FIELDS = ("block", "step", "max_steps", "canvas", "accepted", "argmax", "entropy", "temperature", "stopped",
                "seconds")
 BLOCK_FIELDS = ("block", "token_ids", "steps", "finished")
+MAX_BYTES = 2**30  # a trace read (uncompressed): /dev/zero or a gzip bomb must not fill the memory
 
 
 class TraceError(DgError):
@@ -218,14 +219,14 @@ def read_trace(path: str | os.PathLike) -> Trace:
     """A trace file (gzip or not, whatever its name), checked; TraceError with one line otherwise."""
     name = str(path)
     try:
-        raw = Path(path).expanduser().read_bytes()
+        raw = read_file_limited(Path(path).expanduser(), MAX_BYTES, name)
     except IsADirectoryError:
         raise TraceError(f"{name} is a directory, not a trace") from None
     except OSError as e:
         raise TraceError(f"cannot read {name}: {e.strerror or first_line(e)}") from None
     if raw[:2] == b"\x1f\x8b":
         try:
-            raw = gzip.GzipFile(fileobj=io.BytesIO(raw)).read()
+            raw = read_limited(gzip.GzipFile(fileobj=io.BytesIO(raw)), MAX_BYTES, name)  # a gzip bomb stops here
         except EOFError:
             raise TraceError(f"{name} is truncated (its gzip stream ends early)") from None
         except (OSError, ValueError) as e:

@@ -321,3 +321,35 @@ def test_bad_probe_input(tmp_path, no_load, lines, flags, fragment):
 ], ids=["huge-n", "n-0", "nested", "unbalanced", "empty-option", "blank-options", "empty"])
 def test_bad_templates(tiny, template, fragment):
     one_error(invoke(["fill", *FAST, "--template", template]), 2, fragment)
+
+
+# ---- inputs that never end or blow up: a device, a gzip bomb ---------------------------------------------
+
+@pytest.mark.parametrize("args", [
+    ["fill", *FAST, "--prefix", "/dev/zero", "--length", "4"],
+    ["fill", *FAST, "--template-file", "/dev/urandom"],
+    ["fill", *FAST, "--schema", "/dev/zero"],
+    ["trace", "report", "/dev/zero"],
+    ["probe", "/dev/zero", "--out", "{tmp}/out", *FAST],
+], ids=["prefix", "template-file", "schema", "trace", "probe"])
+def test_reading_a_device_is_refused(tmp_path, no_load, args):
+    one_error(invoke([a.format(tmp=tmp_path) for a in args]), 2, "is a device, not a file")
+
+
+def test_trace_gzip_bomb_stops_at_the_limit(tmp_path, monkeypatch):
+    import dgcli.trace
+
+    monkeypatch.setattr(dgcli.trace, "MAX_BYTES", 2**20)
+    bomb = put(tmp_path / "t.jsonl.gz", gzip.compress(b"{" * (2**20 + 1)))
+    one_error(invoke(["trace", "report", str(bomb)]), 2, "is larger than 1 MiB")
+
+
+def test_template_from_a_pipe_still_works(tmp_path):  # --template-file <(...) is a FIFO
+    r, w = os.pipe()
+    os.write(w, b"x {{text:2}}")
+    os.close(w)
+    try:
+        res = invoke(["fill", *FAST, "--template-file", f"/dev/fd/{r}"])
+    finally:
+        os.close(r)
+    assert res.exit_code == 0 and res.stdout.startswith("x "), res.stderr
