@@ -25,7 +25,7 @@ from .api import stream_generate
 from .canvas_view import consume
 from .config import MAX_DENOISING_STEPS
 from .errors import DgError, first_line
-from .files import read_file_limited
+from .files import check_not_special, read_file_limited
 from .trace import write_atomic, writer
 from .trace_metrics import GRANULARITIES, mean, metrics
 from .trace_report import fmt, table, tau_axes
@@ -175,6 +175,8 @@ def summarise(rows: list[dict], *, model: str, settings: dict, steps: list, inte
 
 def make_out_dir(out_dir: Path) -> None:
     """DIR and DIR/traces, or one usage line (the CLI calls it before the weights load)."""
+    for name in ("summary.json", "report.html"):  # refused now, not after every run
+        check_not_special(out_dir / name)
     try:
         (out_dir / "traces").mkdir(parents=True, exist_ok=True)
     except OSError as e:

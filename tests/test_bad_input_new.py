@@ -76,6 +76,14 @@ def test_unwritable_trace_target_fails_before_the_work(trace_file, monkeypatch, 
     one_error(invoke([a.format(trace=trace_file) for a in args], input=""), 2, "cannot write /proc/dg-test")
 
 
+def test_probe_refuses_a_special_summary_before_the_runs(tmp_path, no_load):
+    (tmp_path / "p.jsonl").write_text('{"prompt": "hi"}\n')
+    (tmp_path / "out").mkdir()
+    os.mkfifo(tmp_path / "out" / "summary.json")
+    one_error(invoke(["probe", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "out"), *FAST]), 2,
+              "summary.json is not a regular file")
+
+
 def test_atomic_writes_refuse_a_special_file(tmp_path):  # chat's /save, dg quantize's files
     os.mkfifo(tmp_path / "fifo")
     with pytest.raises(NotAFileError, match="not a regular file"):
