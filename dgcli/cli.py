@@ -198,8 +198,8 @@ def fill(
     settings = sampling(None, steps, entropy_bound, t_min, t_max, temperature, seed)
     if raw and system:
         raise BadUsage("--system needs the chat template; it cannot be combined with --raw")
-    tmpl = read_template(template, template_file, schema, prefix, suffix, length)
     decode = InputText()
+    tmpl = read_template(decode(template, "--template"), template_file, schema, prefix, suffix, length)
     piped = decode.read(sys.stdin, "stdin").rstrip("\n") if sys.stdin is not None and not sys.stdin.isatty() else None
     text = "\n\n".join(p for p in (decode(prompt, "the prompt"), piped) if p and p.strip())
     if trace is not None:
@@ -225,6 +225,8 @@ def fill(
 
 def read_template(template, template_file, schema, prefix, suffix, length):
     """The one template source the flags give (a Template), or one usage line."""
+    from .files import read_file_limited
+    from .repl import InputText
     from .template import infill, parse
 
     infill_flags = prefix is not None or suffix is not None or length is not None
@@ -234,7 +236,8 @@ def read_template(template, template_file, schema, prefix, suffix, length):
 
     def read(path: Path, flag: str) -> str:
         try:
-            return path.read_bytes().decode("utf-8", "replace")
+            data = read_file_limited(path, 64 * 2**20, f"{flag} {path}")  # /dev/zero is not a template
+            return InputText()(data, f"{flag} {path}")  # bad bytes: U+FFFD, said once
         except OSError as e:
             raise BadUsage(f"cannot read {flag} {path}: {e.strerror or e}") from None
 
@@ -362,13 +365,15 @@ def probe(
     A progress bar on stderr; Ctrl-C keeps the runs that finished (exit 130). The shipped set:
     scripts/probes/*.jsonl (six regimes). Definitions: docs/trace.md.
     """
-    from .probe import parse_steps, probe as run_probe, read_prompts
+    from .cli_common import terminate_as_interrupt
+    from .probe import make_out_dir, parse_steps, probe as run_probe, read_prompts
 
     budgets = parse_steps(steps)
     settings = sampling(max_tokens, None, entropy_bound, t_min, t_max, temperature, seed)
     items = read_prompts(prompts)
     if out.exists() and not out.is_dir():
         raise BadUsage(f"--out {out} is a file, not a directory")
+    make_out_dir(out)  # an unusable --out fails before the weights load
     m, tok = load(model, device, dtype, cuda_graphs=False if no_cuda_graphs else None)
     for b in budgets:
         check_settings(m, {**settings, **({"max_denoising_steps": b} if b else {})})
@@ -377,14 +382,14 @@ def probe(
 
     bar = Progress(TextColumn("probe"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                    console=Console(stderr=True), transient=True)
-    with bar:
+    with terminate_as_interrupt() as caught, bar:  # SIGTERM/SIGHUP keep the finished runs, as Ctrl-C does
         task = bar.add_task("probe", total=len(items) * len(budgets))
         summary = run_probe(m, tok, items, out, settings=settings, steps=budgets, model=model,
                             progress=lambda done, total: bar.update(task, completed=done))
     typer.echo(f"{summary['runs_done']} of {summary['runs_planned']} runs: wrote {out / 'summary.json'} and "
                f"{out / 'report.html'}", err=True)
     if summary["interrupted"]:
-        raise typer.Exit(130)
+        raise typer.Exit(128 + caught[0] if caught else 130)
 
 
 @app.command(epilog=example("dg serve -m tiny", "dg serve --port 11434        # where Ollama's clients look",

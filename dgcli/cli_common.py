@@ -106,6 +106,34 @@ def quiet_closed_pipe():
         raise
 
 
+@contextmanager
+def terminate_as_interrupt():
+    """SIGTERM and SIGHUP stop the work inside as Ctrl-C does (a KeyboardInterrupt), so what finished is
+    kept and temporary files go; yields a list that holds the signal's number once one came (exit 128+N).
+    A second signal during the cleanup is ignored."""
+    import signal
+    import threading
+
+    caught: list[int] = []
+    signals = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    if threading.current_thread() is not threading.main_thread():  # handlers can only be set there
+        yield caught
+        return
+
+    def stop(signum, frame):
+        for s in signals:
+            signal.signal(s, signal.SIG_IGN)
+        caught.append(signum)
+        raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, stop) for s in signals}
+    try:
+        yield caught
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 def check_stdout() -> None:
     """Refuse to start work whose output has nowhere to go (`dg run ... >&-`)."""
     if sys.stdout is None or getattr(sys.stdout, "closed", False):

@@ -25,6 +25,7 @@ from .api import stream_generate
 from .canvas_view import consume
 from .config import MAX_DENOISING_STEPS
 from .errors import DgError, first_line
+from .files import check_not_special, read_file_limited
 from .trace import write_atomic, writer
 from .trace_metrics import GRANULARITIES, mean, metrics
 from .trace_report import fmt, table, tau_axes
@@ -50,7 +51,7 @@ def read_prompts(paths: list[Path]) -> list[Prompt]:
     out = []
     for path in paths:
         try:
-            text = Path(path).read_text(encoding="utf-8")
+            text = read_file_limited(path, 256 * 2**20).decode("utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise ProbeInputError(f"cannot read {path}: {getattr(e, 'strerror', None) or first_line(e)}") from None
         for n, line in enumerate(text.splitlines(), start=1):
@@ -172,15 +173,22 @@ def summarise(rows: list[dict], *, model: str, settings: dict, steps: list, inte
     }
 
 
-def probe(engine, tok, prompts: list[Prompt], out_dir: Path, *, settings: dict, steps: list, model: str,
-          progress=None) -> dict:
-    """Run every prompt at every step budget; write the traces, summary.json and report.html. On Ctrl-C
-    the summary covers the runs that finished (and says interrupted)."""
+def make_out_dir(out_dir: Path) -> None:
+    """DIR and DIR/traces, or one usage line (the CLI calls it before the weights load)."""
+    for name in ("summary.json", "report.html"):  # refused now, not after every run
+        check_not_special(out_dir / name)
     try:
         (out_dir / "traces").mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ProbeInputError(f"cannot use {out_dir} as the output directory: {e.strerror or first_line(e)}") \
             from None
+
+
+def probe(engine, tok, prompts: list[Prompt], out_dir: Path, *, settings: dict, steps: list, model: str,
+          progress=None) -> dict:
+    """Run every prompt at every step budget; write the traces, summary.json and report.html. On Ctrl-C
+    the summary covers the runs that finished (and says interrupted)."""
+    make_out_dir(out_dir)
     rows, interrupted = [], False
     planned = len(prompts) * len(steps)
     try:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 
-from .template import Fixed, Hole, Template, TemplateError
+from .template import Fixed, Hole, Template, TemplateError, unicode_text
 
 DEFAULT_STRING_TOKENS = 16  # a string without maxLength
 INT_TOKENS = 6  # digits of an integer or number (tokenizers split digits one per token)
@@ -71,13 +71,13 @@ def emit(s, path: str, out: list, depth: int = 0) -> None:
     if s is False:
         raise TemplateError(f"a schema that allows nothing (at {at}) cannot be filled")
     if "const" in s:
-        out.append(Fixed(json.dumps(s["const"])))
+        out.append(Fixed(dump(s["const"], at)))
         return
     if "enum" in s:
         values = s["enum"]
         if not values:
             raise TemplateError(f"an empty enum (at {at}) allows nothing")
-        options = tuple(dict.fromkeys(json.dumps(v) for v in values))
+        options = tuple(dict.fromkeys(dump(v, at) for v in values))
         out.append(Hole("choice", 0, path or "value", options, value="json"))
         return
     kind = s.get("type")
@@ -106,7 +106,7 @@ def emit(s, path: str, out: list, depth: int = 0) -> None:
             emit(sub, f"{path}.{key}" if path else key, out, depth + 1)
         out.append(Fixed("}"))
     elif kind == "array":
-        lo, hi = s.get("minItems"), s.get("maxItems")
+        lo, hi = whole(s.get("minItems")), whole(s.get("maxItems"))
         if lo is None or lo != hi:
             raise TemplateError(f"an array (at {at}) needs a fixed item count: minItems == maxItems")
         if lo > MAX_ITEMS:
@@ -123,7 +123,7 @@ def emit(s, path: str, out: list, depth: int = 0) -> None:
     elif kind == "string":
         if s.get("minLength", 0) > 0:
             raise TemplateError(f"'minLength' above 0 on a string (at {at}) is not supported")
-        limit = s.get("maxLength")
+        limit = whole(s.get("maxLength"))
         out.append(Fixed('"'))
         if limit is None:
             out.append(Hole("string", DEFAULT_STRING_TOKENS, path or "value"))
@@ -141,6 +141,20 @@ def emit(s, path: str, out: list, depth: int = 0) -> None:
         out.append(Hole("choice", 0, path or "value", ("true", "false"), value="bool"))
     else:  # null
         out.append(Fixed("null"))
+
+
+def dump(value, at: str) -> str:
+    """A const or enum value as JSON text; NaN and Infinity (which json.loads takes) are not JSON."""
+    try:
+        text = json.dumps(value, allow_nan=False, ensure_ascii=False)
+        return json.dumps(json.loads(unicode_text(text)))  # a lone surrogate ("\ud800") as U+FFFD
+    except ValueError:
+        raise TemplateError(f"a const or enum value (at {at}) is NaN or Infinity, which JSON cannot hold") from None
+
+
+def whole(n):
+    """A count as an int: the metaschema takes 1e9 and 5.0 as integers, but range() and isqrt do not."""
+    return None if n is None else int(n)
 
 
 def string_budget(max_chars: int) -> tuple[int, int]:

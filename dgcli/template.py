@@ -67,6 +67,7 @@ def parse(source: str) -> Template:
     """Parse template text; a TemplateError (one line, with the column) for anything malformed."""
     if not isinstance(source, str):
         raise TemplateError(f"a template is text, got {type(source).__name__}")
+    source = unicode_text(source)
     parts: list[Fixed | Hole] = []
     text, i, n = [], 0, len(source)
     while i < n:
@@ -95,6 +96,16 @@ def parse(source: str) -> Template:
     if dup:
         raise TemplateError(f"hole name '{dup}' is used twice")
     return Template(tuple(parts))
+
+
+def unicode_text(text: str) -> str:
+    """Lone surrogates (a JSON "\ud800") as U+FFFD: fixed text is copied into the answer, which could
+    then be neither encoded nor sent."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
 
 
 def where(source: str, i: int) -> str:
@@ -176,6 +187,7 @@ def infill(prefix: str, suffix: str, length: int) -> Template:
     """PREFIX{{text:N}}SUFFIX, the texts taken as they are (no escapes)."""
     if not isinstance(length, int) or isinstance(length, bool) or length <= 0:
         raise TemplateError(f"the infill length must be a whole number >= 1, got {length!r}")
+    prefix, suffix = unicode_text(prefix), unicode_text(suffix)
     parts = ([Fixed(prefix)] if prefix else []) + [Hole("text", length, "infill")] + ([Fixed(suffix)] if suffix else [])
     return Template(tuple(parts))
 

@@ -45,7 +45,13 @@ class Tokenizer:
         return out
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+        try:
+            return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+        except TypeError:  # lone surrogates (a JSON "\ud800", undecodable argv bytes): not Unicode text
+            if not isinstance(text, str):
+                raise
+            clean = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")  # as U+FFFD, not a crash
+            return self.tok.encode(clean, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)

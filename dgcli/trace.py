@@ -29,12 +29,14 @@ from pathlib import Path
 from . import __version__
 from .errors import DgError, first_line
 from .events import BlockEvent, DoneEvent, PrefillEvent, StepEvent
+from .files import check_not_special, read_file_limited, read_limited
 
 FORMAT = "dg-trace"
 VERSION = 1
 STEP_FIELDS = ("block", "step", "max_steps", "canvas", "accepted", "argmax", "entropy", "temperature", "stopped",
                "seconds")
 BLOCK_FIELDS = ("block", "token_ids", "steps", "finished")
+MAX_BYTES = 2**30  # a trace read (uncompressed): /dev/zero or a gzip bomb must not fill the memory
 
 
 class TraceError(DgError):
@@ -73,13 +75,21 @@ def check_target(path: str | os.PathLike) -> Path:
     p = Path(path).expanduser()
     if p.is_dir():
         raise TraceError(f"{path} is a directory: give a file name")
+    check_not_special(p)
     if not p.parent.is_dir():
         raise TraceError(f"cannot write {path}: directory {p.parent} does not exist")
+    test = p.parent / f".{p.name}.check-{os.getpid()}"  # can a file be made there? (before the run, not after)
+    try:
+        os.close(os.open(test, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.unlink(test)
+    except OSError as e:
+        raise TraceError(f"cannot write {path}: {e.strerror or first_line(e)}") from None
     return p
 
 
 def write_atomic(path: Path, data: bytes) -> None:
     """data under path, never half of it: a temporary file beside it, then a rename."""
+    check_not_special(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -88,11 +98,14 @@ def write_atomic(path: Path, data: bytes) -> None:
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise DgError(f"cannot write {path}: {e.strerror or first_line(e)}") from None
+    except BaseException:  # Ctrl-C or a signal mid-write: no temporary file left behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def encode(trace: Trace, gz: bool) -> bytes:
     text = "".join(json.dumps(r, separators=(",", ":"), ensure_ascii=False) + "\n" for r in trace.lines())
-    data = text.encode("utf-8")
+    data = text.encode("utf-8", "backslashreplace")  # a lone surrogate (a prompt's "\ud800") as its JSON escape
     return gzip.compress(data, compresslevel=6, mtime=0) if gz else data  # 6: gzip's own default, ~9's size
 
 
@@ -206,14 +219,14 @@ def read_trace(path: str | os.PathLike) -> Trace:
     """A trace file (gzip or not, whatever its name), checked; TraceError with one line otherwise."""
     name = str(path)
     try:
-        raw = Path(path).expanduser().read_bytes()
+        raw = read_file_limited(Path(path).expanduser(), MAX_BYTES, name)
     except IsADirectoryError:
         raise TraceError(f"{name} is a directory, not a trace") from None
     except OSError as e:
         raise TraceError(f"cannot read {name}: {e.strerror or first_line(e)}") from None
     if raw[:2] == b"\x1f\x8b":
         try:
-            raw = gzip.GzipFile(fileobj=io.BytesIO(raw)).read()
+            raw = read_limited(gzip.GzipFile(fileobj=io.BytesIO(raw)), MAX_BYTES, name)  # a gzip bomb stops here
         except EOFError:
             raise TraceError(f"{name} is truncated (its gzip stream ends early)") from None
         except (OSError, ValueError) as e:
@@ -233,7 +246,9 @@ def parse(text: str, name: str = "the trace") -> Trace:
     if not lines or not lines[0].strip():
         raise TraceError(f"{name} is empty: not a dg trace")
     try:
-        header = json.loads(lines[0])
+        header = json.loads(lines[0], parse_constant=_no_constant)
+    except NonFinite as e:
+        raise TraceError(f"{name}: line 1 holds {e}, which is not a number a trace can have") from None
     except ValueError:
         header = None
     if not isinstance(header, dict) or header.get("type") != "header" or header.get("format") != FORMAT:
@@ -246,7 +261,9 @@ def parse(text: str, name: str = "the trace") -> Trace:
     trace = Trace(header)
     for n, line in enumerate(lines[1:], start=2):
         try:
-            r = json.loads(line)
+            r = json.loads(line, parse_constant=_no_constant)
+        except NonFinite as e:
+            raise TraceError(f"{name}: line {n} holds {e}, which is not a number a trace can have") from None
         except ValueError:
             if n == len(lines):
                 raise TraceError(f"{name} is truncated (its last line is cut off)") from None
@@ -285,6 +302,15 @@ def parse(text: str, name: str = "the trace") -> Trace:
     if missing:
         raise TraceError(f"{name}: the header lacks the strings of {len(missing)} token ids (e.g. {min(missing)})")
     return trace
+
+
+class NonFinite(ValueError):
+    pass
+
+
+def _no_constant(name: str):
+    """NaN and Infinity: json.loads takes them, but metrics and --json would carry them on (invalid JSON)."""
+    raise NonFinite(name)
 
 
 def check(record: dict, fields: dict, name: str, n: int) -> None:
