@@ -142,6 +142,15 @@ def test_trace_with_non_finite_numbers_is_refused(tmp_path, trace_file, line, va
     one_error(invoke(["trace", "report", str(bad), "--json"]), 2, f"line {n} holds {value}")
 
 
+@pytest.mark.parametrize("key, value", [("model", 5), ("prompt", ["x"]), ("created", {"a": 1})])
+def test_trace_header_text_fields_must_be_text(tmp_path, trace_file, key, value):  # the page printed them
+    records = [json.loads(x) for x in trace_file.read_text().splitlines()]
+    records[0][key] = value
+    bad = put(tmp_path / "t.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode())
+    one_error(invoke(["trace", "report", str(bad), "-o", str(tmp_path / "x.html")]), 2, f"'{key}' is not text")
+    assert os.listdir(tmp_path) == ["t.jsonl"]
+
+
 # ---- text that is not Unicode: bad argv bytes, lone surrogates in JSON, non-UTF-8 files ------------------
 
 def test_fill_template_with_bad_argv_bytes_is_replaced_once():
