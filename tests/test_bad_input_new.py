@@ -288,7 +288,8 @@ def no_load(monkeypatch):
     (lambda d: png_bomb(d / "bomb.png"), "too large"),
     (lambda d: put(d / "cut.png", png_bomb(d / "b.png", 64).read_bytes()[:60]), "cannot be decoded"),
     (lambda d: os.symlink("loop", d / "loop") or d / "loop", "loop"),
-], ids=["directory", "0-byte", "png-bomb", "truncated", "symlink-loop"])
+    (lambda d: "", "an image path is empty"),
+], ids=["directory", "0-byte", "png-bomb", "truncated", "symlink-loop", "empty-name"])
 def test_bad_images_fail_before_the_model_loads(tmp_path, no_load, make, fragment):
     one_error(invoke(["run", *FAST, "--image", str(make(tmp_path)), "hi"]), 2, fragment)
 
