@@ -84,6 +84,15 @@ def test_probe_refuses_a_special_summary_before_the_runs(tmp_path, no_load):
               "summary.json is not a regular file")
 
 
+@pytest.mark.parametrize("flags, fragment", [(["-m", "no-such-model"], "no-such-model"),
+                                             (["-m", "tiny", "--t-min", "5"], "t_min")], ids=["model", "setting"])
+def test_probe_leaves_no_empty_out_when_the_model_fails(tmp_path, flags, fragment):
+    (tmp_path / "p.jsonl").write_text('{"prompt": "hi"}\n')
+    r = invoke(["probe", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "out"), *flags])
+    assert r.exit_code in (1, 2) and r.stderr.startswith("error: ") and fragment in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_atomic_writes_refuse_a_special_file(tmp_path):  # chat's /save, dg quantize's files
     os.mkfifo(tmp_path / "fifo")
     with pytest.raises(NotAFileError, match="not a regular file"):
