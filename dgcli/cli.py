@@ -6,6 +6,7 @@ store.list_models, ...), and prints. Errors and exit codes are handled once, in 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -373,10 +374,18 @@ def probe(
     items = read_prompts(prompts)
     if out.exists() and not out.is_dir():
         raise BadUsage(f"--out {out} is a file, not a directory")
+    created = not out.exists()
     make_out_dir(out)  # an unusable --out fails before the weights load
-    m, tok = load(model, device, dtype, cuda_graphs=False if no_cuda_graphs else None)
-    for b in budgets:
-        check_settings(m, {**settings, **({"max_denoising_steps": b} if b else {})})
+    try:
+        m, tok = load(model, device, dtype, cuda_graphs=False if no_cuda_graphs else None)
+        for b in budgets:
+            check_settings(m, {**settings, **({"max_denoising_steps": b} if b else {})})
+    except BaseException:  # a bad model or flag: leave no empty --out behind
+        if created:
+            for d in (out / "traces", out):
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+        raise
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 

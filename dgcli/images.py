@@ -167,6 +167,8 @@ def open_image(source, name: str | None = None):
         label, f = name or "the image data", io.BytesIO(bytes(source))
     elif isinstance(source, (str, Path)):
         label = str(source)
+        if not label.strip():  # Path("") is ".", which "is not a file" with no name to say
+            raise ImageError("an image path is empty")
         if not Path(source).exists():
             raise ImageError(f"image not found: {label}")
         if not Path(source).is_file():

@@ -113,6 +113,15 @@ def run_one(engine, tok, p: Prompt, index: int, settings: dict, steps, out_dir: 
                meta={"regime": p.regime, "answer": p.answers or None, "source": p.source})
     with w:
         done = consume(stream_generate(engine, tok, p.prompt, **s), [w])
+    try:
+        return row(w, done, p, index, budget, name)
+    except BaseException:  # Ctrl-C/SIGTERM after the trace was written: the summary will not count it
+        if w.written is not None:
+            w.written.unlink(missing_ok=True)
+        raise
+
+
+def row(w, done, p: Prompt, index: int, budget: int, name: str) -> dict:
     m = metrics(w.trace)
     blocks = m["blocks"]
     return {

@@ -258,6 +258,9 @@ def parse(text: str, name: str = "the trace") -> Trace:
     if header.get("version") != VERSION:
         raise TraceError(f"{name} is {FORMAT} version {header.get('version')!r}; this dg reads version {VERSION}")
     check(header, {"records": int, "tokens": dict, "settings": dict, "canvas_length": int}, name, 1)
+    for key in ("model", "prompt", "created", "dg"):  # optional, but the report prints them as text
+        if header.get(key) is not None and not isinstance(header[key], str):
+            raise TraceError(f"{name}: line 1 (header): '{key}' is not text")
     trace = Trace(header)
     for n, line in enumerate(lines[1:], start=2):
         try:

@@ -84,6 +84,15 @@ def test_probe_refuses_a_special_summary_before_the_runs(tmp_path, no_load):
               "summary.json is not a regular file")
 
 
+@pytest.mark.parametrize("flags, fragment", [(["-m", "no-such-model"], "no-such-model"),
+                                             (["-m", "tiny", "--t-min", "5"], "t_min")], ids=["model", "setting"])
+def test_probe_leaves_no_empty_out_when_the_model_fails(tmp_path, flags, fragment):
+    (tmp_path / "p.jsonl").write_text('{"prompt": "hi"}\n')
+    r = invoke(["probe", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "out"), *flags])
+    assert r.exit_code in (1, 2) and r.stderr.startswith("error: ") and fragment in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_atomic_writes_refuse_a_special_file(tmp_path):  # chat's /save, dg quantize's files
     os.mkfifo(tmp_path / "fifo")
     with pytest.raises(NotAFileError, match="not a regular file"):
@@ -140,6 +149,15 @@ def test_trace_with_non_finite_numbers_is_refused(tmp_path, trace_file, line, va
     bad.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in records).encode()))
     n = line + 1 if line >= 0 else len(records)
     one_error(invoke(["trace", "report", str(bad), "--json"]), 2, f"line {n} holds {value}")
+
+
+@pytest.mark.parametrize("key, value", [("model", 5), ("prompt", ["x"]), ("created", {"a": 1})])
+def test_trace_header_text_fields_must_be_text(tmp_path, trace_file, key, value):  # the page printed them
+    records = [json.loads(x) for x in trace_file.read_text().splitlines()]
+    records[0][key] = value
+    bad = put(tmp_path / "t.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode())
+    one_error(invoke(["trace", "report", str(bad), "-o", str(tmp_path / "x.html")]), 2, f"'{key}' is not text")
+    assert os.listdir(tmp_path) == ["t.jsonl"]
 
 
 # ---- text that is not Unicode: bad argv bytes, lone surrogates in JSON, non-UTF-8 files ------------------
@@ -279,7 +297,8 @@ def no_load(monkeypatch):
     (lambda d: png_bomb(d / "bomb.png"), "too large"),
     (lambda d: put(d / "cut.png", png_bomb(d / "b.png", 64).read_bytes()[:60]), "cannot be decoded"),
     (lambda d: os.symlink("loop", d / "loop") or d / "loop", "loop"),
-], ids=["directory", "0-byte", "png-bomb", "truncated", "symlink-loop"])
+    (lambda d: "", "an image path is empty"),
+], ids=["directory", "0-byte", "png-bomb", "truncated", "symlink-loop", "empty-name"])
 def test_bad_images_fail_before_the_model_loads(tmp_path, no_load, make, fragment):
     one_error(invoke(["run", *FAST, "--image", str(make(tmp_path)), "hi"]), 2, fragment)
 
