@@ -29,7 +29,7 @@ from pathlib import Path
 from . import __version__
 from .errors import DgError, first_line
 from .events import BlockEvent, DoneEvent, PrefillEvent, StepEvent
-from .files import check_not_special, read_file_limited, read_limited
+from .files import atomic_output, check_not_special, read_file_limited, read_limited
 
 FORMAT = "dg-trace"
 VERSION = 1
@@ -88,19 +88,12 @@ def check_target(path: str | os.PathLike) -> Path:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """data under path, never half of it: a temporary file beside it, then a rename."""
-    check_not_special(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """data under path, never half of it (dgcli/files.py: a temporary file beside it, then a rename)."""
     try:
-        with open(tmp, "wb") as f:
+        with atomic_output(path, "wb") as f:
             f.write(data)
-        os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise DgError(f"cannot write {path}: {e.strerror or first_line(e)}") from None
-    except BaseException:  # Ctrl-C or a signal mid-write: no temporary file left behind
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def encode(trace: Trace, gz: bool) -> bytes:
