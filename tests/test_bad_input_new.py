@@ -236,7 +236,10 @@ def test_signal_mid_probe_keeps_the_finished_runs(tmp_path, sig):
     out = tmp_path / "out"
     proc = dg("probe", str(prompts), "--out", str(out), *FAST, "--max-tokens", "16", stdout=subprocess.DEVNULL)
     try:
-        wait_until(lambda: (out / "traces").is_dir() and len(os.listdir(out / "traces")) >= 2, proc)
+        def finished():  # whole traces only: a run being written has a hidden temporary file
+            return [t for t in os.listdir(out / "traces") if not t.startswith(".")] if (out / "traces").is_dir() else []
+
+        wait_until(lambda: len(finished()) >= 2, proc)
         proc.send_signal(sig)
         assert proc.wait(timeout=60) == 128 + sig
     finally:
