@@ -113,12 +113,10 @@ def run_one(engine, tok, p: Prompt, index: int, settings: dict, steps, out_dir: 
                meta={"regime": p.regime, "answer": p.answers or None, "source": p.source})
     with w:
         done = consume(stream_generate(engine, tok, p.prompt, **s), [w])
-    try:
-        return row(w, done, p, index, budget, name)
-    except BaseException:  # Ctrl-C/SIGTERM after the trace was written: the summary will not count it
-        if w.written is not None:
-            w.written.unlink(missing_ok=True)
-        raise
+        # The row comes from the trace in memory, before the file is written: a Ctrl-C/SIGTERM here
+        # writes no file (keep_partial=False), so every trace on disk is a run the summary counts.
+        result = row(w, done, p, index, budget, name)
+    return result
 
 
 def row(w, done, p: Prompt, index: int, budget: int, name: str) -> dict:

@@ -131,6 +131,8 @@ class TraceWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None and not self.keep_partial:  # stopped (even after its last step): no file
+            return
         if self.trace.done is None and not (self.keep_partial and self.trace.steps):
             return
         if self.path is not None:
