@@ -108,17 +108,8 @@ def run(
         text = [{"role": "user", "content": [*({"type": "image", "image": p} for p in pictures),
                                              {"type": "text", "text": text}]}]
     events = stream_generate(m, tok, text, raw=raw, system=system, think=think, **settings)
-    with quiet_closed_pipe(), ExitStack() as stack:
-        views = [stack.enter_context(v) for v in run_views(tok, canvas, noise, as_json)]
-        if trace is not None:
-            views.append(stack.enter_context(trace_writer(trace, m, tok, model=model, settings=settings,
-                                                          prompt=text)))
-        done = consume(events, views)
-        if as_json:
-            stdout.write(json.dumps({"model": model, **done.to_dict()}) + "\n")
-            stdout.flush()
-    if verbose:
-        typer.echo(format_stats(done), err=True)
+    print_answer(events, m, tok, model=model, settings=settings, prompt=text, canvas=canvas, noise=noise,
+                 as_json=as_json, verbose=verbose, trace=trace)
 
 
 def check_trace_target(path: Path) -> None:
@@ -134,15 +125,33 @@ def trace_writer(path: Path, engine, tok, **kwargs):
     return writer(path, engine, tok, notice=lambda message: typer.echo(message, err=True), **kwargs)
 
 
-def read_input(prompt: str | None, system: str | None) -> tuple[str, str | None]:
+def read_input(prompt: str | None, system: str | None, decode=None,
+               required: bool = True) -> tuple[str, str | None]:
     """The prompt (argument and piped stdin) and --system as text: bytes that are not UTF-8 become
-    U+FFFD, said once on stderr, rather than failing in the tokenizer."""
+    U+FFFD, said once on stderr (once per `decode`), rather than failing in the tokenizer."""
     from .repl import InputText
 
-    decode, stdin = InputText(), sys.stdin
+    decode, stdin = decode or InputText(), sys.stdin
     if stdin is not None and not stdin.isatty():
         stdin = io.StringIO(decode.read(stdin, "stdin"))
-    return read_prompt(decode(prompt, "the prompt"), stdin), decode(system, "--system")
+    return read_prompt(decode(prompt, "the prompt"), stdin, required), decode(system, "--system")
+
+
+def print_answer(events, engine, tok, *, model: str, settings: dict, prompt, canvas: bool, noise: str,
+                 as_json: bool, verbose: bool, trace: Path | None, extra=lambda done: {}) -> None:
+    """Show a generation as dg run and dg fill do: the text on stdout as blocks commit (or one JSON
+    object, with `extra(done)` added), the canvas on stderr with --canvas, a trace with --trace."""
+    with quiet_closed_pipe(), ExitStack() as stack:
+        views = [stack.enter_context(v) for v in run_views(tok, canvas, noise, as_json)]
+        if trace is not None:
+            views.append(stack.enter_context(trace_writer(trace, engine, tok, model=model, settings=settings,
+                                                          prompt=prompt)))
+        done = consume(events, views)
+        if as_json:
+            stdout.write(json.dumps({"model": model, **done.to_dict(), **extra(done)}) + "\n")
+            stdout.flush()
+    if verbose:
+        typer.echo(format_stats(done), err=True)
 
 
 def run_views(tok, canvas: bool, noise: str, as_json: bool) -> list:
@@ -199,10 +208,9 @@ def fill(
     settings = sampling(None, steps, entropy_bound, t_min, t_max, temperature, seed)
     if raw and system:
         raise BadUsage("--system needs the chat template; it cannot be combined with --raw")
-    decode = InputText()
+    decode = InputText()  # one notice for the template, the prompt and --system together
     tmpl = read_template(decode(template, "--template"), template_file, schema, prefix, suffix, length)
-    piped = decode.read(sys.stdin, "stdin").rstrip("\n") if sys.stdin is not None and not sys.stdin.isatty() else None
-    text = "\n\n".join(p for p in (decode(prompt, "the prompt"), piped) if p and p.strip())
+    text, system = read_input(prompt, system, decode, required=False)
     if trace is not None:
         check_trace_target(trace)  # before the weights load
     m, tok = load(model, device, dtype, cuda_graphs=False if no_cuda_graphs else None)
@@ -210,18 +218,10 @@ def fill(
     from .api import stream_generate
 
     plan = layout(template_from(tmpl), tok, m, m.sampler_settings(**settings))
-    events = stream_generate(m, tok, text, raw=raw, system=decode(system, "--system"), template=plan, **settings)
-    with quiet_closed_pipe(), ExitStack() as stack:
-        views = [stack.enter_context(v) for v in run_views(tok, canvas, noise, as_json)]
-        if trace is not None:
-            views.append(stack.enter_context(trace_writer(trace, m, tok, model=model, settings=settings,
-                                                          prompt=text)))
-        done = consume(events, views)
-        if as_json:
-            stdout.write(json.dumps({"model": model, **done.to_dict(), "holes": plan.read(done.token_ids)[1]}) + "\n")
-            stdout.flush()
-    if verbose:
-        typer.echo(format_stats(done), err=True)
+    events = stream_generate(m, tok, text, raw=raw, system=system, template=plan, **settings)
+    print_answer(events, m, tok, model=model, settings=settings, prompt=text, canvas=canvas, noise=noise,
+                 as_json=as_json, verbose=verbose, trace=trace,
+                 extra=lambda done: {"holes": plan.read(done.token_ids)[1]})
 
 
 def read_template(template, template_file, schema, prefix, suffix, length):

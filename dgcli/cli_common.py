@@ -284,14 +284,15 @@ def check_settings(model, settings: dict) -> None:
         raise BadUsage(str(e)) from None
 
 
-def read_prompt(argument: str | None, stdin=None) -> str:
-    """The argument, the text piped on stdin, or both (argument, a blank line, then the piped text)."""
+def read_prompt(argument: str | None, stdin=None, required: bool = True) -> str:
+    """The argument, the text piped on stdin, or both (argument, a blank line, then the piped text);
+    "" when there is neither and the prompt is not `required` (dg fill)."""
     stdin = stdin or sys.stdin
     piped = None
     if stdin is not None and not stdin.isatty():
         piped = stdin.read().rstrip("\n")
     parts = [p for p in (argument, piped) if p and p.strip()]
-    if not parts:
+    if not parts and required:
         raise BadUsage("empty prompt: give it as an argument or pipe it on stdin")
     return "\n\n".join(parts)
 
