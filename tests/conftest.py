@@ -64,3 +64,20 @@ def home(tmp_path, monkeypatch):
     monkeypatch.setenv("DG_HOME", str(tmp_path / "dg"))
     monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hf"))
     return tmp_path
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    """dg serve on tiny: a real uvicorn server on 127.0.0.1 (tests/serve_helpers.py), one per module."""
+    from serve_helpers import Served
+
+    with Served(*tiny) as s:
+        yield s
+
+
+@pytest.fixture
+def client(server):
+    """The official `openai` client pointed at `server`."""
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)

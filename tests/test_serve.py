@@ -21,17 +21,6 @@ ENGINE_FAST = {"max_new_tokens": 32, "max_denoising_steps": 4}
 LONG = {"max_tokens": 4096, "max_denoising_steps": 1024, "stability_threshold": 1024}
 
 
-@pytest.fixture(scope="module")
-def server(tiny):
-    with Served(*tiny) as s:
-        yield s
-
-
-@pytest.fixture
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-
-
 def chat(text):
     return [{"role": "user", "content": text}]
 

@@ -8,29 +8,16 @@ import re
 
 import httpx
 import jsonschema
-import openai
 import pytest
 
 import dgcli
 from dgcli.filling import template_from
-from serve_helpers import Served
 
 STEPS = {"max_denoising_steps": 4}
 SCHEMA = {"type": "object", "required": ["name", "age", "pet"],
           "properties": {"name": {"type": "string", "maxLength": 6}, "age": {"type": "integer"},
                          "pet": {"enum": ["cat", "dog"]}, "vaccinated": {"type": "boolean"}}}
 TEMPLATE = "Name: {{name:text:3}}. Age: {{age:int:2}}. Likes {{choice:tea|coffee}}."
-
-
-@pytest.fixture(scope="module")
-def server(tiny):
-    with Served(*tiny) as s:
-        yield s
-
-
-@pytest.fixture
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
 
 
 @pytest.fixture
