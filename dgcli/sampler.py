@@ -237,8 +237,7 @@ class Block:
             t0 = time.perf_counter()
             captured = engine.capture_seconds
             out = engine.step(canvas, self.cache, sc, self.temps[i], processor)
-            canvas, accepted, stop = self.decide(out, stability, plan)
-            argmax, ent = pinned_stats(out, plan)
+            canvas, accepted, stop, argmax, ent = self.decide(out, stability, plan)
             sc = out.proc.to(engine.dtype)
             # The one host read of a step: the event's lists and the stop flag, in one transfer.
             host = _to_host(canvas[0], accepted[0], argmax[0], ent[0], stop)
@@ -260,7 +259,8 @@ class Block:
     def decide(self, out, stability: StabilityTracker, plan: TemplateBlock | None = None):
         """Sample every position; keep the lowest-entropy ones within the entropy bound, renoise the
         rest; stop when the argmax canvas is stable and the mean entropy below the threshold.
-        Pinned positions: zero entropy, their pin as argmax and canvas, outside the mean."""
+        Pinned positions: zero entropy, their pin as argmax and canvas, outside the mean.
+        Returns (canvas, accepted, stop, argmax, entropy): the last two with the pins applied."""
         s, V = self.settings, self.engine.config.vocab_size
         sampled = out.sample(self.g)
         pins = plan if plan is not None and plan.n_pinned else None
@@ -274,7 +274,7 @@ class Block:
             canvas = torch.where(pins.pinned, pins.tokens, canvas)
             mean = ent.sum(dim=-1) / (ent.shape[-1] - pins.n_pinned)  # over the holes
         stop = stability(argmax) & (mean < s.confidence_threshold)
-        return canvas, accepted, stop
+        return canvas, accepted, stop, argmax, ent
 
 
 def pinned_stats(out, plan: TemplateBlock | None):

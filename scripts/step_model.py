@@ -467,7 +467,7 @@ def _steps(engine, cache, rec: Recorder, phase: str) -> None:
         with rec.phase_as(name):
             out = engine.step(canvas, cache, sc, temps[i])
             with rec.part("sampler"):
-                canvas, _accepted, _stop = block.decide(out, stability)
+                canvas, *_ = block.decide(out, stability)
                 sc = out.proc.to(engine.dtype)
             del out
 
