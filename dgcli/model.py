@@ -198,7 +198,14 @@ class Router(nn.Module):
         self.per_expert_scale = nn.Parameter(torch.ones(E))
 
     def forward(self, x: torch.Tensor):
-        h = self.norm(x) * self.scale * self.root_size
+        return self.route(self.inputs(x))
+
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """What the projection reads: the weightless norm of x, times scale, times H^-½ (each rounded)."""
+        return self.norm(x) * self.scale * self.root_size
+
+    def route(self, h: torch.Tensor):
+        """`inputs(x)` (T, H) -> (routing weights (T, A) fp32, experts (T, A))."""
         probs = F.softmax(self.proj(h), dim=-1, dtype=torch.float32)  # (T, E)
         weights, index = torch.topk(probs, k=self.top_k, dim=-1)  # (T, A)
         weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -223,6 +230,11 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return moe(x, index, weights, self.gate_up_proj.shape[0], self.grouped_mlp)
 
+    def slots(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """`forward` before the slot sum: each (token, slot)'s weighted output (T, A, H), which
+        `Layer.mix_out` sums (a fused replacement sums it in the same kernel as the norms after it)."""
+        return moe_slots(x, index, weights, self.gate_up_proj.shape[0], self.grouped_mlp)
+
     def grouped_mlp(self, xs: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """Rows xs sorted by expert (expert e's rows end at offsets[e]) -> each row's expert GeGLU."""
         gate, up = grouped_mm(xs, self.gate_up_proj.transpose(-2, -1), offsets).chunk(2, dim=-1)
@@ -234,6 +246,17 @@ def moe(x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, num_experts
     pairs sorted by expert, routing weight applied per pair, slots summed in fp32. x (T, H); index,
     weights (T, A) -> (T, H) in x.dtype. Shared by `Experts`, `quant.QuantExperts` and the kernels'
     reference, so the three differ only in how an expert's weights are read."""
+    return sum_slots(moe_slots(x, index, weights, num_experts, mlp), x.dtype)
+
+
+def sum_slots(slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The experts' output from their per-slot outputs (T, A, H): summed over the slots in fp32, then `dtype`."""
+    return slots.sum(dim=1, dtype=torch.float32).to(dtype)
+
+
+def moe_slots(x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, num_experts: int, mlp) -> torch.Tensor:
+    """`moe` before the slot sum: (T, A, H), each pair's expert output times its routing weight
+    (fp32 when the weights are, as the router's are)."""
     T, H = x.shape
     A = index.shape[1]
     expert, perm = torch.sort(index.reshape(-1))  # (T·A,) grouped by expert
@@ -244,7 +267,7 @@ def moe(x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, num_experts
     y = y * weights.reshape(-1)[perm].unsqueeze(-1)
     inverse = torch.empty_like(perm)
     inverse[perm] = torch.arange(perm.numel(), device=perm.device)
-    return y[inverse].view(T, A, H).sum(dim=1).to(x.dtype)
+    return y[inverse].view(T, A, H)
 
 
 _grouped_mm_ok = True
@@ -289,13 +312,25 @@ class Layer(nn.Module):
         h = self.self_attn(self.input_layernorm(x), cos, sin, cache, i, encode, kv_only, blocks)
         if kv_only:
             return None
+        x, dense_in, experts_in, router_in = self.mix_in(x, h)
+        H = x.shape[-1]
+        weights, index = self.router.route(router_in.reshape(-1, H))  # routes on the raw residual
+        slots = self.experts.slots(experts_in.reshape(-1, H), index, weights)  # (B·T, A, H)
+        return self.mix_out(x, self.mlp(dense_in), slots, scalar)
+
+    # The glue between the matmuls, as two methods that a fused kernel each does in one pass over a
+    # row (kernels.fused_mix swaps them on CUDA):
+    def mix_in(self, x: torch.Tensor, h: torch.Tensor):
+        """The attention output h into the residual, and the three inputs read from it:
+        (x + norm(h), the dense MLP's input, the experts' input, the router's input)."""
         x = self.post_attention_layernorm.add_to(x, h)
-        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x)))
-        flat = x.reshape(-1, x.shape[-1])
-        weights, index = self.router(flat)  # routes on the raw residual
-        moe = self.experts(self.pre_feedforward_layernorm_2(flat), index, weights)
-        moe = self.post_feedforward_layernorm_2(moe.reshape(x.shape))
-        x = self.post_feedforward_layernorm.add_to(x, dense + moe)
+        return x, self.pre_feedforward_layernorm(x), self.pre_feedforward_layernorm_2(x), self.router.inputs(x)
+
+    def mix_out(self, x: torch.Tensor, dense: torch.Tensor, slots: torch.Tensor, scalar: torch.Tensor) -> torch.Tensor:
+        """Both branches back into the residual: the experts' slots (B·T, A, H) summed in fp32, each
+        branch normed, their sum normed and added to x, all times the layer scalar."""
+        moe = self.post_feedforward_layernorm_2(sum_slots(slots, x.dtype).reshape(x.shape))
+        x = self.post_feedforward_layernorm.add_to(x, self.post_feedforward_layernorm_1(dense) + moe)
         return x * scalar
 
 

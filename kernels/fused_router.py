@@ -6,7 +6,7 @@ kernel: 3 kernels a layer instead of ~12.
 the RMSNorms; dgcli/model.py is not edited) with a `FusedRouter` holding the same parameter and
 submodule objects, so state-dict keys and weights are unchanged. Each call asks
 `kernels._dispatch.use_triton` (Triton on CUDA, `DG_KERNELS` overrides) and otherwise runs the
-parent's forward. The Engine installs it on CUDA (dgcli/engine.py).
+parent's methods. The Engine installs it on CUDA (dgcli/engine.py).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from .router import MAX_EXPERTS, router_norm_triton, router_topk_triton
 
 
 class FusedRouter(Router):
-    """Router whose forward runs kernels.router around its projection when dispatch says so.
+    """Router whose inputs (the norm) and route (after the projection) each run a kernels.router
+    kernel when dispatch says so; forward is the parent's, the two in turn.
     The norm keeps the model's three roundings (norm, ·scale, ·root_size): see kernels/router.py."""
 
     @classmethod
@@ -35,10 +36,15 @@ class FusedRouter(Router):
         return (use_triton(x) and self.norm.weight is None and x.shape[-1] <= MAX_WIDTH
                 and self.top_k <= self.per_expert_scale.numel() <= MAX_EXPERTS)
 
-    def forward(self, x: torch.Tensor):
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fits(x):
-            return super().forward(x)
-        logits = self.proj(router_norm_triton(x, self.scale, self.root_size, self.norm.eps))
+            return super().inputs(x)
+        return router_norm_triton(x, self.scale, self.root_size, self.norm.eps)
+
+    def route(self, h: torch.Tensor):
+        if not self._fits(h):
+            return super().route(h)
+        logits = self.proj(h)
         weights, index = router_topk_triton(logits.reshape(-1, logits.shape[-1]), self.per_expert_scale, self.top_k)
         return weights.view(*logits.shape[:-1], -1), index.view(*logits.shape[:-1], -1)
 

@@ -39,7 +39,7 @@ from dataclasses import astuple, dataclass
 import torch
 import torch.nn.functional as F
 
-from dgcli.model import moe
+from dgcli.model import moe, moe_slots
 
 from ._dispatch import HAS_TRITON, launch, use_triton
 from ._tuning import AotSpec, autotune_enabled, candidates, chosen, pick_fastest, remembered, rows_bucket, shared_limit
@@ -99,10 +99,12 @@ def _check(x, index, weights, gate_up_q, gate_up_s, down_q, down_s, group_size):
     return T, H, index.shape[1], E, I
 
 
-def moe_int4_ref(x, index, weights, gate_up_q, gate_up_s, down_q, down_s, group_size: int = 64):
+def moe_int4_ref(x, index, weights, gate_up_q, gate_up_s, down_q, down_s, group_size: int = 64,
+                 slots: bool = False):
     """Plain PyTorch, fp32 throughout: `dgcli.model.moe`'s arithmetic (pairs sorted by expert, routing
     weight per pair, slots summed in fp32) around each present expert dequantised once and applied
-    with two matmuls. Returns [T, H] in x.dtype.
+    with two matmuls. Returns [T, H] in x.dtype; slots=True: the per-slot outputs [T, A, H] (fp32)
+    before the sum (`dgcli.model.moe_slots`).
 
     The per-expert loop reads the run boundaries back once (`offsets.tolist()`): a reference has to
     know which rows an expert owns, and the alternative, decoding all E experts, costs E× the memory.
@@ -122,7 +124,7 @@ def moe_int4_ref(x, index, weights, gate_up_q, gate_up_s, down_q, down_s, group_
             start = end
         return ys
 
-    return moe(x, index, weights.float(), E, mlp)
+    return (moe_slots if slots else moe)(x, index, weights.float(), E, mlp)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -434,13 +436,14 @@ def _launch_down(h, weights, down_q, down_s, sorted_ids, block_expert, y, group_
 
 
 def moe_int4_triton(x, index, weights, gate_up_q, gate_up_s, down_q, down_s, group_size: int = 64,
-                    config: MoeConfig | None = None):
-    """The Triton path; `config` fixes the tiles (else autotuned once per shape on CUDA)."""
+                    config: MoeConfig | None = None, slots: bool = False):
+    """The Triton path; `config` fixes the tiles (else autotuned once per shape on CUDA). slots=True:
+    the down kernel's per-slot outputs [T, A, H] in x.dtype, not yet summed (kernels.mix sums them)."""
     T, H, A, E, I = _check(x, index, weights, gate_up_q, gate_up_s, down_q, down_s, group_size)
     if group_size % 32:
         raise ValueError(f"the Triton kernel needs group_size a multiple of 32 (tl.dot K ≥ 16), got {group_size}")
     if T == 0:
-        return x.new_zeros(T, H)
+        return x.new_zeros(T, index.shape[1], H) if slots else x.new_zeros(T, H)
     x = x.contiguous()
     index = index.contiguous()
     weights = weights.contiguous().float()
@@ -449,10 +452,12 @@ def moe_int4_triton(x, index, weights, gate_up_q, gate_up_s, down_q, down_s, gro
     args = (x, index, weights, gate_up_q, gate_up_s, down_q, down_s, group_size)
     if config is None:
         config = _config_for(*args)
-    return _run(config, *args)
+    y = _run(config, *args)
+    return y if slots else y.sum(1, dtype=torch.float32).to(x.dtype)  # fixed-order sum over slots
 
 
 def _run(cfg: MoeConfig, x, index, weights, gate_up_q, gate_up_s, down_q, down_s, group_size):
+    """The per-slot outputs [T, A, H] in x.dtype, each already times its routing weight."""
     T, H = x.shape
     A, E, I = index.shape[1], gate_up_q.shape[0], gate_up_q.shape[1] // 2
     sorted_ids, block_expert = moe_align(index, E, cfg.block_m)
@@ -462,7 +467,7 @@ def _run(cfg: MoeConfig, x, index, weights, gate_up_q, gate_up_s, down_q, down_s
                     cfg.gu_block_n, cfg.gu_warps, cfg.gu_stages, cfg.block_m)
     _launch_down(h, weights, down_q, down_s, sorted_ids, block_expert, y, group_size,
                  cfg.dn_block_n, cfg.dn_warps, cfg.dn_stages, cfg.block_m)
-    return y.view(T, A, H).sum(1, dtype=torch.float32).to(x.dtype)  # fixed-order sum over slots
+    return y.view(T, A, H)
 
 
 # Candidates: M ≈ 16 rows per expert on a 256-token canvas, so small BLOCK_M first.
@@ -573,11 +578,12 @@ AOT = list(_aot()) if HAS_TRITON else []
 # Dispatcher
 
 
-def moe_int4(x, index, weights, gate_up_q, gate_up_s, down_q, down_s, group_size: int = 64):
-    """Routed experts on packed int4 weights: x [T, H], index/weights [T, A] -> [T, H] in x.dtype.
+def moe_int4(x, index, weights, gate_up_q, gate_up_s, down_q, down_s, group_size: int = 64, slots: bool = False):
+    """Routed experts on packed int4 weights: x [T, H], index/weights [T, A] -> [T, H] in x.dtype
+    (slots=True: the weighted per-slot outputs [T, A, H] before their fp32 sum).
 
     Triton on CUDA, the reference elsewhere; `DG_KERNELS=ref|triton` overrides (see kernels/__init__).
     """
     if use_triton(x):
-        return moe_int4_triton(x, index, weights, gate_up_q, gate_up_s, down_q, down_s, group_size)
-    return moe_int4_ref(x, index, weights, gate_up_q, gate_up_s, down_q, down_s, group_size)
+        return moe_int4_triton(x, index, weights, gate_up_q, gate_up_s, down_q, down_s, group_size, slots=slots)
+    return moe_int4_ref(x, index, weights, gate_up_q, gate_up_s, down_q, down_s, group_size, slots=slots)

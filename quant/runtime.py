@@ -122,6 +122,13 @@ class QuantExperts(Experts):
             return moe_int4(x, index, weights, gu.qweight, gu.scales, dn.qweight, dn.scales, group_size=GROUP)
         return super().forward(x, index, weights)  # dgcli.model.moe around grouped_mlp below
 
+    def slots(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        gu, dn = self.gate_up_proj, self.down_proj
+        if x.is_cuda and _int4_sym(gu) and _int4_sym(dn):
+            return moe_int4(x, index, weights, gu.qweight, gu.scales, dn.qweight, dn.scales, group_size=GROUP,
+                            slots=True)
+        return super().slots(x, index, weights)
+
     def grouped_mlp(self, xs: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """`Experts.grouped_mlp`, decoding one present expert's weights at a time.
 
