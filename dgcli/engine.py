@@ -90,11 +90,12 @@ class Engine:
         if fused_head is None:
             fused_head = cuda and fused_env
         self.fused_head = fused_head and model.model.decoder.embed_tokens.head_weight() is not None
-        if cuda:  # one Triton kernel per RMSNorm (with its residual add or RoPE), two for the router
-            from kernels import fused_norms, fused_router
+        if cuda:  # one Triton kernel per RMSNorm (with its residual add or RoPE), two for the router,
+            from kernels import fused_mix, fused_norms, fused_router  # one for each side of a layer's MLPs
 
             fused_norms.install(model)
             fused_router.install(model)
+            fused_mix.install(model)
         if capture is None and (cuda and graphs_env if cuda_graphs is None else cuda_graphs):
             capture = graphs.CudaCapture()
         self.capture = capture if self.static_cache else None  # graphs need the static cache's fixed buffers

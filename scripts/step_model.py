@@ -340,8 +340,9 @@ def cuda_paths(rec: Recorder):
     from quant import runtime
 
     # By module: the kernels package re-exports functions under the same names as its modules.
-    names = ("_dispatch", "moe_int4", "int8_linear", "lm_head", "fused_norms")
-    dispatch, moe_int4, int8_linear, lm_head, fused_norms = (importlib.import_module(f"kernels.{m}") for m in names)
+    names = ("_dispatch", "moe_int4", "int8_linear", "lm_head", "fused_norms", "fused_router", "fused_mix")
+    dispatch, moe_int4, int8_linear, lm_head, fused_norms, fused_router, fused_mix = (
+        importlib.import_module(f"kernels.{m}") for m in names)
 
     from dgcli.engine import Engine  # noqa: F401 (fail here, not mid-trace, if the engine is missing)
 
@@ -362,6 +363,14 @@ def cuda_paths(rec: Recorder):
                 (dgmodel.RMSNorm, "rope", owner(dgmodel.RMSNorm.rope, "norms")),
                 (fused_norms.FusedRMSNorm, "add_to", owner(fused_norms.FusedRMSNorm.add_to, "norms")),
                 (fused_norms.FusedRMSNorm, "rope", owner(fused_norms.FusedRMSNorm.rope, "norms")),
+                (dgmodel.Layer, "mix_in", owner(dgmodel.Layer.mix_in, "norms")),
+                (dgmodel.Layer, "mix_out", owner(dgmodel.Layer.mix_out, "norms")),
+                (fused_mix.FusedLayer, "mix_in", owner(fused_mix.FusedLayer.mix_in, "norms")),
+                (fused_mix.FusedLayer, "mix_out", owner(fused_mix.FusedLayer.mix_out, "norms")),
+                (dgmodel.Router, "route", owner(dgmodel.Router.route, "experts")),  # called as methods: no hooks
+                (fused_router.FusedRouter, "route", owner(fused_router.FusedRouter.route, "experts")),
+                (dgmodel.Experts, "slots", owner(dgmodel.Experts.slots, "experts")),
+                (runtime.QuantExperts, "slots", owner(runtime.QuantExperts.slots, "experts")),
                 (dgmodel.Embedding, "soft", owner(dgmodel.Embedding.soft, "self_conditioning")),
                 (runtime.QuantEmbedding, "soft", owner(runtime.QuantEmbedding.soft, "self_conditioning")),
                 (runtime.QuantEmbedding, "soft_logits", owner(runtime.QuantEmbedding.soft_logits, "self_conditioning"))]
@@ -401,7 +410,7 @@ def cuda_paths(rec: Recorder):
 
 def build(config: ModelConfig):
     """(model on meta in the default int4 scheme, its format groups, weight bytes)."""
-    from kernels import fused_norms, fused_router
+    from kernels import fused_mix, fused_norms, fused_router
     from quant.planner import plan
     from quant.runtime import quantize_modules
     from quant.schemes import tensor_formats
@@ -414,6 +423,7 @@ def build(config: ModelConfig):
     model.to(torch.bfloat16)  # as loaded on CUDA; packed codes and scales keep their dtypes
     fused_norms.install(model)  # the Engine does these on CUDA only, so not on meta: done here
     fused_router.install(model)
+    fused_mix.install(model)
     storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes()
                 for t in list(model.parameters()) + list(model.buffers())}
     return model, groups, sum(storages.values())
