@@ -19,8 +19,8 @@ What is traced, and how:
   full layers' head dim 512 is over its limit): the bool mask negated and made an additive bias in
   q's dtype, padded (a copy) to a multiple of 8 keys, then ONE fused kernel reading q, k, v, bias;
 - the engine as CUDA runs it by default (dgcli/engine.py: static cache, fused LM head, CUDA graphs,
-  RMSNorms and routers swapped for kernels.fused_norms / fused_router: the Engine swaps them on CUDA
-  only, so this script does).
+  RMSNorms, routers and layers swapped for kernels.fused_norms / fused_router / fused_mix: the Engine
+  swaps them on CUDA only, so this script does).
   The graph backend here replays the step by running it, its allocations in a modelled private pool
   that keeps its peak, as a CUDA graph's pool does. A prompt of the context's length is prefilled
   (only its last chunk is traced: it holds the most; --full-prefill traces every chunk), then a
@@ -34,7 +34,7 @@ What is traced, and how:
   which stay in L2 between kernels on these GPUs; `bytes` counts everything as DRAM traffic;
 - parts: module forward hooks push a name (experts = router + routed experts, dense = the dense MLP
   branch, attention = projections, cache writes, attention, norms = every RMSNorm (with the residual
-  add or the q/k RoPE fused into it),
+  add or the q/k RoPE fused into it) and a layer's glue around its MLPs (Layer.mix_in / mix_out),
   self_conditioning, head = the LM head, sampler, other = embedding lookup, residuals, step glue);
   self-conditioning, head and sampler own everything inside them;
 - live memory: every storage an op allocates counts until its last reference dies (a weakref
