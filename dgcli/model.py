@@ -308,15 +308,20 @@ class Layer(nn.Module):
         self.post_feedforward_layernorm = RMSNorm(H, eps)  # both branches, summed
         self.register_buffer("layer_scalar", torch.ones(1))  # the decoder's copy
 
-    def forward(self, x, cos, sin, cache, i, encode, scalar, kv_only=False, blocks=None):
-        h = self.self_attn(self.input_layernorm(x), cos, sin, cache, i, encode, kv_only, blocks)
+    def forward(self, x, cos, sin, cache, i, encode, scalar, kv_only=False, blocks=None, normed=None,
+                next_norm=None):
+        """-> (the new residual, next_norm of it or None). normed: input_layernorm(x) when the layer
+        before made it; next_norm: the norm that reads this layer's output (the next layer's input
+        norm, or the final one), applied in mix_out, where a fused kernel has the row at hand."""
+        h = self.self_attn(self.input_layernorm(x) if normed is None else normed, cos, sin, cache, i, encode,
+                           kv_only, blocks)
         if kv_only:
-            return None
+            return None, None
         x, dense_in, experts_in, router_in = self.mix_in(x, h)
         H = x.shape[-1]
         weights, index = self.router.route(router_in.reshape(-1, H))  # routes on the raw residual
         slots = self.experts.slots(experts_in.reshape(-1, H), index, weights)  # (B·T, A, H)
-        return self.mix_out(x, self.mlp(dense_in), slots, scalar)
+        return self.mix_out(x, self.mlp(dense_in), slots, scalar, next_norm)
 
     # The glue between the matmuls, as two methods that a fused kernel each does in one pass over a
     # row (kernels.fused_mix swaps them on CUDA):
@@ -326,12 +331,15 @@ class Layer(nn.Module):
         x = self.post_attention_layernorm.add_to(x, h)
         return x, self.pre_feedforward_layernorm(x), self.pre_feedforward_layernorm_2(x), self.router.inputs(x)
 
-    def mix_out(self, x: torch.Tensor, dense: torch.Tensor, slots: torch.Tensor, scalar: torch.Tensor) -> torch.Tensor:
+    def mix_out(self, x: torch.Tensor, dense: torch.Tensor, slots: torch.Tensor, scalar: torch.Tensor,
+                next_norm: RMSNorm | None = None):
         """Both branches back into the residual: the experts' slots (B·T, A, H) summed in fp32, each
-        branch normed, their sum normed and added to x, all times the layer scalar."""
+        branch normed, their sum normed and added to x, all times the layer scalar.
+        -> (that new residual, next_norm of it or None)."""
         moe = self.post_feedforward_layernorm_2(sum_slots(slots, x.dtype).reshape(x.shape))
         x = self.post_feedforward_layernorm.add_to(x, self.post_feedforward_layernorm_1(dense) + moe)
-        return x * scalar
+        x = x * scalar
+        return x, (next_norm(x) if next_norm is not None else None)
 
 
 class Embedding(nn.Module):
@@ -497,9 +505,11 @@ class DiffusionGemma(nn.Module):
         rope = self._rope(torch.arange(cache.length, cache.length + ids.shape[1], device=self.device), x.dtype)
         scalars = self.model.encoder.language_model.layers
         last = len(dec.layers) - 1
+        normed = None
         for i, layer in enumerate(dec.layers):
             cos, sin = rope[self.config.layer_types[i]]
-            x = layer(x, cos, sin, cache, i, True, scalars[i].layer_scalar, kv_only=i == last, blocks=blocks)
+            x, normed = layer(x, cos, sin, cache, i, True, scalars[i].layer_scalar, kv_only=i == last, blocks=blocks,
+                              normed=normed, next_norm=dec.layers[i + 1].input_layernorm if i < last else None)
         cache.length += ids.shape[1]
 
     @torch.inference_mode()
@@ -522,10 +532,12 @@ class DiffusionGemma(nn.Module):
             soft = emb.soft_logits(sc_logits)
         x = dec.self_conditioning(x, soft)
         rope = self._rope(positions, x.dtype)
+        normed = None
         for i, layer in enumerate(dec.layers):
             cos, sin = rope[self.config.layer_types[i]]
-            x = layer(x, cos, sin, cache, i, False, layer.layer_scalar)
-        return dec.norm(x)
+            next_norm = dec.layers[i + 1].input_layernorm if i + 1 < len(dec.layers) else dec.norm
+            x, normed = layer(x, cos, sin, cache, i, False, layer.layer_scalar, normed=normed, next_norm=next_norm)
+        return normed  # dec.norm(x), made by the last layer
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

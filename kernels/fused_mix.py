@@ -1,6 +1,7 @@
 """Swap the model's layers for ones whose glue between the big matmuls runs kernels.mix: `mix_in`
 (residual add of the normed attention output, the dense, experts' and router's inputs) and `mix_out`
-(slot sum, the three norms, residual add, layer scalar), one kernel each instead of ten.
+(slot sum, the three norms, residual add, layer scalar, and the norm that reads the output next),
+two kernels instead of twelve.
 
 `install(model)` makes every `dgcli.model.Layer` a `FusedLayer` (a class swap, as kernels.fused_norms
 does for the RMSNorms; dgcli/model.py is not edited): the same module objects, so state-dict keys and
@@ -15,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dgcli.model import Layer
+from dgcli.model import Layer, RMSNorm
 
 from ._dispatch import swap_modules, use_triton
 from .mix import mix_in_triton, mix_out_triton
@@ -40,13 +41,18 @@ class FusedLayer(Layer):
                              self.pre_feedforward_layernorm_2.weight, self.router.scale, self.router.root_size,
                              self.router.norm.eps)
 
-    def mix_out(self, x: torch.Tensor, dense: torch.Tensor, slots: torch.Tensor, scalar: torch.Tensor) -> torch.Tensor:
+    def mix_out(self, x: torch.Tensor, dense: torch.Tensor, slots: torch.Tensor, scalar: torch.Tensor,
+                next_norm: RMSNorm | None = None):
         if not (self._fits(x) and dense.shape == x.shape and dense.dtype == x.dtype == scalar.dtype
                 and scalar.numel() == 1):
-            return super().mix_out(x, dense, slots, scalar)
-        return mix_out_triton(x, dense, slots, self.post_feedforward_layernorm_1.weight,
-                              self.post_feedforward_layernorm_2.weight, self.post_feedforward_layernorm.weight,
-                              scalar, self.router.norm.eps)
+            return super().mix_out(x, dense, slots, scalar, next_norm)
+        fold = next_norm is not None and next_norm.weight is not None and next_norm.eps == self.router.norm.eps
+        x, normed = mix_out_triton(x, dense, slots, self.post_feedforward_layernorm_1.weight,
+                                   self.post_feedforward_layernorm_2.weight, self.post_feedforward_layernorm.weight,
+                                   scalar, self.router.norm.eps, next_norm.weight if fold else None)
+        if next_norm is not None and not fold:  # a norm the kernel does not fold: on its own
+            normed = next_norm(x)
+        return x, normed
 
 
 def install(model: nn.Module) -> int:

@@ -5,11 +5,12 @@ After attention's o_proj output h, a layer (dgcli.model.Layer) mixes into and ou
 - `mix_in(x, h, ...)` -> (x + norm_pa(h), norm_ff(x'), norm_ff2(x'), router input): the residual add
   of the normed attention output, then the dense MLP's, the experts' and the router's inputs
   (the router's: weightless norm · scale · H^-½, as dgcli.model.Router.inputs) from one read of x';
-- `mix_out(x, dense, slots, ...)` -> (x + norm_ff(norm_ff1(dense) + norm_ff2(Σ slots))) · scalar:
+- `mix_out(x, dense, slots, ...)` -> x' = (x + norm_ff(norm_ff1(dense) + norm_ff2(Σ slots))) · scalar:
   the experts' per-slot outputs (T, A, H) summed in fp32 in slot order, both branches normed and
-  added, the sum normed and added to the residual, times the layer scalar.
+  added, the sum normed and added to the residual, times the layer scalar; and, given its weight,
+  the norm that reads x' next (the next layer's input norm, or the final norm), or None.
 
-Unfused that is 4 + 6 kernels with the norms already one kernel each (kernels.fused_norms), each
+Unfused that is 4 + 7 kernels with the norms already one kernel each (kernels.fused_norms), each
 reading and writing a whole activation. Here one program per row (H = 2816 in one program's registers,
 as kernels.rmsnorm) holds the row through every step.
 
@@ -43,11 +44,12 @@ def mix_in_ref(x, h, w_attn, w_dense, w_experts, router_scale, root_size: float,
             router_norm_ref(x, router_scale, root_size, eps))
 
 
-def mix_out_ref(x, dense, slots, w_dense, w_experts, w_out, scalar, eps: float):
-    """(x + rmsnorm(rmsnorm(dense)·w_dense + rmsnorm(Σ slots)·w_experts)·w_out) · scalar;
-    slots (rows of x, A, H), summed in fp32 and rounded to x's dtype."""
+def mix_out_ref(x, dense, slots, w_dense, w_experts, w_out, scalar, eps: float, w_next=None):
+    """(x' = (x + rmsnorm(rmsnorm(dense)·w_dense + rmsnorm(Σ slots)·w_experts)·w_out) · scalar,
+    rmsnorm(x')·w_next or None); slots (rows of x, A, H), summed in fp32 and rounded to x's dtype."""
     moe = rmsnorm_ref(sum_slots(slots, x.dtype).reshape(x.shape), w_experts, eps)
-    return rmsnorm_add_ref(x, rmsnorm_ref(dense, w_dense, eps) + moe, w_out, eps) * scalar
+    x = rmsnorm_add_ref(x, rmsnorm_ref(dense, w_dense, eps) + moe, w_out, eps) * scalar
+    return x, (rmsnorm_ref(x, w_next, eps) if w_next is not None else None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -87,9 +89,11 @@ if HAS_TRITON:
         tl.store(ro_ptr + out, (r.to(DT).to(tl.float32) * root).to(DT), mask=ok)
 
     @triton.jit
-    def _mix_out_kernel(x_ptr, d_ptr, s_ptr, w1_ptr, w2_ptr, w_ptr, scalar_ptr, out_ptr,
-                        N, A, stride_x, stride_d, stride_st, stride_sa, eps, BLOCK: tl.constexpr):
-        """One row: (x + norm(norm_1(dense) + norm_2(Σ_j slots[j]))) · scalar, the slots in order."""
+    def _mix_out_kernel(x_ptr, d_ptr, s_ptr, w1_ptr, w2_ptr, w_ptr, scalar_ptr, wn_ptr, out_ptr, normed_ptr,
+                        N, A, stride_x, stride_d, stride_st, stride_sa, eps, HAS_NEXT: tl.constexpr,
+                        BLOCK: tl.constexpr):
+        """One row: x' = (x + norm(norm_1(dense) + norm_2(Σ_j slots[j]))) · scalar, the slots in
+        order; and norm_next(x') if HAS_NEXT."""
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         ok = cols < N
@@ -103,7 +107,10 @@ if HAS_TRITON:
         both = (_norm(d, w1_ptr, cols, ok, N, eps, DT) + moe).to(DT).to(tl.float32)
         x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
         x = (x + _norm(both, w_ptr, cols, ok, N, eps, DT)).to(DT).to(tl.float32)
-        tl.store(out_ptr + row * N + cols, (x * tl.load(scalar_ptr).to(tl.float32)).to(DT), mask=ok)
+        x = (x * tl.load(scalar_ptr).to(tl.float32)).to(DT)
+        tl.store(out_ptr + row * N + cols, x, mask=ok)
+        if HAS_NEXT:
+            tl.store(normed_ptr + row * N + cols, _norm(x.to(tl.float32), wn_ptr, cols, ok, N, eps, DT), mask=ok)
 
 
 def _check(x, *weights):
@@ -132,8 +139,8 @@ def mix_in_triton(x, h, w_attn, w_dense, w_experts, router_scale, root_size: flo
     return outs
 
 
-def mix_out_triton(x, dense, slots, w_dense, w_experts, w_out, scalar, eps: float):
-    N = _check(x, w_dense, w_experts, w_out)
+def mix_out_triton(x, dense, slots, w_dense, w_experts, w_out, scalar, eps: float, w_next=None):
+    N = _check(x, w_dense, w_experts, w_out, *([w_next] if w_next is not None else []))
     rows = x.numel() // N if N else 0
     if dense.shape != x.shape or dense.dtype != x.dtype or scalar.numel() != 1 or scalar.dtype != x.dtype:
         raise ValueError(f"dense {tuple(dense.shape)} {dense.dtype} must be x's {tuple(x.shape)} {x.dtype}, and "
@@ -141,16 +148,18 @@ def mix_out_triton(x, dense, slots, w_dense, w_experts, w_out, scalar, eps: floa
     if slots.dim() != 3 or slots.shape[0] != rows or slots.shape[2] != N:
         raise ValueError(f"slots {tuple(slots.shape)} must be [{rows}, A, {N}]")
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    normed = torch.empty_like(out) if w_next is not None else None
     if rows == 0:
-        return out
+        return out, normed
     xr, dr = _rows(x), _rows(dense)
     if slots.stride(-1) != 1:
         slots = slots.contiguous()
     block = _block(N)
     launch(_mix_out_kernel, x.device, (rows,), xr, dr, slots, w_dense.contiguous(), w_experts.contiguous(),
-           w_out.contiguous(), scalar, out, N, slots.shape[1], xr.stride(0), dr.stride(0), slots.stride(0),
-           slots.stride(1), float(eps), BLOCK=block, num_warps=_warps(block))
-    return out
+           w_out.contiguous(), scalar, w_next.contiguous() if w_next is not None else out, out,
+           normed if normed is not None else out, N, slots.shape[1], xr.stride(0), dr.stride(0), slots.stride(0),
+           slots.stride(1), float(eps), HAS_NEXT=w_next is not None, BLOCK=block, num_warps=_warps(block))
+    return out, normed
 
 
 # --------------------------------------------------------------------------------------------------
@@ -163,10 +172,10 @@ def mix_in(x, h, w_attn, w_dense, w_experts, router_scale, root_size: float, eps
                                                             root_size, eps)
 
 
-def mix_out(x, dense, slots, w_dense, w_experts, w_out, scalar, eps: float):
-    """`Layer.mix_out`'s new residual; Triton on CUDA, else the reference."""
+def mix_out(x, dense, slots, w_dense, w_experts, w_out, scalar, eps: float, w_next=None):
+    """`Layer.mix_out`'s (new residual, its next norm or None); Triton on CUDA, else the reference."""
     return (mix_out_triton if use_triton(x) else mix_out_ref)(x, dense, slots, w_dense, w_experts, w_out, scalar,
-                                                              eps)
+                                                              eps, w_next)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -174,7 +183,8 @@ def mix_out(x, dense, slots, w_dense, w_experts, w_out, scalar, eps: float):
 
 
 def _aot():
-    """The released config, bf16 at hidden 2816; the slots as the int4 experts write them (bf16)."""
+    """The released config, bf16 at hidden 2816; the slots as the int4 experts write them (bf16); the
+    next norm always folded in (every layer's output has one: the next input norm or the final)."""
     block = _block(2816)
     config = dict(BLOCK=block, num_warps=_warps(block))
     b = "*bf16"
@@ -185,9 +195,9 @@ def _aot():
                   dict(BLOCK=block), _warps(block), 1, config, default=True, divisible=("N", "stride_x", "stride_h"))
     yield AotSpec("mix.out", _mix_out_kernel,
                   {"x_ptr": b, "d_ptr": b, "s_ptr": b, "w1_ptr": b, "w2_ptr": b, "w_ptr": b, "scalar_ptr": b,
-                   "out_ptr": b, "N": "i32", "A": "i32", "stride_x": "i32", "stride_d": "i32", "stride_st": "i32",
-                   "stride_sa": "i32", "eps": "fp32"},
-                  dict(BLOCK=block), _warps(block), 1, config, default=True,
+                   "wn_ptr": b, "out_ptr": b, "normed_ptr": b, "N": "i32", "A": "i32", "stride_x": "i32",
+                   "stride_d": "i32", "stride_st": "i32", "stride_sa": "i32", "eps": "fp32"},
+                  dict(HAS_NEXT=True, BLOCK=block), _warps(block), 1, config, default=True,
                   divisible=("N", "stride_x", "stride_d", "stride_st", "stride_sa"))
 
 

@@ -86,6 +86,14 @@ def out_args(layer: Layer):
             layer.post_feedforward_layernorm.weight)
 
 
+def check_out(got, want, dtype):
+    """mix_out's pairs: the new residual, and the next norm of it (or None in both)."""
+    check(got[0], want[0], dtype)
+    assert (got[1] is None) == (want[1] is None)
+    if want[1] is not None:
+        check(got[1], want[1], dtype)
+
+
 # ---------------------------------------------------------------------------------------- references
 
 
@@ -96,7 +104,12 @@ def test_references_are_the_layers_arithmetic(dtype):
     for got, want in zip(X.mix_in_ref(x, h, *in_args(layer)), layer.mix_in(x, h), strict=True):
         assert got.dtype == want.dtype and torch.equal(got, want)
     got = X.mix_out_ref(x, dense, slots, *out_args(layer), layer.layer_scalar, EPS)
-    assert torch.equal(got, layer.mix_out(x, dense, slots, layer.layer_scalar))
+    want = layer.mix_out(x, dense, slots, layer.layer_scalar)
+    assert torch.equal(got[0], want[0]) and got[1] is None and want[1] is None
+    got = X.mix_out_ref(x, dense, slots, *out_args(layer), layer.layer_scalar, EPS, layer.input_layernorm.weight)
+    want = layer.mix_out(x, dense, slots, layer.layer_scalar, layer.input_layernorm)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch.equal(want[1], layer.input_layernorm(want[0]))
 
 
 def test_the_split_layer_is_the_unsplit_arithmetic():
@@ -122,9 +135,13 @@ def test_the_split_layer_is_the_unsplit_arithmetic():
         return self.post_feedforward_layernorm.add_to(x, dense + moe) * scalar
 
     with torch.inference_mode():
-        got = layer(x, cos, sin, KVCache(config()), 0, True, scalar)
+        got, none = layer(x, cos, sin, KVCache(config()), 0, True, scalar)
         want = unsplit(layer, x, cos, sin, KVCache(config()), 0, True, scalar)
-    assert torch.equal(got, want)
+        # given the input norm it would have made, and the norm of its output: the same, and that norm
+        again, normed = layer(x, cos, sin, KVCache(config()), 0, True, scalar, normed=layer.input_layernorm(x),
+                              next_norm=layer.post_attention_layernorm)
+    assert torch.equal(got, want) and none is None
+    assert torch.equal(again, want) and torch.equal(normed, layer.post_attention_layernorm(want))
 
 
 def test_slots_summed_are_the_experts_forward():
@@ -179,9 +196,10 @@ def test_mix_in(interpret, shape, dtype):
 def test_mix_out(interpret, shape, dtype):
     layer = random_layer(dtype, H=shape[-1])
     x, _, dense, slots = inputs(shape, dtype)
-    for s in (slots, slots.to(dtype)):  # the reference experts' fp32 slots, the int4 kernel's in x's dtype
-        args = (x, dense, s, *out_args(layer), layer.layer_scalar, EPS)
-        check(X.mix_out(*args), X.mix_out_ref(*args), dtype)
+    for s, w_next in ((slots, None), (slots.to(dtype), layer.input_layernorm.weight)):  # the reference
+        # experts' fp32 slots, the int4 kernel's in x's dtype; without and with the next norm folded in
+        args = (x, dense, s, *out_args(layer), layer.layer_scalar, EPS, w_next)
+        check_out(X.mix_out(*args), X.mix_out_ref(*args), dtype)
 
 
 def test_mix_out_sums_the_slots_in_fp32_and_rounds_once(interpret):
@@ -190,13 +208,13 @@ def test_mix_out_sums_the_slots_in_fp32_and_rounds_once(interpret):
     x, _, dense, slots = inputs((4, 64), torch.bfloat16, A=8)
     slots = slots.to(torch.bfloat16)
     args = (*out_args(layer), layer.layer_scalar, EPS)
-    want = X.mix_out_ref(x, dense, slots, *args)
+    want = X.mix_out_ref(x, dense, slots, *args)[0]
     in_bf16 = slots[:, 0]
     for j in range(1, 8):
         in_bf16 = in_bf16 + slots[:, j]
-    rounded_each_step = X.mix_out_ref(x, dense, in_bf16[:, None], *args)
+    rounded_each_step = X.mix_out_ref(x, dense, in_bf16[:, None], *args)[0]
     assert (rounded_each_step == want).float().mean() < EXACT[torch.bfloat16]  # the two orders do differ
-    check(X.mix_out(x, dense, slots, *args), want, torch.bfloat16)
+    check(X.mix_out(x, dense, slots, *args)[0], want, torch.bfloat16)
 
 
 def test_mix_in_rounds_the_router_input_three_times(interpret):
@@ -219,8 +237,8 @@ def test_strided_rows(interpret):
         assert a.is_contiguous()
         check(a, b, torch.bfloat16)
     s = slots[:6].transpose(0, 1).contiguous().transpose(0, 1)  # slots (6, 3, 40) with slot-major strides
-    args = (xs, ds, s, *out_args(layer), layer.layer_scalar, EPS)
-    check(X.mix_out(*args), X.mix_out_ref(*args), torch.bfloat16)
+    args = (xs, ds, s, *out_args(layer), layer.layer_scalar, EPS, layer.input_layernorm.weight)
+    check_out(X.mix_out(*args), X.mix_out_ref(*args), torch.bfloat16)
 
 
 def test_bad_shapes_are_one_line_errors():
@@ -272,9 +290,17 @@ def test_fused_model_in_ref_mode_is_the_model_bit_for_bit(tiny, monkeypatch):
     assert torch.equal(decode_logits(fused, tok), decode_logits(engine.model, tok))
 
 
+def recorded(module, monkeypatch) -> list:
+    """The kernels `module` launches from now on (still launched)."""
+    seen, real = [], module.launch
+    monkeypatch.setattr(module, "launch", lambda kernel, *a, **k: seen.append(kernel) or real(kernel, *a, **k))
+    return seen
+
+
 def test_fused_model_decode_matches(tiny, interpret, monkeypatch):
     """Every CUDA swap (norms, router, mix) under the interpreter against the plain model: encode and
-    decode, two mix kernels a layer in each."""
+    decode, two mix kernels a layer in each; the norms' own kernels only for the first layer's input
+    norm (the other input norms and the final norm come out of mix_out) and the attention's q/k/v norms."""
     from kernels import fused_norms, fused_router
 
     engine, tok = tiny
@@ -283,14 +309,14 @@ def test_fused_model_decode_matches(tiny, interpret, monkeypatch):
     for module in (fused_norms, fused_router):
         module.install(fused)
     install(fused)
-    launches = []
-    real = X.launch
-    monkeypatch.setattr(X, "launch", lambda kernel, *a, **k: launches.append(kernel) or real(kernel, *a, **k))
+    launches = recorded(X, monkeypatch)
+    norms = recorded(importlib.import_module("kernels.rmsnorm"), monkeypatch)
     want = decode_logits(ref, tok)
-    assert not launches
+    assert not launches and not norms
     got = decode_logits(fused, tok)
     L = ref.config.num_hidden_layers
     assert len(launches) == 2 * L + 2 * (L - 1)  # the encoder's last layer only writes its K/V
+    assert len(norms) == 2 * (1 + 3 * L) + 2  # a pass: the first input norm, v and q/k a layer; + self-conditioning's
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)  # fp32 tiny model: summation order only
     assert torch.equal(got.argmax(-1), want.argmax(-1))
 
@@ -305,7 +331,18 @@ def test_fits_only_the_models_shape_of_layer(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(layer.mix_in(x, h), Layer.mix_in(layer, x, h), strict=True))
     layer.pre_feedforward_layernorm.eps = EPS
     half = layer.layer_scalar.half()  # a scalar of another dtype: the reference's promotion
-    assert torch.equal(layer.mix_out(x, dense, slots, half), Layer.mix_out(layer, x, dense, slots, half))
+    got, want = layer.mix_out(x, dense, slots, half), Layer.mix_out(layer, x, dense, slots, half)
+    assert torch.equal(got[0], want[0]) and got[1] is None
+
+
+def test_a_next_norm_the_kernel_does_not_fold_runs_on_its_own(interpret):
+    layer = random_layer(torch.bfloat16, H=48)
+    install(layer)
+    x, _, dense, slots = inputs((3, 48), torch.bfloat16)
+    weightless = dgmodel.RMSNorm(48, EPS, with_scale=False)
+    got = layer.mix_out(x, dense, slots, layer.layer_scalar, weightless)
+    want = Layer.mix_out(layer, x, dense, slots, layer.layer_scalar, weightless)
+    check_out(got, want, torch.bfloat16)
 
 
 def test_engine_installs_on_cuda_only(tiny, monkeypatch):
@@ -342,18 +379,18 @@ def glue_kernels(fused: bool, monkeypatch) -> list[str]:
     for name in ("kernels.mix", "kernels.rmsnorm", "kernels.router"):
         monkeypatch.setattr(importlib.import_module(name), "launch", lambda *a, **k: count.ops.append("triton"))
     with count:
-        layer.mix_out(layer.mix_in(x, x)[0], x, slots, layer.layer_scalar)
+        layer.mix_out(layer.mix_in(x, x)[0], x, slots, layer.layer_scalar, layer.input_layernorm)
     return count.ops
 
 
-def test_a_layers_glue_is_two_kernels_not_eleven(monkeypatch):
+def test_a_layers_glue_is_two_kernels_not_twelve(monkeypatch):
     """With the norms fused: 6 norm kernels, the router's norm, the slot sum and its cast, the
-    branches' add and the scalar's multiply; here one kernel each way."""
+    branches' add, the scalar's multiply and the next layer's input norm; here one kernel each way."""
     with monkeypatch.context() as m:
         before = glue_kernels(False, m)
     with monkeypatch.context() as m:
         after = glue_kernels(True, m)
-    assert len(before) == 11, before
+    assert len(before) == 12, before
     assert after == ["triton", "triton"], after
 
 
@@ -367,5 +404,5 @@ def test_gpu_real_shapes(monkeypatch):
     x, h, dense, slots = (t.cuda() for t in inputs((1, 256, 2816), dt, A=8))
     for a, b in zip(X.mix_in(x, h, *in_args(layer)), X.mix_in_ref(x, h, *in_args(layer)), strict=True):
         check(a, b, dt)
-    args = (x, dense, slots.to(dt), *out_args(layer), layer.layer_scalar, EPS)
-    check(X.mix_out(*args), X.mix_out_ref(*args), dt)
+    args = (x, dense, slots.to(dt), *out_args(layer), layer.layer_scalar, EPS, layer.input_layernorm.weight)
+    check_out(X.mix_out(*args), X.mix_out_ref(*args), dt)

@@ -60,10 +60,11 @@ def test_substituted_kernels_count_once_per_call(reduced):
     assert calls["attention"]["int8_linear_kernel"] == 5 * 4 + 3  # q, k, v, o; full layers have no v_proj
     assert calls["dense"]["int8_linear_kernel"] == 3 * layers
     assert calls["head"]["lm_head_kernel"] == 1
-    # kernels.fused_norms and fused_mix, as the Engine installs them on CUDA: a layer's input and v
-    # norms, its q/k norms with RoPE, and its glue on each side of the MLPs (6 norms, the router's
-    # norm, the slot sum, the residual adds, the scalar) in one kernel each way; the final norm.
-    assert calls["norms"] == {"rmsnorm_kernel": 2 * layers + 1, "rmsnorm_rope_kernel": 2 * layers,
+    # kernels.fused_norms and fused_mix, as the Engine installs them on CUDA: a layer's v norm, its
+    # q/k norms with RoPE, and its glue on each side of the MLPs (6 norms, the router's norm, the slot
+    # sum, the residual adds, the scalar, and the norm that reads its output: the next layer's input
+    # norm or the final one) in one kernel each way; the first layer's input norm on its own.
+    assert calls["norms"] == {"rmsnorm_kernel": layers + 1, "rmsnorm_rope_kernel": 2 * layers,
                               "mix_in_kernel": layers, "mix_out_kernel": layers}
     assert "sum" not in calls["experts"] and "router_norm_kernel" not in calls["experts"]
     assert "lm_head_kernel" not in calls["sampler"] and "exponential_" in calls["sampler"]
