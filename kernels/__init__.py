@@ -15,8 +15,10 @@ what to compile in its `AOT` list.
 - int8_soft:   the self-conditioning soft embedding, probs @ int8 codes, each code read once
 - rmsnorm:     RMSNorm alone, with the residual add, or with the q/k RoPE, one kernel each
 - router:      the router's norm, and its softmax/top-k/renormalise/per-expert scale
-- fused_norms, fused_router: module swaps that put those kernels under the model on CUDA (the
-               Engine applies them; the model file is not edited)
+- mix:         a layer's glue around its MLPs, one kernel each way: residual add + the dense, experts'
+               and router's inputs; slot sum + the three norms + residual add + scalar + the next norm
+- fused_norms, fused_router, fused_mix: module swaps that put those kernels under the model on CUDA
+               (the Engine applies them; the model file is not edited)
 """
 
 from .int8_linear import int8_linear, int8_linear_ref
