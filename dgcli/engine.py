@@ -90,8 +90,9 @@ class Engine:
         if fused_head is None:
             fused_head = cuda and fused_env
         self.fused_head = fused_head and model.model.decoder.embed_tokens.head_weight() is not None
-        if cuda:  # one Triton kernel per RMSNorm (with its residual add or RoPE), two for the router,
-            from kernels import fused_mix, fused_norms, fused_router  # one for each side of a layer's MLPs
+        if cuda:  # Triton: one kernel per RMSNorm (with its residual add or RoPE), two for the router,
+            # one for each side of a layer's MLPs (the glue there: kernels.mix)
+            from kernels import fused_mix, fused_norms, fused_router
 
             fused_norms.install(model)
             fused_router.install(model)
