@@ -23,7 +23,8 @@ timeout 90 python scripts/step_model.py --json --out "$out/step_model.json" 2>> 
 # 1. Kernels, CUDA graphs and the engine against their references, on the GPU, at the real shapes
 #    (the CUDA-only cases that CPU runs skip, plus every fast-path test under the device's own layouts).
 timeout 300 python -m pytest -q -rs tests/test_kernels.py tests/test_kernels_int8.py tests/test_kernels_lm_head.py \
-    tests/test_kernels_norm.py tests/test_kernels_mix.py tests/test_graphs.py tests/test_cache.py tests/test_engine.py 2>&1 | tail -40 > "$out/tests.txt"
+    tests/test_kernels_norm.py tests/test_kernels_mix.py tests/test_graphs.py tests/test_cache.py \
+    tests/test_engine.py 2>&1 | tail -40 > "$out/tests.txt"
 
 # 2. The MoE kernel alone: GB/s against the device.
 timeout 120 python scripts/bench.py --config full --moe-only --out "$out/moe.json" 2>> "$log"
