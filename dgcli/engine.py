@@ -90,11 +90,13 @@ class Engine:
         if fused_head is None:
             fused_head = cuda and fused_env
         self.fused_head = fused_head and model.model.decoder.embed_tokens.head_weight() is not None
-        if cuda:  # one Triton kernel per RMSNorm (with its residual add or RoPE), two for the router
-            from kernels import fused_norms, fused_router
+        if cuda:  # one Triton kernel per RMSNorm (with its residual add or RoPE), two for the router,
+            # one for an int8 MLP's gate, up, gelu and product
+            from kernels import fused_mlp, fused_norms, fused_router
 
             fused_norms.install(model)
             fused_router.install(model)
+            fused_mlp.install(model)
         if capture is None and (cuda and graphs_env if cuda_graphs is None else cuda_graphs):
             capture = graphs.CudaCapture()
         self.capture = capture if self.static_cache else None  # graphs need the static cache's fixed buffers

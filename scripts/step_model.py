@@ -368,9 +368,9 @@ def cuda_paths(rec: Recorder):
     saved = [(m, name, m.__dict__.get(name)) for m, name, _ in patches]  # None: inherited
     env = {k: os.environ.get(k) for k in ("DG_AUTOTUNE", "DG_KERNELS")}
     os.environ.update(DG_AUTOTUNE="off", DG_KERNELS="auto")
-    parts = {dgmodel.RMSNorm: "norms", dgmodel.Attention: "attention", dgmodel.MLP: "dense",
-             dgmodel.SelfConditioning: "self_conditioning", dgmodel.Router: "experts", dgmodel.Experts: "experts",
-             dgmodel.Embedding: "other"}
+    parts = {dgmodel.RMSNorm: "norms", dgmodel.Attention: "attention",  # SelfConditioning is an MLP: first
+             dgmodel.SelfConditioning: "self_conditioning", dgmodel.MLP: "dense", dgmodel.Router: "experts",
+             dgmodel.Experts: "experts", dgmodel.Embedding: "other"}
 
     def pre(module, args):
         rec.parts.append(next((p for cls, p in parts.items() if isinstance(module, cls)), None))
@@ -401,7 +401,7 @@ def cuda_paths(rec: Recorder):
 
 def build(config: ModelConfig):
     """(model on meta in the default int4 scheme, its format groups, weight bytes)."""
-    from kernels import fused_norms, fused_router
+    from kernels import fused_mlp, fused_norms, fused_router
     from quant.planner import plan
     from quant.runtime import quantize_modules
     from quant.schemes import tensor_formats
@@ -414,6 +414,7 @@ def build(config: ModelConfig):
     model.to(torch.bfloat16)  # as loaded on CUDA; packed codes and scales keep their dtypes
     fused_norms.install(model)  # the Engine does these on CUDA only, so not on meta: done here
     fused_router.install(model)
+    fused_mlp.install(model)
     storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes()
                 for t in list(model.parameters()) + list(model.buffers())}
     return model, groups, sum(storages.values())
