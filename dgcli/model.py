@@ -131,6 +131,7 @@ class Attention(nn.Module):
         if groups > 1 and mask is not None and mask.shape[-2] == 1:
             # A mask over keys only (the static cache's decoder): fold each group of query heads into
             # the query length and attend once per kv head, instead of copying K/V `groups` times.
+            # A view where q is head-major (kernels.fused_norms writes it so on CUDA), else a copy.
             y = F.scaled_dot_product_attention(q.reshape(B, k.shape[1], groups * T, D), k, v, attn_mask=mask,
                                                scale=1.0)  # (B, Hk, groups·T, D)
             return y.unflatten(2, (groups, T)).permute(0, 3, 1, 2, 4).reshape(B, T, Hq * D)

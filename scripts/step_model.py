@@ -19,8 +19,8 @@ What is traced, and how:
   full layers' head dim 512 is over its limit): the bool mask negated and made an additive bias in
   q's dtype, padded (a copy) to a multiple of 8 keys, then ONE fused kernel reading q, k, v, bias;
 - the engine as CUDA runs it by default (dgcli/engine.py: static cache, fused LM head, CUDA graphs,
-  RMSNorms and routers swapped for kernels.fused_norms / fused_router: the Engine swaps them on CUDA
-  only, so this script does).
+  RMSNorms, routers and MLPs swapped for kernels.fused_norms / fused_router / fused_mlp: the Engine
+  swaps them on CUDA only, so this script does).
   The graph backend here replays the step by running it, its allocations in a modelled private pool
   that keeps its peak, as a CUDA graph's pool does. A prompt of the context's length is prefilled
   (only its last chunk is traced: it holds the most; --full-prefill traces every chunk), then a

@@ -58,7 +58,12 @@ def test_substituted_kernels_count_once_per_call(reduced):
     assert r["by_part"]["experts"]["kernels"] <= 40 * layers
     assert calls["attention"]["attention"] == layers
     assert calls["attention"]["int8_linear_kernel"] == 5 * 4 + 3  # q, k, v, o; full layers have no v_proj
-    assert calls["dense"]["int8_linear_kernel"] == 3 * layers
+    # The decoder folds grouped query heads into the query length: q comes head-major from the RoPE
+    # kernel, so the fold is a view; only the output's un-folding copies (one reshape a layer).
+    assert calls["attention"]["reshape"] == layers
+    # kernels.fused_mlp: the gate, up, gelu and product in one kernel, then down (int8_linear)
+    assert calls["dense"] == {"geglu_int8_kernel": layers, "int8_linear_kernel": layers}
+    assert calls["self_conditioning"]["geglu_int8_kernel"] == 1 and "gelu" not in calls["self_conditioning"]
     assert calls["head"]["lm_head_kernel"] == 1
     # kernels.fused_norms, as the Engine installs it on CUDA: one kernel a norm (11 a layer and the
     # final one; self-conditioning's two count there), the q/k RoPE and residual adds inside.
