@@ -336,18 +336,23 @@ class Embedding(nn.Module):
         return self.weight, None
 
 
-class SelfConditioning(MLP):
+class SelfConditioning(nn.Module):
     """Mixes the previous step's soft prediction into the canvas embedding: post_norm(e + MLP(pre_norm(soft))).
-    The MLP's projections are this module's own (as the checkpoint names them), hence the subclass."""
+    The MLP's projections are this module's own (as the checkpoint names them); `gated` is MLP's."""
 
     def __init__(self, config: ModelConfig):
+        super().__init__()
         H, eps = config.hidden_size, config.rms_norm_eps
-        super().__init__(H, config.intermediate_size)
         self.pre_norm = RMSNorm(H, eps)
         self.post_norm = RMSNorm(H, eps, with_scale=False)
+        self.gate_proj = nn.Linear(H, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(H, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, H, bias=False)
+
+    gated = MLP.gated
 
     def forward(self, embeds: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
-        signal = super().forward(self.pre_norm(soft))
+        signal = self.down_proj(self.gated(self.pre_norm(soft)))
         return self.post_norm(embeds + signal)
 
 

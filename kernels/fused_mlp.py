@@ -1,7 +1,7 @@
 """Swap the GeGLU MLPs for ones whose gate, up, gelu and product run as one kernels.geglu_int8 launch.
 
 `install(model)` makes every `dgcli.model.MLP` (each layer's dense branch) a `FusedMLP` and the
-`SelfConditioning` module (an MLP between two norms) a `FusedSelfConditioning`: a module swap, as
+`SelfConditioning` module (MLP's `gated` between two norms) a `FusedSelfConditioning`: a module swap, as
 kernels.fused_norms does, holding the same parameter objects. Only `gated` changes, and only where
 both gate_proj and up_proj are int8-per-row QuantLinears that would run kernels.int8_linear (Triton
 per kernels._dispatch.use_triton); otherwise the parent's `gated` runs. The Engine installs it on CUDA.

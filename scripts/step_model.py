@@ -368,9 +368,9 @@ def cuda_paths(rec: Recorder):
     saved = [(m, name, m.__dict__.get(name)) for m, name, _ in patches]  # None: inherited
     env = {k: os.environ.get(k) for k in ("DG_AUTOTUNE", "DG_KERNELS")}
     os.environ.update(DG_AUTOTUNE="off", DG_KERNELS="auto")
-    parts = {dgmodel.RMSNorm: "norms", dgmodel.Attention: "attention",  # SelfConditioning is an MLP: first
-             dgmodel.SelfConditioning: "self_conditioning", dgmodel.MLP: "dense", dgmodel.Router: "experts",
-             dgmodel.Experts: "experts", dgmodel.Embedding: "other"}
+    parts = {dgmodel.RMSNorm: "norms", dgmodel.Attention: "attention", dgmodel.MLP: "dense",
+             dgmodel.SelfConditioning: "self_conditioning", dgmodel.Router: "experts", dgmodel.Experts: "experts",
+             dgmodel.Embedding: "other"}
 
     def pre(module, args):
         rec.parts.append(next((p for cls, p in parts.items() if isinstance(module, cls)), None))
