@@ -91,12 +91,13 @@ class Engine:
             fused_head = cuda and fused_env
         self.fused_head = fused_head and model.model.decoder.embed_tokens.head_weight() is not None
         if cuda:  # one Triton kernel per RMSNorm (with its residual add or RoPE), two for the router,
-            # one for an int8 MLP's gate, up, gelu and product
-            from kernels import fused_mlp, fused_norms, fused_router
+            # one for an int8 MLP's gate, up, gelu and product; int8 o_proj reads attention's heads in place
+            from kernels import fused_attention, fused_mlp, fused_norms, fused_router
 
             fused_norms.install(model)
             fused_router.install(model)
             fused_mlp.install(model)
+            fused_attention.install(model)
         if capture is None and (cuda and graphs_env if cuda_graphs is None else cuda_graphs):
             capture = graphs.CudaCapture()
         self.capture = capture if self.static_cache else None  # graphs need the static cache's fixed buffers

@@ -11,13 +11,14 @@ what to compile in its `AOT` list.
 - moe_int4:    routed experts on packed 4-bit weights (group 64), the bulk of every step's bytes; and
                moe_align, the (token, slot) pairs sorted and padded per expert, in one kernel
 - lm_head:     LM head + softcap + temperature + argmax/entropy/logsumexp, one pass over the vocabulary
-- int8_linear: weight-only int8 (per-row scale) linear for dense projections
+- int8_linear: weight-only int8 (per-row scale) linear for dense projections (and o_proj over
+               attention's output heads read in place)
 - geglu_int8:  an int8 GeGLU MLP's gate and up projections, gelu_tanh and product in one kernel
 - int8_soft:   the self-conditioning soft embedding, probs @ int8 codes, each code read once
 - rmsnorm:     RMSNorm alone, with the residual add, or with the q/k RoPE, one kernel each
 - router:      the router's norm, and its softmax/top-k/renormalise/per-expert scale
-- fused_norms, fused_router, fused_mlp: module swaps that put those kernels under the model on
-               CUDA (the Engine applies them; the model file is not edited)
+- fused_norms, fused_router, fused_mlp, fused_attention: module swaps that put those kernels
+               under the model on CUDA (the Engine applies them; the model file is not edited)
 """
 
 from .int8_linear import int8_linear, int8_linear_ref

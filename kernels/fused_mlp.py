@@ -19,7 +19,8 @@ from ._dispatch import swap_modules, use_triton
 from .geglu_int8 import geglu_int8
 
 
-def _int8_rows(linear: nn.Module) -> bool:
+def int8_rows(linear: nn.Module) -> bool:
+    """Whether `linear` is an int8-per-row QuantLinear (what kernels.int8_linear reads)."""
     return isinstance(linear, QuantLinear) and linear.weight.format.name == "int8_row"
 
 
@@ -28,7 +29,7 @@ class FusedGated:
 
     def gated(self, x: torch.Tensor) -> torch.Tensor:
         g, u = self.gate_proj, self.up_proj
-        if _int8_rows(g) and _int8_rows(u) and use_triton(x):
+        if int8_rows(g) and int8_rows(u) and use_triton(x):
             return geglu_int8(x, g.weight.qweight, g.weight.scales, u.weight.qweight, u.weight.scales)
         return super().gated(x)
 

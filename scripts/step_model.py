@@ -19,8 +19,8 @@ What is traced, and how:
   full layers' head dim 512 is over its limit): the bool mask negated and made an additive bias in
   q's dtype, padded (a copy) to a multiple of 8 keys, then ONE fused kernel reading q, k, v, bias;
 - the engine as CUDA runs it by default (dgcli/engine.py: static cache, fused LM head, CUDA graphs,
-  RMSNorms, routers and MLPs swapped for kernels.fused_norms / fused_router / fused_mlp: the Engine
-  swaps them on CUDA only, so this script does).
+  RMSNorms, routers, MLPs and attentions swapped for kernels.fused_norms / fused_router / fused_mlp /
+  fused_attention: the Engine swaps them on CUDA only, so this script does).
   The graph backend here replays the step by running it, its allocations in a modelled private pool
   that keeps its peak, as a CUDA graph's pool does. A prompt of the context's length is prefilled
   (only its last chunk is traced: it holds the most; --full-prefill traces every chunk), then a
@@ -401,7 +401,7 @@ def cuda_paths(rec: Recorder):
 
 def build(config: ModelConfig):
     """(model on meta in the default int4 scheme, its format groups, weight bytes)."""
-    from kernels import fused_mlp, fused_norms, fused_router
+    from kernels import fused_attention, fused_mlp, fused_norms, fused_router
     from quant.planner import plan
     from quant.runtime import quantize_modules
     from quant.schemes import tensor_formats
@@ -415,6 +415,7 @@ def build(config: ModelConfig):
     fused_norms.install(model)  # the Engine does these on CUDA only, so not on meta: done here
     fused_router.install(model)
     fused_mlp.install(model)
+    fused_attention.install(model)
     storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes()
                 for t in list(model.parameters()) + list(model.buffers())}
     return model, groups, sum(storages.values())

@@ -57,10 +57,11 @@ def test_substituted_kernels_count_once_per_call(reduced):
     assert calls["experts"]["gate_up_kernel"] == calls["experts"]["down_kernel"] == layers
     assert r["by_part"]["experts"]["kernels"] <= 40 * layers
     assert calls["attention"]["attention"] == layers
-    assert calls["attention"]["int8_linear_kernel"] == 5 * 4 + 3  # q, k, v, o; full layers have no v_proj
-    # The decoder folds grouped query heads into the query length: q comes head-major from the RoPE
-    # kernel, so the fold is a view; only the output's un-folding copies (one reshape a layer).
-    assert calls["attention"]["reshape"] == layers
+    assert calls["attention"]["int8_linear_kernel"] == 5 * 3 + 2  # q, k, v; full layers have no v_proj
+    # The decoder folds grouped query heads into the query length without a copy: q comes head-major
+    # from the RoPE kernel (the fold is a view), and o_proj reads the output heads in place.
+    assert calls["attention"]["int8_linear_heads_kernel"] == layers
+    assert "reshape" not in calls["attention"]
     # kernels.fused_mlp: the gate, up, gelu and product in one kernel, then down (int8_linear)
     assert calls["dense"] == {"geglu_int8_kernel": layers, "int8_linear_kernel": layers}
     assert calls["self_conditioning"]["geglu_int8_kernel"] == 1 and "gelu" not in calls["self_conditioning"]
