@@ -95,6 +95,8 @@ DEFAULT_TILE = (64, 64, 64, 4, 3)  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_s
 _TILES = ((64, 64, 64, 4, 3), (64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4),
           (128, 256, 64, 8, 3), (64, 128, 128, 4, 3), (128, 128, 128, 8, 3), (32, 128, 64, 4, 4))
 _LARGE = frozenset()  # tiles over a 99 KB part's shared memory (python -m kernels.aot measures them)
+# The heads kernel's: int8_linear's less the two that spill on sm_89/sm_120 (there as here)
+_HEADS_TILES = tuple(t for t in _TILES if t not in ((128, 256, 64, 8, 3), (64, 128, 128, 4, 3)))
 
 
 def _tune_key(x, q):
@@ -170,7 +172,7 @@ def int8_linear_heads_triton(x, q, s, tile: tuple | None = None) -> torch.Tensor
 
     if tile is None:
         key = (x.dtype, rows_bucket(M), N, K, D)
-        tile = tuned_tile("int8_linear_heads", key, _TILES, _LARGE, run, DEFAULT_TILE, x.device)
+        tile = tuned_tile("int8_linear_heads", key, _HEADS_TILES, _LARGE, run, DEFAULT_TILE, x.device)
     run(tile)
     return y
 
@@ -197,7 +199,7 @@ def _aot():
     heads = {"x_ptr": "*bf16", "q_ptr": "*i8", "s_ptr": "*fp16", "y_ptr": "*bf16", "M": "i32", "N": "i32",
              "K": "i32", "T": "i32", "D": "i32", "H2": "i32", "stride_xb": "i32", "stride_xt": "i32",
              "stride_xh1": "i32", "stride_xh2": "i32", "stride_qn": "i32", "stride_ym": "i32"}
-    for tile in dict.fromkeys((DEFAULT_TILE, *_TILES)):
+    for tile in dict.fromkeys((DEFAULT_TILE, *_HEADS_TILES)):
         bm, bn, bk, warps, stages = tile
         yield AotSpec("int8_linear.heads", _int8_linear_heads_kernel, heads,
                       dict(FP32=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), warps, stages,
