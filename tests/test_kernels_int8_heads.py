@@ -83,6 +83,25 @@ def test_aot_specs():
     assert all(256 % s.constexprs["BLOCK_K"] == 0 for s in heads)  # each K block within one head
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("Hk,D", [(8, 256), (2, 512)])  # the released model's sliding and full layers
+def test_gpu_real_shapes(monkeypatch, Hk, D):
+    """Compiled, at a 256-token canvas: the folded heads of CUDA's SDPA read in place equal int8_linear
+    on the flat copy with the same tile, bit for bit."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("DG_KERNELS", raising=False)
+    groups = 16 // Hk
+    q, s = (t.cuda() for t in weights(2816, 16 * D))
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(1, Hk, groups * 256, D, generator=g).to(torch.bfloat16).cuda()
+    bias = torch.zeros(1, groups * 256, device="cuda", dtype=torch.bfloat16)  # a mask: the memory-efficient kernel
+    out = torch.nn.functional.scaled_dot_product_attention(y, y, y, attn_mask=bias)  # its output layout
+    heads = out.unflatten(2, (groups, 256)).permute(0, 3, 1, 2, 4)
+    for tile in (I8.DEFAULT_TILE, (128, 128, 64, 8, 3)):
+        want = I8.int8_linear_triton(heads.reshape(256, -1), q, s, tile=tile)
+        assert torch.equal(I8.int8_linear_heads_triton(heads, q, s, tile=tile)[0], want)
+
+
 # --------------------------------------------------------------------------------------- the module swap
 
 
