@@ -90,13 +90,12 @@ class Engine:
         if fused_head is None:
             fused_head = cuda and fused_env
         self.fused_head = fused_head and model.model.decoder.embed_tokens.head_weight() is not None
-        if cuda:  # Triton: one kernel per RMSNorm (with its residual add or RoPE), two for the router,
-            # one for each side of a layer's MLPs (the glue there: kernels.mix)
-            from kernels import fused_mix, fused_norms, fused_router
+        if cuda:  # Triton: one kernel per RMSNorm (with its residual add or RoPE), two for the router, one
+            # for each side of a layer's MLPs, one for an int8 MLP's gate, up, gelu and product, and
+            # the int8 o_proj reading attention's heads in place
+            from kernels import install_fused
 
-            fused_norms.install(model)
-            fused_router.install(model)
-            fused_mix.install(model)
+            install_fused(model)
         if capture is None and (cuda and graphs_env if cuda_graphs is None else cuda_graphs):
             capture = graphs.CudaCapture()
         self.capture = capture if self.static_cache else None  # graphs need the static cache's fixed buffers

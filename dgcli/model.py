@@ -120,27 +120,34 @@ class Attention(nn.Module):
         else:  # the canvas attends to the cache and itself; the cache keeps nothing of it
             k, v, mask = cache.decode_kv(i, k, v, window)
             causal = False
-        return self.o_proj(self.attend(q, k, v, mask, causal))
+        return self.project(self.attend(q, k, v, mask, causal))
+
+    def project(self, heads: torch.Tensor) -> torch.Tensor:
+        """o_proj over `attend`'s heads, flattened (a copy where SDPA's layout needs one; on CUDA
+        kernels.fused_attention reads int8 o_proj's input heads in place)."""
+        return self.o_proj(heads.flatten(2))
 
     def attend(self, q, k, v, mask, causal) -> torch.Tensor:
-        """SDPA over (B, Hx, T, D) heads -> (B, T, Hq·D). SDPA's output layout is the backend's choice
-        (CUDA's memory-efficient kernel returns a transposed view of a [B, T, H, D] buffer), so this
-        never `view`s it: only splits a dim, permutes, and lets `reshape` copy where it must."""
+        """SDPA over (B, Hx, T, D) heads -> the output heads as views of SDPA's output: (B, T, Hq, D),
+        or (B, T, Hk, groups, D) where query heads were folded (head h = kv head · groups + g). SDPA's
+        output layout is the backend's choice (CUDA's memory-efficient kernel returns a transposed
+        view of a [B, T, H, D] buffer), so this never `view`s it: it only splits a dim and permutes."""
         B, Hq, T, D = q.shape
         groups = Hq // k.shape[1]
         if groups > 1 and mask is not None and mask.shape[-2] == 1:
             # A mask over keys only (the static cache's decoder): fold each group of query heads into
             # the query length and attend once per kv head, instead of copying K/V `groups` times.
+            # A view where q is head-major (kernels.fused_norms writes it so on CUDA), else a copy.
             y = F.scaled_dot_product_attention(q.reshape(B, k.shape[1], groups * T, D), k, v, attn_mask=mask,
                                                scale=1.0)  # (B, Hk, groups·T, D)
-            return y.unflatten(2, (groups, T)).permute(0, 3, 1, 2, 4).reshape(B, T, Hq * D)
+            return y.unflatten(2, (groups, T)).permute(0, 3, 1, 2, 4)
         # The same SDPA call as the reference makes, so results agree bit for bit: grouped-query
         # attention inside SDPA only without a mask and for head_dim <= 256, else repeated K/V.
         gqa = groups > 1 and mask is None and k.shape[-1] <= 256
         if groups > 1 and not gqa:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=1.0, enable_gqa=gqa)
-        return y.transpose(1, 2).reshape(B, T, Hq * D)
+        return y.transpose(1, 2)
 
 
 VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
@@ -181,7 +188,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        return self.down_proj(self.gated(x))
+
+    def gated(self, x):
+        """gelu_tanh(gate(x)) · up(x): one kernel on CUDA for int8 weights (kernels.fused_mlp swaps it)."""
+        return F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x)
 
 
 class Router(nn.Module):
@@ -375,7 +386,8 @@ class Embedding(nn.Module):
 
 
 class SelfConditioning(nn.Module):
-    """Mixes the previous step's soft prediction into the canvas embedding: post_norm(e + MLP(pre_norm(soft)))."""
+    """Mixes the previous step's soft prediction into the canvas embedding: post_norm(e + MLP(pre_norm(soft))).
+    The MLP's projections are this module's own (as the checkpoint names them); `gated` is MLP's."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -386,9 +398,10 @@ class SelfConditioning(nn.Module):
         self.up_proj = nn.Linear(H, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, H, bias=False)
 
+    gated = MLP.gated
+
     def forward(self, embeds: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
-        n = self.pre_norm(soft)
-        signal = self.down_proj(F.gelu(self.gate_proj(n), approximate="tanh") * self.up_proj(n))
+        signal = self.down_proj(self.gated(self.pre_norm(soft)))
         return self.post_norm(embeds + signal)
 
 

@@ -43,7 +43,9 @@ class FusedRMSNorm(RMSNorm):
 
     def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         if x.dim() == 4 and cos.shape == sin.shape == (x.shape[1], x.shape[3]) and self._fits(x):
-            return rmsnorm_rope_triton(x, self.weight, self.eps, cos, sin)
+            # Head-major: what attention reads (Attention.qkv transposes q, k to (B, Hx, T, D)), so
+            # the static cache's decoder folds q's query heads into its length without a copy.
+            return rmsnorm_rope_triton(x, self.weight, self.eps, cos, sin, head_major=True)
         return super().rope(x, cos, sin)
 
 

@@ -11,7 +11,9 @@ Here each is one program per row (rows up to 4096 wide: hidden 2816, head dims 2
   (`RMSNorm.add_to`), the norm rounded to h's dtype before the add, as the model does;
 - `rmsnorm_rope(x, weight, eps, cos, sin)` = apply_rope(rmsnorm(x), cos, sin): the q/k norms
   (`RMSNorm.rope`), x (B, T, Hx, D), cos/sin (T, D), non-interleaved (dim i pairs with i + D/2),
-  `n·cos + cat(-n2, n1)·sin` with each product and the sum rounded to the dtype, as the model does.
+  `n·cos + cat(-n2, n1)·sin` with each product and the sum rounded to the dtype, as the model does;
+  `head_major=True` writes the same values as a (B, T, Hx, D) view of a (B, Hx, T, D) buffer, the
+  layout attention reads (Attention.qkv transposes at once), so folding query heads is a view.
 
 Each has a `_ref` (the model's arithmetic in PyTorch, same signature) and a `_triton`; the plain name
 dispatches (Triton on CUDA; `DG_KERNELS` overrides). The Triton results differ from the reference only
@@ -85,10 +87,10 @@ if HAS_TRITON:
     @triton.jit
     def _rmsnorm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, T, Hx, D,
                              stride_xb, stride_xt, stride_xh, stride_cos, stride_sin, eps,
-                             HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+                             HAS_W: tl.constexpr, HEAD_MAJOR: tl.constexpr, BLOCK: tl.constexpr):
         """out[b, t, h] = rope(rmsnorm(x[b, t, h]) · w, cos[t], sin[t]); one program per row, on a
         (T, Hx, B) grid (positions on the axis without a 65535 limit), each half of the head in its
-        own registers (BLOCK >= D / 2)."""
+        own registers (BLOCK >= D / 2). out is contiguous (B, T, Hx, D), or (B, Hx, T, D) if HEAD_MAJOR."""
         t = tl.program_id(0)
         hx = tl.program_id(1)
         b = tl.program_id(2)
@@ -116,7 +118,10 @@ if HAS_TRITON:
         # x·cos + cat(-x2, x1)·sin, each product and the sum rounded to the dtype, as the model does
         o1 = (n1 * c1).to(odt).to(tl.float32) + (-(n2 * s1)).to(odt).to(tl.float32)
         o2 = (n2 * c2).to(odt).to(tl.float32) + (n1 * s2).to(odt).to(tl.float32)
-        dst = out_ptr + ((b.to(tl.int64) * T + t) * Hx + hx) * D
+        if HEAD_MAJOR:
+            dst = out_ptr + ((b.to(tl.int64) * Hx + hx) * T + t) * D
+        else:
+            dst = out_ptr + ((b.to(tl.int64) * T + t) * Hx + hx) * D
         tl.store(dst + cols, o1.to(odt), mask=ok)
         tl.store(dst + half + cols, o2.to(odt), mask=ok)
 
@@ -170,7 +175,8 @@ def rmsnorm_add_triton(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor | 
 
 
 def rmsnorm_rope_triton(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: torch.Tensor,
-                        sin: torch.Tensor) -> torch.Tensor:
+                        sin: torch.Tensor, head_major: bool = False) -> torch.Tensor:
+    """head_major: the result is a (B, T, Hx, D) view of a contiguous (B, Hx, T, D) buffer."""
     if x.dim() != 4 or cos.shape != (x.shape[1], x.shape[3]) or sin.shape != cos.shape or x.shape[3] % 2:
         raise ValueError(f"x {tuple(x.shape)} must be (B, T, Hx, D) with D even and cos/sin (T, D), got cos "
                          f"{tuple(cos.shape)}, sin {tuple(sin.shape)}")
@@ -179,7 +185,10 @@ def rmsnorm_rope_triton(x: torch.Tensor, weight: torch.Tensor | None, eps: float
     if D > MAX_WIDTH:
         raise ValueError(f"head dim {D} is wider than the kernel's {MAX_WIDTH}")
     odt = torch.promote_types(torch.promote_types(x.dtype, cos.dtype), sin.dtype)
-    out = torch.empty(B, T, Hx, D, dtype=odt, device=x.device)
+    if head_major:
+        out = torch.empty(B, Hx, T, D, dtype=odt, device=x.device).transpose(1, 2)
+    else:
+        out = torch.empty(B, T, Hx, D, dtype=odt, device=x.device)
     if out.numel() == 0:
         return out
     if x.stride(-1) != 1:
@@ -190,7 +199,7 @@ def rmsnorm_rope_triton(x: torch.Tensor, weight: torch.Tensor | None, eps: float
     block = _block(D // 2)
     launch(_rmsnorm_rope_kernel, x.device, (T, Hx, B), x, w, cos, sin, out, T, Hx, D,
            x.stride(0), x.stride(1), x.stride(2), cos.stride(0), sin.stride(0), float(eps),
-           HAS_W=weight is not None, BLOCK=block, num_warps=_warps(2 * block))
+           HAS_W=weight is not None, HEAD_MAJOR=head_major, BLOCK=block, num_warps=_warps(2 * block))
     return out
 
 
@@ -237,7 +246,8 @@ def _aot():
                 "stride_cos": "i32", "stride_sin": "i32", "eps": "fp32"}
     for head_dim in (256, 512):
         block = _block(head_dim // 2)
-        yield AotSpec(f"rmsnorm.rope{head_dim}", _rmsnorm_rope_kernel, rope_sig, dict(HAS_W=True, BLOCK=block),
+        yield AotSpec(f"rmsnorm.rope{head_dim}", _rmsnorm_rope_kernel, rope_sig,
+                      dict(HAS_W=True, HEAD_MAJOR=True, BLOCK=block),
                       _warps(2 * block), 1, dict(BLOCK=block, num_warps=_warps(2 * block)), default=True,
                       divisible=("D", "stride_xb", "stride_xt", "stride_xh", "stride_cos", "stride_sin"))
 

@@ -19,8 +19,9 @@ What is traced, and how:
   full layers' head dim 512 is over its limit): the bool mask negated and made an additive bias in
   q's dtype, padded (a copy) to a multiple of 8 keys, then ONE fused kernel reading q, k, v, bias;
 - the engine as CUDA runs it by default (dgcli/engine.py: static cache, fused LM head, CUDA graphs,
-  RMSNorms, routers and layers swapped for kernels.fused_norms / fused_router / fused_mix: the Engine
-  swaps them on CUDA only, so this script does).
+  RMSNorms, routers, layers' glue, MLPs and attentions swapped for kernels.fused_norms / fused_router /
+  fused_mix / fused_mlp / fused_attention (`kernels.install_fused`): the Engine swaps them on CUDA
+  only, so this script does).
   The graph backend here replays the step by running it, its allocations in a modelled private pool
   that keeps its peak, as a CUDA graph's pool does. A prompt of the context's length is prefilled
   (only its last chunk is traced: it holds the most; --full-prefill traces every chunk), then a
@@ -410,7 +411,7 @@ def cuda_paths(rec: Recorder):
 
 def build(config: ModelConfig):
     """(model on meta in the default int4 scheme, its format groups, weight bytes)."""
-    from kernels import fused_mix, fused_norms, fused_router
+    from kernels import install_fused
     from quant.planner import plan
     from quant.runtime import quantize_modules
     from quant.schemes import tensor_formats
@@ -421,9 +422,7 @@ def build(config: ModelConfig):
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     quantize_modules(model, tensor_formats(shapes, groups))
     model.to(torch.bfloat16)  # as loaded on CUDA; packed codes and scales keep their dtypes
-    fused_norms.install(model)  # the Engine does these on CUDA only, so not on meta: done here
-    fused_router.install(model)
-    fused_mix.install(model)
+    install_fused(model)  # the Engine does this on CUDA only, so not on meta: done here
     storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes()
                 for t in list(model.parameters()) + list(model.buffers())}
     return model, groups, sum(storages.values())

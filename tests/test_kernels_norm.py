@@ -152,6 +152,25 @@ def test_rope_strided_heads_and_no_weight(interpret):
     check(got, apply_rope(R.rmsnorm_ref(xs, None, EPS), cos, sin), torch.bfloat16)
 
 
+def test_rope_head_major(interpret):
+    """head_major=True: the same values, as a (B, T, Hx, D) view of a (B, Hx, T, D) buffer, which is
+    what FusedRMSNorm.rope returns: attention's (B, Hx, T, D) heads are then contiguous, and the static
+    cache decoder's fold of grouped query heads into the query length (Attention.attend) is a view."""
+    B, T, Hq, Hk, D = 1, 3, 4, 2, 32
+    x, w, _ = case((B, T, Hq, D), torch.bfloat16, seed=4)
+    cos, sin = rope_tables(T, D, torch.bfloat16)
+    got = R.rmsnorm_rope_triton(x, w, EPS, cos, sin, head_major=True)
+    assert got.shape == (B, T, Hq, D) and got.transpose(1, 2).is_contiguous()
+    assert torch.equal(got, R.rmsnorm_rope_triton(x, w, EPS, cos, sin))
+    check(got, R.rmsnorm_rope_ref(x, w, EPS, cos, sin), torch.bfloat16)
+    norm = FusedRMSNorm.replacing(RMSNorm(D, EPS).to(torch.bfloat16))
+    norm.weight.data.copy_(w)
+    q = norm.rope(x, cos, sin).transpose(1, 2)  # as Attention.qkv hands it to attend
+    assert torch.equal(q, got.transpose(1, 2))
+    folded = q.reshape(B, Hk, Hq // Hk * T, D)
+    assert folded.data_ptr() == q.data_ptr() and folded._base is not None  # a view, no copy
+
+
 def test_bad_shapes_are_one_line_errors():
     x = torch.zeros(1, 2, 3, 8)
     with pytest.raises(ValueError, match="cos/sin"):

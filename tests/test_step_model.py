@@ -57,8 +57,14 @@ def test_substituted_kernels_count_once_per_call(reduced):
     assert calls["experts"]["gate_up_kernel"] == calls["experts"]["down_kernel"] == layers
     assert r["by_part"]["experts"]["kernels"] <= 40 * layers
     assert calls["attention"]["attention"] == layers
-    assert calls["attention"]["int8_linear_kernel"] == 5 * 4 + 3  # q, k, v, o; full layers have no v_proj
-    assert calls["dense"]["int8_linear_kernel"] == 3 * layers
+    assert calls["attention"]["int8_linear_kernel"] == 5 * 3 + 2  # q, k, v; full layers have no v_proj
+    # The decoder folds grouped query heads into the query length without a copy: q comes head-major
+    # from the RoPE kernel (the fold is a view), and o_proj reads the output heads in place.
+    assert calls["attention"]["int8_linear_heads_kernel"] == layers
+    assert "reshape" not in calls["attention"]
+    # kernels.fused_mlp: the gate, up, gelu and product in one kernel, then down (int8_linear)
+    assert calls["dense"] == {"geglu_int8_kernel": layers, "int8_linear_kernel": layers}
+    assert calls["self_conditioning"]["geglu_int8_kernel"] == 1 and "gelu" not in calls["self_conditioning"]
     assert calls["head"]["lm_head_kernel"] == 1
     # kernels.fused_norms and fused_mix, as the Engine installs them on CUDA: a layer's v norm, its
     # q/k norms with RoPE, and its glue on each side of the MLPs (6 norms, the router's norm, the slot

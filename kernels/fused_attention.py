@@ -1,0 +1,36 @@
+"""Swap the attention modules for ones whose int8 o_proj reads SDPA's output heads in place.
+
+The static cache's decoder folds grouped query heads into the query length (Attention.attend), so
+its output heads come back as a (B, T, Hk, groups, D) view of SDPA's buffer that no `view` can
+flatten: `Attention.project` copies them before o_proj. `install(model)` makes every
+`dgcli.model.Attention` a `FusedAttention` (a module swap holding the same parameter objects, as
+kernels.fused_norms does) whose `project` runs kernels.int8_linear's `int8_linear_heads` on the heads
+as they lie, when o_proj is an int8-per-row QuantLinear that would run int8_linear (Triton, per
+kernels._dispatch.use_triton) and the head dim is a multiple of 16; otherwise the parent's `project`.
+The same K blocks in the same order as int8_linear on the copy: the same output, bit for bit.
+The Engine installs it on CUDA.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dgcli.model import Attention
+
+from ._dispatch import swap_modules, use_triton
+from .fused_mlp import int8_rows
+from .int8_linear import int8_linear_heads
+
+
+class FusedAttention(Attention):
+    def project(self, heads: torch.Tensor) -> torch.Tensor:
+        o = self.o_proj
+        if int8_rows(o) and use_triton(heads) and heads.shape[-1] % 16 == 0 and heads.stride(-1) == 1:
+            return int8_linear_heads(heads, o.weight.qweight, o.weight.scales)
+        return super().project(heads)
+
+
+def install(model: nn.Module) -> int:
+    """Make every plain Attention under `model` a FusedAttention; returns how many (0 on a second call)."""
+    return swap_modules(model, Attention, FusedAttention)
