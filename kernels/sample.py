@@ -292,7 +292,27 @@ def segment_size(V: int) -> int | None:
     return min(cuda_rng.SPAN, 1 << (V.bit_length() - 1))
 
 
+def draw_fused_ref(proc, lse, seed: int, offset: int, threads: int, sc=None, sc_lse=None) -> torch.Tensor:
+    """What `draw_fused_triton` computes, in PyTorch and numpy: q from kernels.cuda_rng.exponential_ref
+    (its log numpy's, not the device's __logf), `draw_ref`, then sc = proc in sc's dtype and
+    sc_lse = lse + log(sum(exp(sc - lse))) per row."""
+    _check(proc, lse, proc)
+    L, V = proc.shape
+    q = torch.from_numpy(cuda_rng.exponential_ref(proc.numel(), seed, offset, threads)).view(L, V).to(proc.device)
+    tokens = draw_ref(proc, lse, q)
+    if sc is not None:
+        sc.copy_(proc)
+        if sc_lse is not None:
+            sc_lse.copy_(lse + torch.exp(sc.float() - lse[:, None]).sum(-1).log())
+    return tokens
+
+
 def draw_fused(proc, lse, seed: int, offset: int, threads: int, sc=None, sc_lse=None) -> torch.Tensor:
+    """The fused draw (see `draw_fused_triton`): Triton on CUDA, else its reference."""
+    return (draw_fused_triton if use_triton(proc) else draw_fused_ref)(proc, lse, seed, offset, threads, sc, sc_lse)
+
+
+def draw_fused_triton(proc, lse, seed: int, offset: int, threads: int, sc=None, sc_lse=None) -> torch.Tensor:
     """`draw(proc [L, V], lse [L], q)` for q = torch's CUDA exponential_(1) on an [L, V] tensor at
     generator (seed, offset) on a device whose launch has `threads` threads (kernels.cuda_rng.layout),
     the draws made in registers: proc read once, nothing vocabulary-sized written but sc. `sc`
@@ -361,9 +381,10 @@ def set_philox_offset(g, device, offset: int) -> None:
     _generator(g, device).set_offset(offset)
 
 
-def rng_device(t: torch.Tensor) -> bool:
-    """Whether t's generator is torch's CUDA Philox (the stream kernels.cuda_rng reproduces)."""
-    return t.is_cuda
+def fused_device(t: torch.Tensor) -> bool:
+    """Whether the fused draw may serve t: a CUDA tensor (its generator torch's CUDA Philox, the
+    stream kernels.cuda_rng reproduces) on the Triton path (DG_KERNELS=ref keeps the unfused draw)."""
+    return t.is_cuda and use_triton(t)
 
 
 _checked: dict = {}  # (device, numel) -> True: the fused draws were torch's; False: they were not
@@ -376,7 +397,7 @@ def check_status(device: torch.device, n: int) -> bool | None:
 
 def _fusable(proc, lse) -> bool:
     V = proc.shape[-1] if proc.dim() else 0
-    return (HAS_TRITON and use_triton(proc) and rng_device(proc) and proc.dtype == torch.float32
+    return (fused_device(proc) and proc.dtype == torch.float32
             and segment_size(V) is not None and 0 < proc.numel() < 2**31 and proc.is_contiguous()
             and lse.shape == proc.shape[:-1] and not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()))
 
@@ -421,24 +442,20 @@ def sample_sc(proc: torch.Tensor, lse: torch.Tensor, g: torch.Generator | None, 
         status = check_status(proc.device, n)
         if status is None:
             tokens = _self_check(proc, lse, g, threads)
-        elif status:
+            return tokens, (None if dtype is None else proc.to(dtype)), None
+        if status:
             seed, offset = philox_state(g, proc.device)
-            set_philox_offset(g, proc.device, offset + step)  # what exponential_ leaves it at
-            if dtype is not None:
+            set_philox_offset(g, proc.device, offset + step)  # where exponential_ would leave it
+            if dtype is None:
+                sc = sc_lse = None
+            else:
                 sc = torch.empty(proc.shape, dtype=dtype, device=proc.device) if sc is None else sc
                 sc_lse = torch.empty(lse.shape, dtype=torch.float32, device=proc.device) if sc_lse is None else sc_lse
-            else:
-                sc = sc_lse = None
             tokens = draw_fused(proc.view(-1, V), lse.reshape(-1), seed, offset, threads,
                                 None if sc is None else sc.view(-1, V), None if sc_lse is None else sc_lse.view(-1))
             return tokens.view(lse.shape), sc, sc_lse
-        else:
-            tokens = None
-    else:
-        tokens = None
-    if tokens is None:
-        q = exponential(proc, g)
-        tokens = draw(proc.reshape(-1, V), lse.reshape(-1), q.view(-1, V)).view(lse.shape)
+    q = exponential(proc, g)
+    tokens = draw(proc.reshape(-1, V), lse.reshape(-1), q.view(-1, V)).view(lse.shape)
     return tokens, (None if dtype is None else proc.to(dtype)), None
 
 
