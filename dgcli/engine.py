@@ -72,7 +72,8 @@ class StepOut(NamedTuple):
             return self.sample(g), SelfCond(self.proc.to(dtype))
         from kernels.sample import sample_sc
 
-        tokens, sc, sc_lse = sample_sc(self.proc, self.lse, g, dtype, *(into or (None, None)))
+        with torch.inference_mode():  # `into`: a graph's buffers, inference tensors, written in place
+            tokens, sc, sc_lse = sample_sc(self.proc, self.lse, g, dtype, *(into or (None, None)))
         return tokens, SelfCond(sc, sc_lse)
 
 
