@@ -43,6 +43,9 @@ from ._tuning import AotSpec
 BLOCK = 2048  # columns per loop iteration: 8 fp32 of proc and 8 of q per thread at 8 warps
 WARPS = 8
 MAX_SPLITS = 16  # V-chunks per row: 4096 programs at L = 256, 64 KB of proc and of q each at V = 262,144
+FUSED_WARPS = 1  # the fused draw: a warp per program, 8 neighbouring elements of each segment per lane
+# (~90 SASS instructions an element at sm_90, the Philox rounds included; 2 warps: ~120, the segment
+# reductions crossing warps)
 
 
 def _check(proc, lse, q):
@@ -343,8 +346,8 @@ def draw_fused_triton(proc, lse, seed: int, offset: int, threads: int, sc=None, 
     lse = lse.contiguous()
     launch(_fused_draw_kernel, device, (programs, calls), proc, lse, sc_arg, val, idx, sums, n, L, V, threads, n_seg,
            key0, key1, base_lo, base_hi, WRITE_SC=sc is not None, SC_LSE=sc_lse is not None, STRADDLE=straddle,
-           LIBDEVICE=exact, S=S, num_warps=cuda_rng.WARPS, num_stages=1, **options)
-    per_row = -(-V // S) + 1
+           LIBDEVICE=exact, S=S, num_warps=FUSED_WARPS, num_stages=1, **options)
+    per_row = -(-V // S) + straddle  # segments covering a row
     launch(_fused_combine_kernel, device, (L,), val, idx, sums, lse, out, sc_lse if sc_lse is not None else lse, V,
            n_seg, SC_LSE=sc_lse is not None, STRADDLE=straddle, S=S,
            BLOCK_C=min(1024, max(16, 1 << (per_row - 1).bit_length())), num_warps=4)
@@ -488,6 +491,24 @@ def _aot():
                   {"val_ptr": "*fp32", "idx_ptr": "*i32", "out_ptr": "*i64", "splits": "i32"},
                   dict(BLOCK_S=block_s), 1, 1, dict(BLOCK_S=block_s, num_warps=1), default=True,
                   divisible=("splits",))
+
+    # The fused draw at the step's shape on an H100's layout (N = 270,336: 1056 blocks of 256), bf16
+    # self-conditioning input and its logsumexp; no segment straddles a row (V a multiple of 256).
+    threads, _ = cuda_rng.layout(256 * 262144, *cuda_rng.ASSUMED_DEVICE)
+    fsig = {"proc_ptr": "*fp32", "lse_ptr": "*fp32", "sc_ptr": "*bf16", "val_ptr": "*fp32", "idx_ptr": "*i32",
+            "sum_ptr": "*fp32", "n": "i32", "L": "i32", "V": "i32", "N": "i32", "n_seg": "i32", "key0": "i32",
+            "key1": "i32", "base_lo": "i32", "base_hi": "i32"}
+    S = cuda_rng.SPAN
+    consts = dict(WRITE_SC=True, SC_LSE=True, STRADDLE=False, LIBDEVICE=True, S=S)
+    yield AotSpec("sample.fused", _fused_draw_kernel, fsig, consts, FUSED_WARPS, 1,
+                  dict(S=S, num_warps=FUSED_WARPS, num_stages=1), default=True,
+                  divisible=("n", "L", "V", "N", "n_seg"))
+    csig = {"val_ptr": "*fp32", "idx_ptr": "*i32", "sum_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*i64",
+            "sc_lse_ptr": "*fp32", "V": "i32", "n_seg": "i32"}
+    block_c = 262144 // S
+    yield AotSpec("sample.fused_combine", _fused_combine_kernel, csig,
+                  dict(SC_LSE=True, STRADDLE=False, S=S, BLOCK_C=block_c), 4, 1,
+                  dict(BLOCK_C=block_c, num_warps=4), default=True, divisible=("V", "n_seg"))
 
 
 AOT = list(_aot())

@@ -175,3 +175,27 @@ def test_cuda_draws_are_torchs_exponential(shape):
     got = rng.exponential_triton(q.numel(), seed, offset, N, q.device)
     assert torch.equal(got.view(torch.int32), q.view(-1).view(torch.int32))
     assert int(rng.count_mismatches(q, seed, offset, N)) == 0
+
+
+@pytest.mark.slow
+def test_aot_specs_compile_the_fast_log_without_spills():
+    """Both kernels compile for sm_89/90/120 without spills; each draw costs one MUFU (lg2.approx:
+    __logf, not logf's polynomial), 4 threads' 4 words a lane."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "kernels.aot", "--kernel", "cuda_rng", "--jobs", "2"],
+                         cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert sorted((r["kernel"], r["target"]) for r in rows) == sorted(
+        (k, t) for k in ("cuda_rng.check", "cuda_rng.write") for t in ("sm_89", "sm_90", "sm_120"))
+    per_lane = 4 * rng.SPAN // (rng.WARPS * 32)
+    for r in rows:
+        assert r["ok"] and r["spills"] == 0 and r["shared_bytes"] <= r["shared_limit"], r
+        assert r["sass"]["MUFU"] == per_lane, r

@@ -16,8 +16,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+import kernels.cuda_rng as rng
 import kernels.sample as mod
 from dgcli.engine import multinomial
+from kernels.int8_soft import lse_rows_ref
 from kernels.sample import draw, draw_ref, draw_triton, plan
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -233,15 +235,16 @@ def test_full_size_draw_reads_proc_and_q_once(monkeypatch):
 
 @pytest.mark.slow
 def test_aot_specs_compile_without_spills():
-    """Both kernels at the step's shape compile for sm_89/90/120 without spills, within shared memory."""
+    """The kernels at the step's shape compile for sm_89/90/120 without spills, within shared memory."""
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-m", "kernels.aot", "--kernel", "sample", "--jobs", "2"], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [json.loads(line) for line in out.stdout.splitlines()]
+    kernels = ("sample.chunks", "sample.combine", "sample.fused", "sample.fused_combine")
     assert sorted((r["kernel"], r["target"]) for r in rows) == sorted(
-        (k, t) for k in ("sample.chunks", "sample.combine") for t in ("sm_89", "sm_90", "sm_120"))
+        (k, t) for k in kernels for t in ("sm_89", "sm_90", "sm_120"))
     for r in rows:
         assert r["ok"] and r["spills"] == 0 and r["shared_bytes"] <= r["shared_limit"], r
     per_thread = mod.BLOCK // (mod.WARPS * 32)  # elements of a tile per thread
@@ -254,12 +257,17 @@ def test_aot_specs_compile_without_spills():
             # tl.exp is a multiply and MUFU.EX2)
             assert ops["FCHK"] == per_thread and ops["MUFU"] == 2 * per_thread, r
             assert ops["FFMA"] >= 8 * per_thread, r
+        if r["kernel"] == "sample.fused":  # no loop: the whole kernel, 32 elements a lane
+            ops, n = r["sass"], 4 * rng.SPAN // (mod.FUSED_WARPS * 32)
+            # per element: a correctly rounded division (FCHK), and MUFU for __logf's lg2, expf's ex2,
+            # the division's reciprocal and sc_lse's exp
+            assert ops["FCHK"] == n and 4 * n <= ops["MUFU"] <= 4 * n + 8, r
+            assert ops["LDG"] <= n // 4 + 4 and "LDL" not in ops and "STL" not in ops, r  # 128-bit loads of proc
+            assert sum(ops.values()) < 110 * n, r  # ~91 instructions an element at sm_90
 
 
 # ------------------------------------------------------------------------------ the fused draw (cuda_rng)
 
-import kernels.cuda_rng as rng  # noqa: E402
-from kernels.int8_soft import lse_rows_ref  # noqa: E402
 
 
 def _log32(u):
