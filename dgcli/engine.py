@@ -10,7 +10,8 @@ arithmetic elsewhere):
 - the fused LM head: `kernels.lm_head` computes softcap(logits)/T with the argmax, entropy and
   logsumexp in one pass over the vocabulary, instead of ~20 passes over [L, V] fp32 logits.
 What it exposes: `new_cache`, `prefill(ids, cache)`, `step(canvas, cache, sc, temperature)` ->
-`StepOut`, `commit(canvas, cache)`.
+`StepOut`, `commit(canvas, cache)`, and `sc_buffers(cache)`: where the sampler's draw writes the next
+step's self-conditioning input so that a graph reads it in place (`StepOut.sample_sc`).
 """
 
 from __future__ import annotations

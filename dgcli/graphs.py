@@ -9,13 +9,15 @@ graph and replayed: one launch per step.
 What makes the step capturable (see `DiffusionGemma.decode`, `Engine.stats` and `StaticKVCache`):
 - fixed buffers: the canvas ids, the self-conditioning logits, the temperature and every output
   live here; each step copies its inputs in, and the outputs are overwritten by the next replay
-  (a caller keeps a copy of what it keeps: the sampler clones the argmax it commits);
+  (a caller keeps a copy of what it keeps: the sampler clones the argmax it commits). The sampler's
+  fused draw writes the self-conditioning logits and their logsumexp straight into this object's
+  buffers (`Engine.sc_buffers`); handed its own buffers, a step copies nothing;
 - positions on the device: the cache writes the canvas positions into a device tensor before each
   replay, so RoPE, ring slots and masks follow them without recapture;
 - fixed shapes: the full-attention layers read a span of cache slots rounded up to `BUCKET`, the
   slack hidden by a mask, so one graph serves a whole bucket of context lengths. There is one graph
-  per (bucket, first step or not, fused LM head or not): a canvas's first step has no
-  self-conditioning input;
+  per (bucket, self-conditioning input: none, logits, logits with their logsumexp, fused LM head
+  or not): a canvas's first step has no self-conditioning input;
 - no host synchronisation: routing sorts and offsets stay on the device (no `.item()`, `.tolist()`).
 The graphs share one memory pool: they run one at a time. A step that cannot be captured raises
 here; the engine then turns graphs off for itself (one warning) and steps eagerly.

@@ -13,6 +13,9 @@ what to compile in its `AOT` list.
 - lm_head:     LM head + softcap + temperature + argmax/entropy/logsumexp, one pass over the vocabulary
 - int8_linear: weight-only int8 (per-row scale) linear for dense projections
 - int8_soft:   the self-conditioning soft embedding, probs @ int8 codes, each code read once
+- sample:      the sampler's draw argmax(exp(proc - lse) / q); fused, with torch's CUDA Exp(1) draws
+               made in the kernel (cuda_rng: curand's Philox as torch's exponential_ runs it) and the
+               next step's self-conditioning input written on the way
 - rmsnorm:     RMSNorm alone, with the residual add, or with the q/k RoPE, one kernel each
 - router:      the router's norm, and its softmax/top-k/renormalise/per-expert scale
 - fused_norms, fused_router: module swaps that put those kernels under the model on CUDA (the

@@ -4,29 +4,45 @@ A denoising step samples one token per canvas position as `torch.multinomial(pro
 one sample: q ~ Exp(1) from the generator, then argmax(probs / q) per row. With the fused LM head's
 outputs (proc [L, V] fp32 and lse [L]) probs = exp(proc - lse), so the unfused draw writes probs,
 reads it, writes q, reads probs and q, writes the ratio and reads it again: ~2 GB at L = 256,
-V = 262,144 (268 MB per [L, V] fp32 tensor). The exponential draws must stay torch's (the
-generator's stream), so q is still made by `exponential_` (one [L, V] write); everything after it is
-`draw`: proc and q read once, nothing vocabulary-sized written.
+V = 262,144 (268 MB per [L, V] fp32 tensor).
 
 - `draw(proc [L, V], lse [L], q [L, V]) -> [L] int64` = argmax_v(exp(proc - lse) / q);
   `draw_ref` is that expression in PyTorch, `draw_triton` the kernel; `draw` dispatches (Triton on
-  CUDA; `DG_KERNELS` overrides).
-- `sample(proc [..., V], lse [...], g)`: q drawn from g as `dgcli.engine.multinomial` draws it, then
-  `draw`: the same tokens as `sample(exp(proc - lse), g)`, given the same generator state.
+  CUDA; `DG_KERNELS` overrides): proc and q read once, nothing vocabulary-sized written.
+- `draw_fused(proc, lse, seed, offset, threads, sc, sc_lse)`: the same draw with q never written:
+  each program makes the Exp(1) draws of torch's CUDA `exponential_` at that generator state in
+  registers (kernels.cuda_rng), and also writes proc in the model dtype into `sc` (the next step's
+  self-conditioning input) and that input's per-row logsumexp (`sc_lse`, so the soft embedding need
+  not read it for that). proc is read once, sc written once: 0.40 GB where q, the draw and the bf16
+  copy moved 1.21 GB. `draw_fused_ref` is its PyTorch/numpy reference.
+- `sample_sc(proc [..., V], lse [...], g, dtype, sc=None, sc_lse=None) -> (tokens, sc, sc_lse)`: the
+  fused draw on CUDA, else q drawn from g as `dgcli.engine.multinomial` draws it, `draw`, and
+  sc = proc.to(dtype). The same tokens as `multinomial(exp(proc - lse), g)` and the same generator
+  state after: the fused path moves g's philox offset as exponential_ would (`g.get_offset()`,
+  `g.set_offset()`, host numbers: no sync). The first call per (device, shape) checks the claim: it
+  draws torch's q (one [L, V] fp32 tensor, once), compares it bit for bit with kernels.cuda_rng's
+  draws and the offset step with torch's (one host read, once), and takes its tokens from that q; a
+  mismatch turns the fused draw off for that device and shape for good, with one stderr line.
+  `sample(proc, lse, g)` is its tokens.
 
-The kernel: each (chunk, row) program reduces a V-range to (max ratio, first index), a second tiny
-kernel combines each row's chunks; ties go to the lowest index, as torch.argmax returns the first
-maximum.
+The kernels: `draw_triton`'s (chunk, row) programs reduce a V-range to (max ratio, first index), a
+second tiny kernel combines each row's chunks. The fused draw's program (b, k) is torch's threads
+[256 b, 256 b + 256) at their call k: their four draws each go to four segments of 256 consecutive
+elements of the flat [L, V] (torch's grid-stride order), each reduced per row it covers to (max ratio,
+first column) and sum(exp(sc - lse)); a second kernel combines each row's segments in column order.
+Ties go to the lowest index, as torch.argmax returns the first maximum.
 
 What is exact. On CUDA the ratio is the same float as PyTorch's: proc - lse is one fp32 subtraction,
 exp is libdevice's `__nv_expf` (the CUDA math library's expf, which PyTorch's exp kernel compiles to
 as `std::exp`; compiled here without FTZ, as PyTorch is: `tl.exp` would be the approximate
 `ex2.approx` on a scaled argument), and the division is correctly rounded (`div_rn`, as CUDA's `/`
 without fast math; Triton's default `/` is `div.full`, approximate). So the token is torch's, bit for
-bit, as far as this can be shown without a GPU: the PTX is the one described; no GPU ran it here.
+bit, as far as this can be shown without a GPU: the PTX is the one described; no GPU ran it here
+(the fused draw's Exp(1) draws are checked against torch's at run time, see above).
 Under the interpreter (CPU tensors) exp is numpy's float32 exp, which differs from torch's CPU exp
 by up to 2 units in the last place: the tests give the interpreter torch's exp to check the rest bit
-for bit. On the CPU `draw` takes `draw_ref`, torch's own arithmetic.
+for bit. On the CPU `draw` takes `draw_ref`, torch's own arithmetic. sc_lse differs from
+kernels.int8_soft.lse_rows at rounding level (another order of the sum, lse as the shift).
 
 NaN: as torch.argmax, a NaN ratio counts as the maximum, and the first NaN of a row wins (a NaN in
 proc or lse, or 0 / 0 where q is 0). The sampler checks finiteness separately.

@@ -482,3 +482,27 @@ def test_full_size_fused_draw_reads_proc_once_and_writes_sc(monkeypatch):
         proc.to(torch.bfloat16)
     before = t.bytes + sum(a.nbytes for _, _, args in launches[2:] for a in args)
     assert before > 4.5 * full and before - after > 0.79e9  # and the step no longer copies sc nor reads it for lse
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("L,V", [(256, 262144), (8, 1000)])
+def test_cuda_fused_sample_is_the_unfused_sample(monkeypatch, capsys, L, V):
+    """On a GPU: the first call checks the kernel's draws against torch's exponential_ (passes), the
+    next ones draw in the kernel; at every call the tokens and the generator's offset are those of
+    exponential_ + draw, sc is proc in bf16 and sc_lse lse_rows' up to rounding."""
+    monkeypatch.setattr(mod, "_checked", {})
+    monkeypatch.delenv("DG_KERNELS", raising=False)
+    g = torch.Generator(device="cuda").manual_seed(5)
+    g_ref = torch.Generator(device="cuda").manual_seed(5)
+    proc, lse, _ = make(L, V, seed=1)
+    proc, lse = proc.cuda()[None], lse.cuda()[None]
+    for call in range(3):
+        tokens, sc, sc_lse = mod.sample_sc(proc, lse, g, torch.bfloat16)
+        q = torch.empty_like(proc).exponential_(1, generator=g_ref)
+        assert torch.equal(tokens, draw(proc[0], lse[0], q[0])[None]), call
+        assert g.get_offset() == g_ref.get_offset()
+        assert torch.equal(sc, proc.to(torch.bfloat16))
+        if call:
+            torch.testing.assert_close(sc_lse, lse_rows_ref(sc[0])[None], rtol=0, atol=1e-4)
+        torch.randint(0, 10, (3,), device="cuda", generator=g), torch.randint(0, 10, (3,), device="cuda", generator=g_ref)
+    assert mod.check_status(proc.device, proc.numel()) is True and capsys.readouterr().err == ""
