@@ -415,10 +415,13 @@ def check_status(device: torch.device, n: int) -> bool | None:
 
 
 def _fusable(proc, lse) -> bool:
+    """Whether the fused draw can serve (proc, lse): on its device, fp32, contiguous, 32-bit indexable
+    (as exponential_ is then one launch), at least 16 columns, not under graph capture (the
+    generator's offset is read on the host)."""
     V = proc.shape[-1] if proc.dim() else 0
-    return (fused_device(proc) and proc.dtype == torch.float32
-            and segment_size(V) is not None and 0 < proc.numel() < 2**31 and proc.is_contiguous()
-            and lse.shape == proc.shape[:-1] and not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()))
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    return (fused_device(proc) and proc.dtype == torch.float32 and segment_size(V) is not None
+            and 0 < proc.numel() < 2**31 and proc.is_contiguous() and lse.shape == proc.shape[:-1] and not capturing)
 
 
 def _self_check(proc, lse, g, threads: int) -> torch.Tensor:

@@ -189,8 +189,9 @@ def test_aot_specs_compile_the_fast_log_without_spills():
 
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "kernels.aot", "--kernel", "cuda_rng", "--jobs", "2"],
-                         cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True, timeout=900)
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-m", "kernels.aot", "--kernel", "cuda_rng", "--jobs", "2"], cwd=root,
+                         env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     assert sorted((r["kernel"], r["target"]) for r in rows) == sorted(

@@ -327,7 +327,8 @@ def test_fused_draw_is_the_draw_on_torchs_exp_draws(fused_interpret, L, V, devic
 
 
 def test_fused_draw_ties_and_nans_as_torch_argmax(fused_interpret):
-    """Equal ratios over a whole row (proc = -inf: every ratio 0 / q = 0) give its first column; NaNs at several places (other segments, lanes, calls) give the first NaN, as torch.argmax.
+    """Equal ratios over a whole row (proc = -inf: every ratio 0 / q = 0) give its first column;
+    NaNs at several places (other segments, lanes, calls) give the first NaN, as torch.argmax.
     V = 600 over segments of 256 and N = 256: a row spans three or four segments of several calls."""
     L, V, threads, seed, offset = 5, 600, 256, 5, 0
     proc, lse, _ = make(L, V, seed=1)
@@ -460,7 +461,8 @@ def test_full_size_fused_draw_reads_proc_once_and_writes_sc(monkeypatch):
     monkeypatch.setattr(mod, "set_philox_offset", lambda g, d, off: offsets.append(off))
     proc = torch.empty(1, L_FULL, V_FULL, device="meta")
     lse = torch.empty(1, L_FULL, device="meta")
-    sc_buf, lse_buf = torch.empty(1, L_FULL, V_FULL, dtype=torch.bfloat16, device="meta"), torch.empty(1, L_FULL, device="meta")
+    sc_buf = torch.empty(1, L_FULL, V_FULL, dtype=torch.bfloat16, device="meta")
+    lse_buf = torch.empty(1, L_FULL, device="meta")
     full = proc.nbytes  # 268 MB
     with Traffic() as t:
         tokens, sc, sc_lse = mod.sample_sc(proc, lse, None, torch.bfloat16, sc_buf, lse_buf)
@@ -504,5 +506,6 @@ def test_cuda_fused_sample_is_the_unfused_sample(monkeypatch, capsys, L, V):
         assert torch.equal(sc, proc.to(torch.bfloat16))
         if call:
             torch.testing.assert_close(sc_lse, lse_rows_ref(sc[0])[None], rtol=0, atol=1e-4)
-        torch.randint(0, 10, (3,), device="cuda", generator=g), torch.randint(0, 10, (3,), device="cuda", generator=g_ref)
+        for gen in (g, g_ref):  # the sampler's renoising draw between two samples
+            torch.randint(0, 10, (3,), device="cuda", generator=gen)
     assert mod.check_status(proc.device, proc.numel()) is True and capsys.readouterr().err == ""
