@@ -235,3 +235,26 @@ def test_fused_draw_feeds_the_graph_in_place_with_the_unfused_tokens(tiny, monke
     assert fused[0] == plain[0] and fused[1] == plain[1] and len(fused[0]) == 4
     assert fused[2].token_ids == plain[2].token_ids
     assert handed == [(True, True), (True, True)]
+
+
+def test_decode_hands_the_samplers_lse_to_the_soft_embedding(tiny, monkeypatch):
+    """Engine.step with a SelfCond carrying a logsumexp: the model's decode gives it to
+    soft_logits (which a quantized embedding uses); without one, soft_logits gets the logits alone."""
+    from dgcli.engine import SelfCond
+
+    model = tiny[0].model
+    emb = model.model.decoder.embed_tokens
+    seen = []
+    real = emb.soft_logits
+    monkeypatch.setattr(emb, "soft_logits", lambda x, *lse: seen.append(lse) or real(x, *lse))
+    L, V = model.config.canvas_length, model.config.vocab_size
+    engine = Engine(model)
+    cache = engine.new_cache()
+    model.encode(torch.arange(5, 9)[None], cache)
+    canvas = torch.zeros(1, L, dtype=torch.long)
+    sc = torch.randn(1, L, V)
+    lse = sc.logsumexp(-1)
+    a = engine.step(canvas, cache, SelfCond(sc, lse), torch.tensor(0.7)).proc.clone()
+    b = engine.step(canvas, cache, sc, torch.tensor(0.7)).proc
+    assert len(seen) == 2 and torch.equal(seen[0][0], lse) and seen[1] == ()
+    assert torch.equal(a, b)  # the plain embedding ignores it
