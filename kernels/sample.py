@@ -151,7 +151,6 @@ if HAS_TRITON:
         _, best = tl.reduce((v, i), 0, _first_max)
         tl.store(out_ptr + row, best.to(tl.int64))
 
-
     @triton.jit
     def _fused_segment(proc_ptr, lse_ptr, sc_ptr, val_ptr, idx_ptr, sum_ptr, e, seg, t, n, L, V, n_seg,
                        WRITE_SC: tl.constexpr, SC_LSE: tl.constexpr, STRADDLE: tl.constexpr,
