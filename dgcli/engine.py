@@ -10,7 +10,8 @@ arithmetic elsewhere):
 - the fused LM head: `kernels.lm_head` computes softcap(logits)/T with the argmax, entropy and
   logsumexp in one pass over the vocabulary, instead of ~20 passes over [L, V] fp32 logits.
 What it exposes: `new_cache`, `prefill(ids, cache)`, `step(canvas, cache, sc, temperature)` ->
-`StepOut`, `commit(canvas, cache)`.
+`StepOut`, `commit(canvas, cache)`, and `sc_buffers(cache)`: where the sampler's draw writes the next
+step's self-conditioning input so that a graph reads it in place (`StepOut.sample_sc`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,14 @@ from .model import DiffusionGemma
 from .settings import flag, kernels_mode
 
 PREFILL_CHUNK = 2048  # tokens per encoder pass on a static cache: peak memory stays flat in prompt length
+
+
+class SelfCond(NamedTuple):
+    """A step's self-conditioning input: the previous step's proc in the model dtype (1, L, V), and
+    its per-row logsumexp (1, L) fp32 when the sampler's fused draw made it (None: the step does)."""
+
+    logits: torch.Tensor
+    lse: torch.Tensor | None = None
 
 
 class StepOut(NamedTuple):
@@ -55,6 +64,18 @@ class StepOut(NamedTuple):
         from kernels.sample import sample
 
         return sample(self.proc, self.lse, g)
+
+    def sample_sc(self, g: torch.Generator, dtype: torch.dtype, into: SelfCond | None = None):
+        """(`sample(g)`, the next step's SelfCond): proc in `dtype` as a new tensor, or from the fused
+        head on CUDA written by the draw kernel itself with its logsumexp (into `into`'s buffers when
+        given: a graph's static inputs, which the next step then reads in place)."""
+        if self.lse is None:
+            return self.sample(g), SelfCond(self.proc.to(dtype))
+        from kernels.sample import sample_sc
+
+        with torch.inference_mode():  # `into`: a graph's buffers, inference tensors, written in place
+            tokens, sc, sc_lse = sample_sc(self.proc, self.lse, g, dtype, *(into or (None, None)))
+        return tokens, SelfCond(sc, sc_lse)
 
 
 def multinomial(probs: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -166,13 +187,24 @@ class Engine:
         """Encode a finished canvas (1, L) into the cache."""
         self.model.encode(canvas, cache)
 
+    def sc_buffers(self, cache, processor=None) -> SelfCond | None:
+        """Where the next step (on `cache`, with `processor`) reads its self-conditioning input when it
+        replays a graph: the graph's static buffers, for the sampler's draw to write straight into
+        (then `step` copies nothing); None when that step runs eagerly."""
+        if self.capture is None or processor is not None:
+            return None
+        graphed = self._graphed.get(cache)
+        return None if graphed is None else SelfCond(graphed.sc, graphed.sc_lse)
+
     @torch.inference_mode()
-    def step(self, canvas: torch.Tensor, cache, sc: torch.Tensor | None, temperature: torch.Tensor,
+    def step(self, canvas: torch.Tensor, cache, sc: torch.Tensor | SelfCond | None, temperature: torch.Tensor,
              processor=None) -> StepOut:
         """One denoising step: the decoder pass over canvas (1, L) with self-conditioning sc (the
-        previous step's proc in the model dtype, None on a canvas's first step), then the statistics
-        at `temperature` (a 0-d fp32 device tensor). A logits `processor` must see the logits, so
-        it turns the fused head and the graphs off for this step."""
+        previous step's proc in the model dtype, alone or as a SelfCond with its logsumexp; None on a
+        canvas's first step), then the statistics at `temperature` (a 0-d fp32 device tensor). A
+        logits `processor` must see the logits, so it turns the fused head and the graphs off for
+        this step."""
+        sc, sc_lse = sc if isinstance(sc, SelfCond) else (sc, None)
         fused = self.fused_head and processor is None
         if self.capture is not None and processor is None and isinstance(cache, StaticKVCache):
             graphed = self._graphed.get(cache)
@@ -181,7 +213,7 @@ class Engine:
 
                 graphed = self._graphed[cache] = GraphedStep(self, cache, self.capture)
             try:
-                return graphed(canvas, sc, temperature, fused)
+                return graphed(canvas, sc, temperature, fused, sc_lse)
             except (RuntimeError, NotImplementedError, ValueError) as e:
                 # Something in the step cannot be captured (a host sync, an unsupported kernel):
                 # say so once and go on eagerly; the results are the same, only slower.
@@ -189,15 +221,19 @@ class Engine:
                 self._captured_before = self.capture_seconds
                 self.capture, self._graphed = None, weakref.WeakKeyDictionary()
         positions = cache.prepare_decode(canvas.shape[1], device=self.device, bucket=self.bucket)
-        return self.stats(canvas, cache, sc, temperature, positions, fused, processor)
+        return self.stats(canvas, cache, sc, temperature, positions, fused, processor, sc_lse=sc_lse)
 
     @torch.inference_mode()
     def stats(self, canvas, cache, sc, temperature, positions, fused: bool, processor=None,
-              out: StepOut | None = None) -> StepOut:
+              out: StepOut | None = None, sc_lse: torch.Tensor | None = None) -> StepOut:
         """The step itself, with the cache already prepared (no host sync: this is what a graph
-        captures). With `out`, the results are written into its buffers."""
+        captures). With `out`, the results are written into its buffers. `sc_lse`: sc's per-row
+        logsumexp, when the sampler made it."""
         model = self.model
-        hidden = model.decode(canvas, cache, sc, positions)
+        if sc_lse is None:
+            hidden = model.decode(canvas, cache, sc, positions)
+        else:
+            hidden = model.decode(canvas, cache, sc, positions, sc_lse=sc_lse)
         L, V = canvas.shape[1], self.config.vocab_size
         if fused:
             from kernels.lm_head import lm_head

@@ -9,13 +9,15 @@ graph and replayed: one launch per step.
 What makes the step capturable (see `DiffusionGemma.decode`, `Engine.stats` and `StaticKVCache`):
 - fixed buffers: the canvas ids, the self-conditioning logits, the temperature and every output
   live here; each step copies its inputs in, and the outputs are overwritten by the next replay
-  (a caller keeps a copy of what it keeps: the sampler clones the argmax it commits);
+  (a caller keeps a copy of what it keeps: the sampler clones the argmax it commits). The sampler's
+  fused draw writes the self-conditioning logits and their logsumexp straight into this object's
+  buffers (`Engine.sc_buffers`); handed its own buffers, a step copies nothing;
 - positions on the device: the cache writes the canvas positions into a device tensor before each
   replay, so RoPE, ring slots and masks follow them without recapture;
 - fixed shapes: the full-attention layers read a span of cache slots rounded up to `BUCKET`, the
   slack hidden by a mask, so one graph serves a whole bucket of context lengths. There is one graph
-  per (bucket, first step or not, fused LM head or not): a canvas's first step has no
-  self-conditioning input;
+  per (bucket, self-conditioning input: none, logits, logits with their logsumexp, fused LM head
+  or not): a canvas's first step has no self-conditioning input;
 - no host synchronisation: routing sorts and offsets stay on the device (no `.item()`, `.tolist()`).
 The graphs share one memory pool: they run one at a time. A step that cannot be captured raises
 here; the engine then turns graphs off for itself (one warning) and steps eagerly.
@@ -79,27 +81,36 @@ class GraphedStep:
         self.engine, self.cache, self.capture = engine, cache, capture
         self.canvas = torch.zeros(1, L, dtype=torch.long, device=dev)
         self.sc = torch.zeros(1, L, V, dtype=engine.dtype, device=dev)
+        self.sc_lse = torch.zeros(1, L, dtype=torch.float32, device=dev)  # sc's logsumexp, when the sampler made it
         self.temperature = torch.ones((), dtype=torch.float32, device=dev)
         self.out = StepOut(torch.empty(1, L, V, dtype=torch.float32, device=dev),
                            torch.zeros(1, L, dtype=torch.long, device=dev),
                            torch.zeros(1, L, dtype=torch.float32, device=dev),
                            torch.zeros(1, L, dtype=torch.float32, device=dev))
-        self.graphs: dict[tuple[int, bool, bool], object] = {}  # (span, self-conditioned, fused head)
+        # (span, self-conditioning: 0 none, 1 sc, 2 sc with its logsumexp, fused head)
+        self.graphs: dict[tuple[int, int, bool], object] = {}
         self.capture_seconds = 0.0  # warm-up and capture time, reported apart from the steps
 
-    def __call__(self, canvas: torch.Tensor, sc: torch.Tensor | None, temperature: torch.Tensor, fused: bool):
+    def __call__(self, canvas: torch.Tensor, sc: torch.Tensor | None, temperature: torch.Tensor, fused: bool,
+                 sc_lse: torch.Tensor | None = None):
+        """One step; sc (and sc_lse) may be this object's own buffers, which the sampler's draw wrote
+        (Engine.sc_buffers): then nothing is copied."""
         positions = self.cache.prepare_decode(canvas.shape[1], bucket=self.engine.bucket)
         self.canvas.copy_(canvas)
-        if sc is not None:
+        if sc is not None and sc is not self.sc:
             self.sc.copy_(sc)
+        if sc is not None and sc_lse is not None and sc_lse is not self.sc_lse:
+            self.sc_lse.copy_(sc_lse)
         self.temperature.copy_(temperature.reshape(()))
-        key = (self.cache.span, sc is not None, fused)
+        kind = 0 if sc is None else 1 if sc_lse is None else 2
+        key = (self.cache.span, kind, fused)
         graph = self.graphs.get(key)
         if graph is None:
             sc_buf = self.sc if sc is not None else None
+            lse_buf = self.sc_lse if kind == 2 else None
             t0 = time.perf_counter()
             graph = self.capture(lambda: self.engine.stats(self.canvas, self.cache, sc_buf, self.temperature,
-                                                           positions, fused, out=self.out))
+                                                           positions, fused, out=self.out, sc_lse=lse_buf))
             self.graphs[key] = graph
             self.capture_seconds += time.perf_counter() - t0
         graph.replay()

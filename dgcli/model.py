@@ -372,9 +372,10 @@ class Embedding(nn.Module):
         """probs (B, L, V) in the weight dtype -> (B, L, H), scaled like a lookup."""
         return torch.matmul(probs, self.weight) * self.embed_scale()
 
-    def soft_logits(self, sc_logits: torch.Tensor) -> torch.Tensor:
+    def soft_logits(self, sc_logits: torch.Tensor, lse: torch.Tensor | None = None) -> torch.Tensor:
         """The self-conditioning input from logits (B, L, V): their fp32 softmax rounded to the weight
-        (model) dtype, then `soft`. A quantized replacement may fuse the two (no probabilities written)."""
+        (model) dtype, then `soft`. A quantized replacement may fuse the two (no probabilities written)
+        and use `lse` (B, L), the logits' logsumexp when the sampler made it; this one ignores it."""
         return self.soft(F.softmax(sc_logits, dim=-1, dtype=torch.float32).to(self.weight.dtype))
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
@@ -527,13 +528,14 @@ class DiffusionGemma(nn.Module):
 
     @torch.inference_mode()
     def decode(self, canvas: torch.Tensor, cache: KVCache | StaticKVCache, sc_logits: torch.Tensor | None = None,
-               positions: torch.Tensor | None = None) -> torch.Tensor:
+               positions: torch.Tensor | None = None, sc_lse: torch.Tensor | None = None) -> torch.Tensor:
         """Decoder mode: canvas (B, L) -> final-normed hidden states (B, L, H); the cache is only read.
 
         sc_logits: the previous step's processed logits (B, L, V) in the model dtype, or None on a
         canvas's first step (a zero self-conditioning signal). positions: the canvas positions as
         `cache.prepare_decode` returned them (a device tensor: no host sync, so the pass can be
-        captured as a CUDA graph); None prepares the cache here."""
+        captured as a CUDA graph); None prepares the cache here. sc_lse: sc_logits' per-row logsumexp
+        (B, L) fp32 when the sampler made it, for the soft embedding (Embedding.soft_logits)."""
         if positions is None:
             positions = cache.prepare_decode(canvas.shape[1], device=self.device)
         dec = self.model.decoder
@@ -542,7 +544,7 @@ class DiffusionGemma(nn.Module):
         if sc_logits is None:
             soft = torch.zeros_like(x)
         else:
-            soft = emb.soft_logits(sc_logits)
+            soft = emb.soft_logits(sc_logits) if sc_lse is None else emb.soft_logits(sc_logits, sc_lse)
         x = dec.self_conditioning(x, soft)
         rope = self._rope(positions, x.dtype)
         normed = None

@@ -13,8 +13,9 @@ Per block (canvas of L tokens):
 Random draws, in this order, all from one generator: randint(L) per block, then per step
 multinomial(L×V) and randint(L). `seed=S` reproduces `torch.manual_seed(S); model.generate(...)`.
 The sample is drawn as argmax(p / E), E ~ Exp(1) from the generator: what `torch.multinomial`
-does for one sample, bit for bit, without its two host reads (`StepOut.sample`; from the fused
-head, one kernel reads proc and E once). A step reads the host once, for its
+does for one sample, bit for bit, without its two host reads (`StepOut.sample_sc`; from the fused
+head on CUDA, one kernel makes E in registers as torch's exponential_ would, reads proc once and
+writes the next step's self-conditioning input). A step reads the host once, for its
 event and the stop flag together. The decoder pass and the statistics are the engine's (dgcli/engine.py):
 on CUDA it replays graphs and fuses the LM head; the decisions are the same up to float rounding.
 This module knows tokens only; text is the tokenizer layer's job (dgcli/api.py).
@@ -237,8 +238,7 @@ class Block:
             t0 = time.perf_counter()
             captured = engine.capture_seconds
             out = engine.step(canvas, self.cache, sc, self.temps[i], processor)
-            canvas, accepted, stop, argmax, ent = self.decide(out, stability, plan)
-            sc = out.proc.to(engine.dtype)
+            canvas, accepted, stop, argmax, ent, sc = self.decide(out, stability, plan, processor)
             # The one host read of a step: the event's lists and the stop flag, in one transfer.
             host = _to_host(canvas[0], accepted[0], argmax[0], ent[0], stop)
             if not host["finite"]:
@@ -256,13 +256,17 @@ class Block:
                 break
         return argmax, i + 1
 
-    def decide(self, out, stability: StabilityTracker, plan: TemplateBlock | None = None):
+    def decide(self, out, stability: StabilityTracker, plan: TemplateBlock | None = None, processor=None):
         """Sample every position; keep the lowest-entropy ones within the entropy bound, renoise the
         rest; stop when the argmax canvas is stable and the mean entropy below the threshold.
         Pinned positions: zero entropy, their pin as argmax and canvas, outside the mean.
-        Returns (canvas, accepted, stop, argmax, entropy): the last two with the pins applied."""
-        s, V = self.settings, self.engine.config.vocab_size
-        sampled = out.sample(self.g)
+        Returns (canvas, accepted, stop, argmax, entropy, sc): argmax and entropy with the pins
+        applied; sc the next step's self-conditioning input (an engine.SelfCond: proc in the model
+        dtype, written by the draw itself on the fused path, into the buffers the next step reads
+        when it replays a graph; `processor`: the next step's, which decides that)."""
+        s, engine = self.settings, self.engine
+        V = engine.config.vocab_size
+        sampled, sc = out.sample_sc(self.g, engine.dtype, engine.sc_buffers(self.cache, processor))
         pins = plan if plan is not None and plan.n_pinned else None
         argmax, ent = pinned_stats(out, pins)
         accepted = accept_mask(ent, s.entropy_bound)
@@ -274,7 +278,7 @@ class Block:
             canvas = torch.where(pins.pinned, pins.tokens, canvas)
             mean = ent.sum(dim=-1) / (ent.shape[-1] - pins.n_pinned)  # over the holes
         stop = stability(argmax) & (mean < s.confidence_threshold)
-        return canvas, accepted, stop, argmax, ent
+        return canvas, accepted, stop, argmax, ent, sc
 
 
 def pinned_stats(out, plan: TemplateBlock | None):

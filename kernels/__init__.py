@@ -15,6 +15,9 @@ what to compile in its `AOT` list.
                attention's output heads read in place)
 - geglu_int8:  an int8 GeGLU MLP's gate and up projections, gelu_tanh and product in one kernel
 - int8_soft:   the self-conditioning soft embedding, probs @ int8 codes, each code read once
+- sample:      the sampler's draw argmax(exp(proc - lse) / q); fused, with torch's CUDA Exp(1) draws
+               made in the kernel (cuda_rng: curand's Philox as torch's exponential_ runs it) and the
+               next step's self-conditioning input written on the way
 - rmsnorm:     RMSNorm alone, with the residual add, or with the q/k RoPE, one kernel each
 - router:      the router's norm, and its softmax/top-k/renormalise/per-expert scale
 - mix:         a layer's glue around its MLPs, one kernel each way: residual add + the dense, experts'

@@ -4,29 +4,45 @@ A denoising step samples one token per canvas position as `torch.multinomial(pro
 one sample: q ~ Exp(1) from the generator, then argmax(probs / q) per row. With the fused LM head's
 outputs (proc [L, V] fp32 and lse [L]) probs = exp(proc - lse), so the unfused draw writes probs,
 reads it, writes q, reads probs and q, writes the ratio and reads it again: ~2 GB at L = 256,
-V = 262,144 (268 MB per [L, V] fp32 tensor). The exponential draws must stay torch's (the
-generator's stream), so q is still made by `exponential_` (one [L, V] write); everything after it is
-`draw`: proc and q read once, nothing vocabulary-sized written.
+V = 262,144 (268 MB per [L, V] fp32 tensor).
 
 - `draw(proc [L, V], lse [L], q [L, V]) -> [L] int64` = argmax_v(exp(proc - lse) / q);
   `draw_ref` is that expression in PyTorch, `draw_triton` the kernel; `draw` dispatches (Triton on
-  CUDA; `DG_KERNELS` overrides).
-- `sample(proc [..., V], lse [...], g)`: q drawn from g as `dgcli.engine.multinomial` draws it, then
-  `draw`: the same tokens as `sample(exp(proc - lse), g)`, given the same generator state.
+  CUDA; `DG_KERNELS` overrides): proc and q read once, nothing vocabulary-sized written.
+- `draw_fused(proc, lse, seed, offset, threads, sc, sc_lse)`: the same draw with q never written:
+  each program makes the Exp(1) draws of torch's CUDA `exponential_` at that generator state in
+  registers (kernels.cuda_rng), and also writes proc in the model dtype into `sc` (the next step's
+  self-conditioning input) and that input's per-row logsumexp (`sc_lse`, so the soft embedding need
+  not read it for that). proc is read once, sc written once: 0.40 GB where q, the draw and the bf16
+  copy moved 1.21 GB. `draw_fused_ref` is its PyTorch/numpy reference.
+- `sample_sc(proc [..., V], lse [...], g, dtype, sc=None, sc_lse=None) -> (tokens, sc, sc_lse)`: the
+  fused draw on CUDA, else q drawn from g as `dgcli.engine.multinomial` draws it, `draw`, and
+  sc = proc.to(dtype). The same tokens as `multinomial(exp(proc - lse), g)` and the same generator
+  state after: the fused path moves g's philox offset as exponential_ would (`g.get_offset()`,
+  `g.set_offset()`, host numbers: no sync). The first call per (device, shape) checks the claim: it
+  draws torch's q (one [L, V] fp32 tensor, once), compares it bit for bit with kernels.cuda_rng's
+  draws and the offset step with torch's (one host read, once), and takes its tokens from that q; a
+  mismatch turns the fused draw off for that device and shape for good, with one stderr line.
+  `sample(proc, lse, g)` is its tokens.
 
-The kernel: each (chunk, row) program reduces a V-range to (max ratio, first index), a second tiny
-kernel combines each row's chunks; ties go to the lowest index, as torch.argmax returns the first
-maximum.
+The kernels: `draw_triton`'s (chunk, row) programs reduce a V-range to (max ratio, first index), a
+second tiny kernel combines each row's chunks. The fused draw's program (b, k) is torch's threads
+[256 b, 256 b + 256) at their call k: their four draws each go to four segments of 256 consecutive
+elements of the flat [L, V] (torch's grid-stride order), each reduced per row it covers to (max ratio,
+first column) and sum(exp(sc - lse)); a second kernel combines each row's segments in column order.
+Ties go to the lowest index, as torch.argmax returns the first maximum.
 
 What is exact. On CUDA the ratio is the same float as PyTorch's: proc - lse is one fp32 subtraction,
 exp is libdevice's `__nv_expf` (the CUDA math library's expf, which PyTorch's exp kernel compiles to
 as `std::exp`; compiled here without FTZ, as PyTorch is: `tl.exp` would be the approximate
 `ex2.approx` on a scaled argument), and the division is correctly rounded (`div_rn`, as CUDA's `/`
 without fast math; Triton's default `/` is `div.full`, approximate). So the token is torch's, bit for
-bit, as far as this can be shown without a GPU: the PTX is the one described; no GPU ran it here.
+bit, as far as this can be shown without a GPU: the PTX is the one described; no GPU ran it here
+(the fused draw's Exp(1) draws are checked against torch's at run time, see above).
 Under the interpreter (CPU tensors) exp is numpy's float32 exp, which differs from torch's CPU exp
 by up to 2 units in the last place: the tests give the interpreter torch's exp to check the rest bit
-for bit. On the CPU `draw` takes `draw_ref`, torch's own arithmetic.
+for bit. On the CPU `draw` takes `draw_ref`, torch's own arithmetic. sc_lse differs from
+kernels.int8_soft.lse_rows at rounding level (another order of the sum, lse as the shift).
 
 NaN: as torch.argmax, a NaN ratio counts as the maximum, and the first NaN of a row wins (a NaN in
 proc or lse, or 0 / 0 where q is 0). The sampler checks finiteness separately.
@@ -36,12 +52,16 @@ from __future__ import annotations
 
 import torch
 
+from . import cuda_rng
 from ._dispatch import HAS_TRITON, interpreting, launch, use_triton
 from ._tuning import AotSpec
 
 BLOCK = 2048  # columns per loop iteration: 8 fp32 of proc and 8 of q per thread at 8 warps
 WARPS = 8
 MAX_SPLITS = 16  # V-chunks per row: 4096 programs at L = 256, 64 KB of proc and of q each at V = 262,144
+FUSED_WARPS = 1  # the fused draw: a warp per program, 8 neighbouring elements of each segment per lane
+# (~90 SASS instructions an element at sm_90, the Philox rounds included; 2 warps: ~120, the segment
+# reductions crossing warps)
 
 
 def _check(proc, lse, q):
@@ -131,6 +151,113 @@ if HAS_TRITON:
         _, best = tl.reduce((v, i), 0, _first_max)
         tl.store(out_ptr + row, best.to(tl.int64))
 
+    @triton.jit
+    def _fused_segment(proc_ptr, lse_ptr, sc_ptr, val_ptr, idx_ptr, sum_ptr, e, seg, t, n, L, V, n_seg,
+                       WRITE_SC: tl.constexpr, SC_LSE: tl.constexpr, STRADDLE: tl.constexpr,
+                       LIBDEVICE: tl.constexpr, S: tl.constexpr):
+        """One segment: the flat elements [seg · S, seg · S + S) of proc with their draws e ([S]):
+        (first max ratio, its column) per row it covers (slot 0: its first row; slot 1: the next,
+        STRADDLE only), written at val/idx[slot · n_seg + seg]; bf16(proc) to sc (WRITE_SC); and
+        sum(exp(sc - lse)) per row at sum[slot · n_seg + seg] (SC_LSE)."""
+        base = seg.to(tl.int64) * S
+        if base < n:
+            li = base + t
+            ok = li < n
+            row0 = base // V
+            col = (base - row0 * V).to(tl.int32) + t  # < V + S: at most the next row (S <= V)
+            x = tl.load(proc_ptr + li, mask=ok, other=0.0)
+            lse0 = tl.load(lse_ptr + row0)
+            if STRADDLE:
+                second = col >= V
+                lse1 = tl.load(lse_ptr + row0 + 1, mask=row0 + 1 < L, other=0.0)
+                lse = tl.where(second, lse1, lse0)
+                col = tl.where(second, col - V, col)
+            else:
+                lse = lse0
+            if LIBDEVICE:
+                p = libdevice.exp(x - lse)  # CUDA's expf, as torch.exp
+            else:
+                p = tl.exp(x - lse)
+            r = tl.where(ok, tl.math.div_rn(p, e), float("-inf"))
+            if WRITE_SC:
+                y = x.to(sc_ptr.dtype.element_ty)
+                tl.store(sc_ptr + li, y, mask=ok)
+                if SC_LSE:
+                    ex = tl.where(ok, tl.exp(y.to(tl.float32) - lse), 0.0)
+            big = 2147483647  # loses every tie
+            if STRADDLE:
+                v, i = tl.reduce((tl.where(second, float("-inf"), r), tl.where(second, big, col)), 0, _first_max)
+                v1, i1 = tl.reduce((tl.where(second, r, float("-inf")), tl.where(second, col, big)), 0, _first_max)
+                tl.store(val_ptr + n_seg + seg, v1)
+                tl.store(idx_ptr + n_seg + seg, i1)
+                if WRITE_SC:
+                    if SC_LSE:
+                        tl.store(sum_ptr + seg, tl.sum(tl.where(second, 0.0, ex), 0))
+                        tl.store(sum_ptr + n_seg + seg, tl.sum(tl.where(second, ex, 0.0), 0))
+            else:
+                v, i = tl.reduce((r, col), 0, _first_max)
+                if WRITE_SC:
+                    if SC_LSE:
+                        tl.store(sum_ptr + seg, tl.sum(ex, 0))
+            tl.store(val_ptr + seg, v)
+            tl.store(idx_ptr + seg, i)
+
+    @triton.jit(do_not_specialize=["key0", "key1", "base_lo", "base_hi"])
+    def _fused_draw_kernel(proc_ptr, lse_ptr, sc_ptr, val_ptr, idx_ptr, sum_ptr, n, L, V, N, n_seg,
+                           key0, key1, base_lo, base_hi, WRITE_SC: tl.constexpr, SC_LSE: tl.constexpr,
+                           STRADDLE: tl.constexpr, LIBDEVICE: tl.constexpr, S: tl.constexpr):
+        """Program (b, k): torch's exponential_ threads [b·S, (b+1)·S) at their call k (kernels.cuda_rng)
+        make four draws each, for the flat elements 4 N k + N ii + idx: four segments of S elements
+        (segment number (4k + ii) · N / S + b, S dividing N)."""
+        b = tl.program_id(0)
+        k = tl.program_id(1)
+        t = tl.arange(0, S)
+        lo, hi = cuda_rng.counter(base_lo, base_hi, k)
+        e0, e1, e2, e3 = cuda_rng.exp_draws(key0, key1, lo, hi, (b * S + t).to(tl.uint32), LIBDEVICE)
+        per = N // S
+        seg = 4 * k * per + b
+        _fused_segment(proc_ptr, lse_ptr, sc_ptr, val_ptr, idx_ptr, sum_ptr, e0, seg, t, n, L, V, n_seg,
+                       WRITE_SC, SC_LSE, STRADDLE, LIBDEVICE, S)
+        _fused_segment(proc_ptr, lse_ptr, sc_ptr, val_ptr, idx_ptr, sum_ptr, e1, seg + per, t, n, L, V, n_seg,
+                       WRITE_SC, SC_LSE, STRADDLE, LIBDEVICE, S)
+        _fused_segment(proc_ptr, lse_ptr, sc_ptr, val_ptr, idx_ptr, sum_ptr, e2, seg + 2 * per, t, n, L, V, n_seg,
+                       WRITE_SC, SC_LSE, STRADDLE, LIBDEVICE, S)
+        _fused_segment(proc_ptr, lse_ptr, sc_ptr, val_ptr, idx_ptr, sum_ptr, e3, seg + 3 * per, t, n, L, V, n_seg,
+                       WRITE_SC, SC_LSE, STRADDLE, LIBDEVICE, S)
+
+    @triton.jit
+    def _fused_combine_kernel(val_ptr, idx_ptr, sum_ptr, lse_ptr, out_ptr, sc_lse_ptr, V, n_seg,
+                              SC_LSE: tl.constexpr, STRADDLE: tl.constexpr, S: tl.constexpr,
+                              BLOCK_C: tl.constexpr):
+        """Row r: the first maximum over the segments covering it (in column order), its slot in
+        each; SC_LSE: sc_lse[r] = lse[r] + log(the sum of its segments' sums)."""
+        row = tl.program_id(0)
+        start = row.to(tl.int64) * V
+        s_lo = start // S
+        s_hi = (start + V - 1) // S
+        offs = tl.arange(0, BLOCK_C)
+        best = tl.full((BLOCK_C,), float("-inf"), tl.float32)
+        best_i = tl.full((BLOCK_C,), 2147483647, tl.int32)
+        acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for s0 in range(s_lo, s_hi + 1, BLOCK_C):
+            s = s0 + offs
+            ok = s <= s_hi
+            if STRADDLE:
+                where = tl.where((s * S) // V == row, s, s + n_seg)  # slot 1: the segment began a row earlier
+            else:
+                where = s
+            v = tl.load(val_ptr + where, mask=ok, other=float("-inf"))
+            i = tl.load(idx_ptr + where, mask=ok, other=2147483647)
+            take = (v > best) | ((v != v) & (best == best))  # a lane's segments come in column order
+            best = tl.where(take, v, best)
+            best_i = tl.where(take, i, best_i)
+            if SC_LSE:
+                acc += tl.load(sum_ptr + where, mask=ok, other=0.0)
+        _, token = tl.reduce((best, best_i), 0, _first_max)
+        tl.store(out_ptr + row, token.to(tl.int64))
+        if SC_LSE:
+            tl.store(sc_lse_ptr + row, tl.load(lse_ptr + row) + tl.log(tl.sum(acc, 0)))
+
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
@@ -172,6 +299,77 @@ def draw_triton(proc, lse, q, block: int = BLOCK, splits: int = MAX_SPLITS, warp
 
 
 # --------------------------------------------------------------------------------------------------
+# The fused draw: torch's Exp(1) draws made in the kernel (kernels.cuda_rng), proc read once
+
+
+def segment_size(V: int) -> int | None:
+    """Elements per segment of the fused draw: cuda_rng.SPAN, or for a shorter row the largest power
+    of two <= V (it still divides N = 256 · grid); None below 16 columns (the unfused draw)."""
+    if V < 16:
+        return None
+    return min(cuda_rng.SPAN, 1 << (V.bit_length() - 1))
+
+
+def draw_fused_ref(proc, lse, seed: int, offset: int, threads: int, sc=None, sc_lse=None) -> torch.Tensor:
+    """What `draw_fused_triton` computes, in PyTorch and numpy: q from kernels.cuda_rng.exponential_ref
+    (its log numpy's, not the device's __logf), `draw_ref`, then sc = proc in sc's dtype and
+    sc_lse = lse + log(sum(exp(sc - lse))) per row."""
+    _check(proc, lse, proc)
+    L, V = proc.shape
+    q = torch.from_numpy(cuda_rng.exponential_ref(proc.numel(), seed, offset, threads)).view(L, V).to(proc.device)
+    tokens = draw_ref(proc, lse, q)
+    if sc is not None:
+        sc.copy_(proc)
+        if sc_lse is not None:
+            sc_lse.copy_(lse + torch.exp(sc.float() - lse[:, None]).sum(-1).log())
+    return tokens
+
+
+def draw_fused(proc, lse, seed: int, offset: int, threads: int, sc=None, sc_lse=None) -> torch.Tensor:
+    """The fused draw (see `draw_fused_triton`): Triton on CUDA, else its reference."""
+    return (draw_fused_triton if use_triton(proc) else draw_fused_ref)(proc, lse, seed, offset, threads, sc, sc_lse)
+
+
+def draw_fused_triton(proc, lse, seed: int, offset: int, threads: int, sc=None, sc_lse=None) -> torch.Tensor:
+    """`draw(proc [L, V], lse [L], q)` for q = torch's CUDA exponential_(1) on an [L, V] tensor at
+    generator (seed, offset) on a device whose launch has `threads` threads (kernels.cuda_rng.layout),
+    the draws made in registers: proc read once, nothing vocabulary-sized written but sc. `sc`
+    ([L, V], the model dtype): proc rounded to it is written there (the next step's self-conditioning
+    input); `sc_lse` ([L] fp32, with sc): that input's logsumexp, lse + log(sum(exp(sc - lse)))."""
+    _check(proc, lse, proc)
+    L, V = proc.shape
+    S = segment_size(V)
+    if S is None or threads % S or proc.stride(1) != 1 or proc.stride(0) != V or L == 0:
+        raise ValueError(f"the fused draw needs a contiguous [L, V] proc with V >= 16, got {tuple(proc.shape)}")
+    if sc_lse is not None and sc is None:
+        raise ValueError("sc_lse comes with sc")
+    n = proc.numel()
+    device = proc.device
+    programs, calls = cuda_rng.grid(n, threads, S)
+    n_seg = programs * calls * 4
+    straddle = V % S != 0
+    slots = 2 if straddle else 1
+    val = torch.empty(slots * n_seg, dtype=torch.float32, device=device)
+    idx = torch.empty(slots * n_seg, dtype=torch.int32, device=device)
+    sums = torch.empty(slots * n_seg if sc_lse is not None else 1, dtype=torch.float32, device=device)
+    out = torch.empty(L, dtype=torch.int64, device=device)
+    key0, key1 = cuda_rng.i32_halves(seed)
+    base_lo, base_hi = cuda_rng.i32_halves(offset // 4)
+    exact = _libdevice()
+    options = dict(enable_reflect_ftz=False) if exact else {}
+    sc_arg = sc if sc is not None else proc  # unused without WRITE_SC
+    lse = lse.contiguous()
+    launch(_fused_draw_kernel, device, (programs, calls), proc, lse, sc_arg, val, idx, sums, n, L, V, threads, n_seg,
+           key0, key1, base_lo, base_hi, WRITE_SC=sc is not None, SC_LSE=sc_lse is not None, STRADDLE=straddle,
+           LIBDEVICE=exact, S=S, num_warps=FUSED_WARPS, num_stages=1, **options)
+    per_row = -(-V // S) + straddle  # segments covering a row
+    launch(_fused_combine_kernel, device, (L,), val, idx, sums, lse, out, sc_lse if sc_lse is not None else lse, V,
+           n_seg, SC_LSE=sc_lse is not None, STRADDLE=straddle, S=S,
+           BLOCK_C=min(1024, max(16, 1 << (per_row - 1).bit_length())), num_warps=4)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
 # Dispatchers
 
 
@@ -180,15 +378,114 @@ def draw(proc: torch.Tensor, lse: torch.Tensor, q: torch.Tensor) -> torch.Tensor
     return (draw_triton if use_triton(proc) else draw_ref)(proc, lse, q)
 
 
+def exponential(proc: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
+    """q ~ Exp(1) shaped as proc, drawn from g as `dgcli.engine.multinomial` draws it."""
+    return torch.empty_like(proc, memory_format=torch.contiguous_format).exponential_(1, generator=g)
+
+
+def _generator(g, device):
+    if g is not None:
+        return g
+    return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+
+
+def philox_state(g, device) -> tuple[int, int]:
+    """(seed, philox offset) of g (None: the device's default generator), read on the host: no sync."""
+    g = _generator(g, device)
+    return g.initial_seed(), g.get_offset()
+
+
+def set_philox_offset(g, device, offset: int) -> None:
+    _generator(g, device).set_offset(offset)
+
+
+def fused_device(t: torch.Tensor) -> bool:
+    """Whether the fused draw may serve t: a CUDA tensor (its generator torch's CUDA Philox, the
+    stream kernels.cuda_rng reproduces) on the Triton path (DG_KERNELS=ref keeps the unfused draw)."""
+    return t.is_cuda and use_triton(t)
+
+
+_checked: dict = {}  # (device, numel) -> True: the fused draws were torch's; False: they were not
+
+
+def check_status(device: torch.device, n: int) -> bool | None:
+    """Whether the fused draw may run for n elements on device: None before its check has run."""
+    return _checked.get((str(device), n))
+
+
+def _fusable(proc, lse) -> bool:
+    """Whether the fused draw can serve (proc, lse): on its device, fp32, contiguous, 32-bit indexable
+    (as exponential_ is then one launch), at least 16 columns, not under graph capture (the
+    generator's offset is read on the host)."""
+    V = proc.shape[-1] if proc.dim() else 0
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    return (fused_device(proc) and proc.dtype == torch.float32 and segment_size(V) is not None
+            and 0 < proc.numel() < 2**31 and proc.is_contiguous() and lse.shape == proc.shape[:-1] and not capturing)
+
+
+def _self_check(proc, lse, g, threads: int) -> torch.Tensor:
+    """The first fused draw of a (device, shape): q drawn by torch (one [L, V] fp32 tensor, once) and
+    compared bit for bit with kernels.cuda_rng's draws, and torch's offset step with ours; the
+    tokens come from torch's q (the unfused draw), so this step is exact either way. A mismatch turns
+    the fused draw off for the device and shape for good, with one line on stderr."""
+    import sys
+
+    n = proc.numel()
+    seed, offset = philox_state(g, proc.device)
+    q = exponential(proc, g)
+    step = philox_state(g, proc.device)[1] - offset
+    want = cuda_rng.layout(n, *cuda_rng.device_threads(proc.device))[1]
+    bad = int(cuda_rng.count_mismatches(q, seed, offset, threads)) if step == want else -1  # one host read, once
+    ok = bad == 0
+    _checked[(str(proc.device), n)] = ok
+    if not ok:
+        what = f"{bad} of {n} draws differ" if bad > 0 else f"the generator advanced {step}, not {want}"
+        print(f"dg: the sampler's fused Exp(1) draws are not torch's on {proc.device} ({what}); "
+              "drawing them with torch's exponential_ instead", file=sys.stderr)
+    V = proc.shape[-1]
+    return draw(proc.reshape(-1, V), lse.reshape(-1), q.view(-1, V)).view(lse.shape)
+
+
+def sample_sc(proc: torch.Tensor, lse: torch.Tensor, g: torch.Generator | None, dtype: torch.dtype | None,
+              sc: torch.Tensor | None = None, sc_lse: torch.Tensor | None = None):
+    """`sample`, and the next step's self-conditioning input: proc in `dtype` and its logsumexp.
+    Returns (tokens, sc, sc_lse). Fused (CUDA, once the draws were checked): the draw kernel makes the
+    Exp(1) draws itself and writes sc (into `sc` when given, the graph's static buffer) and sc_lse
+    (into `sc_lse` when given); nothing else moves a vocabulary-sized tensor. Otherwise: `sample`'s
+    draw, then sc = proc.to(dtype) (a new tensor) and sc_lse None (the step computes it). dtype None:
+    the tokens only (sc, sc_lse None)."""
+    if lse.shape != proc.shape[:-1]:
+        raise ValueError(f"lse {tuple(lse.shape)} must be proc's {tuple(proc.shape)} without the last dim")
+    V = proc.shape[-1]
+    if _fusable(proc, lse):
+        n = proc.numel()
+        threads, step = cuda_rng.layout(n, *cuda_rng.device_threads(proc.device))
+        status = check_status(proc.device, n)
+        if status is None:
+            tokens = _self_check(proc, lse, g, threads)
+            return tokens, (None if dtype is None else proc.to(dtype)), None
+        if status:
+            seed, offset = philox_state(g, proc.device)
+            set_philox_offset(g, proc.device, offset + step)  # where exponential_ would leave it
+            if dtype is None:
+                sc = sc_lse = None
+            else:
+                sc = torch.empty(proc.shape, dtype=dtype, device=proc.device) if sc is None else sc
+                sc_lse = torch.empty(lse.shape, dtype=torch.float32, device=proc.device) if sc_lse is None else sc_lse
+            tokens = draw_fused(proc.view(-1, V), lse.reshape(-1), seed, offset, threads,
+                                None if sc is None else sc.view(-1, V), None if sc_lse is None else sc_lse.view(-1))
+            return tokens.view(lse.shape), sc, sc_lse
+    q = exponential(proc, g)
+    tokens = draw(proc.reshape(-1, V), lse.reshape(-1), q.view(-1, V)).view(lse.shape)
+    return tokens, (None if dtype is None else proc.to(dtype)), None
+
+
 def sample(proc: torch.Tensor, lse: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
     """One token per row of proc (..., V) fp32 with lse (...) = logsumexp(proc): q ~ Exp(1) drawn from
     g as `dgcli.engine.multinomial` draws it (same shape, same generator calls), then `draw`. Returns
-    (...) int64: `torch.multinomial(exp(proc - lse), 1, generator=g)`'s tokens for the same state of g."""
-    V = proc.shape[-1]
-    if lse.shape != proc.shape[:-1]:
-        raise ValueError(f"lse {tuple(lse.shape)} must be proc's {tuple(proc.shape)} without the last dim")
-    q = torch.empty_like(proc, memory_format=torch.contiguous_format).exponential_(1, generator=g)
-    return draw(proc.reshape(-1, V), lse.reshape(-1), q.view(-1, V)).view(lse.shape)
+    (...) int64: `torch.multinomial(exp(proc - lse), 1, generator=g)`'s tokens for the same state of g.
+    On CUDA the draws are made inside the draw kernel once checked (`sample_sc`): the same numbers."""
+    return sample_sc(proc, lse, g, None)[0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -212,6 +509,24 @@ def _aot():
                   {"val_ptr": "*fp32", "idx_ptr": "*i32", "out_ptr": "*i64", "splits": "i32"},
                   dict(BLOCK_S=block_s), 1, 1, dict(BLOCK_S=block_s, num_warps=1), default=True,
                   divisible=("splits",))
+
+    # The fused draw at the step's shape on an H100's layout (N = 270,336: 1056 blocks of 256), bf16
+    # self-conditioning input and its logsumexp; no segment straddles a row (V a multiple of 256).
+    threads, _ = cuda_rng.layout(256 * 262144, *cuda_rng.ASSUMED_DEVICE)
+    fsig = {"proc_ptr": "*fp32", "lse_ptr": "*fp32", "sc_ptr": "*bf16", "val_ptr": "*fp32", "idx_ptr": "*i32",
+            "sum_ptr": "*fp32", "n": "i32", "L": "i32", "V": "i32", "N": "i32", "n_seg": "i32", "key0": "i32",
+            "key1": "i32", "base_lo": "i32", "base_hi": "i32"}
+    S = cuda_rng.SPAN
+    consts = dict(WRITE_SC=True, SC_LSE=True, STRADDLE=False, LIBDEVICE=True, S=S)
+    yield AotSpec("sample.fused", _fused_draw_kernel, fsig, consts, FUSED_WARPS, 1,
+                  dict(S=S, num_warps=FUSED_WARPS, num_stages=1), default=True,
+                  divisible=("n", "L", "V", "N", "n_seg"))
+    csig = {"val_ptr": "*fp32", "idx_ptr": "*i32", "sum_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*i64",
+            "sc_lse_ptr": "*fp32", "V": "i32", "n_seg": "i32"}
+    block_c = 262144 // S
+    yield AotSpec("sample.fused_combine", _fused_combine_kernel, csig,
+                  dict(SC_LSE=True, STRADDLE=False, S=S, BLOCK_C=block_c), 4, 1,
+                  dict(BLOCK_C=block_c, num_warps=4), default=True, divisible=("V", "n_seg"))
 
 
 AOT = list(_aot())

@@ -8,8 +8,9 @@ CUDA graphs, fused LM head), every buffer the code allocates, itemised:
 - the larger of two peaks, which never coincide:
   - a denoising step: the CUDA graph's fixed buffers (proc fp32 [L x V] and the self-conditioning
     input bf16), the graph's memory pool (the step's temporaries; at most the self-conditioning
-    softmax, fp32 then bf16 [L x V]), and the sampler's buffers (the previous proc in bf16, the
-    probabilities and the sampling noise in fp32 [L x V]);
+    softmax, fp32 then bf16 [L x V]), and the sampler's buffers at their largest, its first step of
+    a shape (the sampling noise fp32 and the previous proc in bf16 [L x V], kernels.sample's check;
+    later steps draw the noise in the kernel and write proc into the graph's buffer);
   - the prefill's last chunk (the engine prefills PREFILL_CHUNK tokens at a time), at its largest:
     at long context a full layer's attention (keys and values repeated over the query heads for
     the whole context; the mask, its negation and the additive bias [chunk x context] that
@@ -204,7 +205,10 @@ def estimate(config: ModelConfig, formats: dict[str, str] | None = None, context
         soft_stage, soft_label = max(LV * 6, LV * 2 + _dequant_scratch(shapes, formats)), "the softmax of proc"
     rows.append(Row("decode step", f"graph pool: the step's temporaries (a layer's, or {soft_label})",
                     max(soft_stage, layer_stage)))
-    rows.append(Row("decode step", "sampler: previous proc bf16, the Exp(1) draws fp32 (kernels.sample)", LV * 6))
+    # kernels.sample's first draw of a shape checks its Exp(1) draws against torch's: q fp32 and proc
+    # copied to bf16, once; after it the draw writes the graph's input in place (partials only).
+    rows.append(Row("decode step", "sampler's first step: the Exp(1) draws fp32, proc bf16 (kernels.sample's check)",
+                    LV * 6))
     # The prefill's last chunk: its largest temporaries (a full layer's masked attention at long
     # context, else a sliding layer's, or the routed experts over the chunk), with the residual.
     chunk = min(context, PREFILL_CHUNK)

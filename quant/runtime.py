@@ -181,16 +181,18 @@ class QuantEmbedding(Embedding):
             acc += torch.matmul(probs[..., a:b], chunk).float()
         return acc.to(dtype) * self.embed_scale()
 
-    def soft_logits(self, sc_logits: torch.Tensor) -> torch.Tensor:
+    def soft_logits(self, sc_logits: torch.Tensor, lse: torch.Tensor | None = None) -> torch.Tensor:
         """softmax(sc_logits (B, L, V)) -> `soft` of it, fused for int8 rows: kernels.int8_soft's
         lse_rows reads the logits once for each row's logsumexp, int8_soft_logits reads them again
         and makes the probabilities in registers (no fp32 softmax, no probabilities written: ~0.27 GB
         where the unfused input moved ~0.94 GB a step at full size). Logits in another dtype than the
-        model's, and other formats: the unfused `Embedding.soft_logits`."""
+        model's, and other formats: the unfused `Embedding.soft_logits`. `lse` (B, L): the logits'
+        logsumexp when the sampler's fused draw made it (kernels.sample): then lse_rows is skipped."""
         w = self.weight
         if w.format.name != "int8_row" or sc_logits.dtype != w.dtype:
             return super().soft_logits(sc_logits)
-        lse = lse_rows(sc_logits)
+        if lse is None:
+            lse = lse_rows(sc_logits)
         return int8_soft_logits(sc_logits, lse, w.qweight, w.scales).to(w.dtype) * self.embed_scale()
 
     def head_weight(self):

@@ -118,9 +118,9 @@ class Recorder:
         self.calls.append(("encode", ids.clone()))
         return self.model.encode(ids, cache)
 
-    def decode(self, canvas, cache, sc_logits=None, positions=None):
+    def decode(self, canvas, cache, sc_logits=None, positions=None, sc_lse=None):
         self.seen = (canvas.clone(), None if sc_logits is None else sc_logits.clone())
-        return self.model.decode(canvas, cache, sc_logits, positions)
+        return self.model.decode(canvas, cache, sc_logits, positions, sc_lse=sc_lse)
 
     def logits(self, hidden, out=None):
         logits = self.model.logits(hidden, out=out)

@@ -26,7 +26,8 @@ What is traced, and how:
   that keeps its peak, as a CUDA graph's pool does. A prompt of the context's length is prefilled
   (only its last chunk is traced: it holds the most; --full-prefill traces every chunk), then a
   canvas's first two steps are taken, each followed by the sampler's work (`Block.decide` in
-  dgcli/sampler.py, then the bf16 copy of proc that self-conditions the next step). The second,
+  dgcli/sampler.py: its draw also writes the bf16 proc that self-conditions the next step, with
+  the Exp(1) draws made in the kernel, its check against torch's taken as passed). The second,
   self-conditioned step is the one reported; the same step with graphs off is under `eager`;
 - a TorchDispatchMode records every aten op. Kernels are the ops that write new or existing memory:
   views and bare allocations are not. Bytes of an op = each distinct tensor it reads + each tensor
@@ -341,8 +342,8 @@ def cuda_paths(rec: Recorder):
     from quant import runtime
 
     # By module: the kernels package re-exports functions under the same names as its modules.
-    names = ("_dispatch", "moe_int4", "int8_linear", "lm_head", "fused_norms", "fused_router", "fused_mix")
-    dispatch, moe_int4, int8_linear, lm_head, fused_norms, fused_router, fused_mix = (
+    names = ("_dispatch", "moe_int4", "int8_linear", "lm_head", "fused_norms", "fused_router", "fused_mix", "sample")
+    dispatch, moe_int4, int8_linear, lm_head, fused_norms, fused_router, fused_mix, sample = (
         importlib.import_module(f"kernels.{m}") for m in names)
 
     from dgcli.engine import Engine  # noqa: F401 (fail here, not mid-trace, if the engine is missing)
@@ -374,7 +375,12 @@ def cuda_paths(rec: Recorder):
                 (runtime.QuantExperts, "slots", owner(runtime.QuantExperts.slots, "experts")),
                 (dgmodel.Embedding, "soft", owner(dgmodel.Embedding.soft, "self_conditioning")),
                 (runtime.QuantEmbedding, "soft", owner(runtime.QuantEmbedding.soft, "self_conditioning")),
-                (runtime.QuantEmbedding, "soft_logits", owner(runtime.QuantEmbedding.soft_logits, "self_conditioning"))]
+                (runtime.QuantEmbedding, "soft_logits", owner(runtime.QuantEmbedding.soft_logits, "self_conditioning")),
+                # The sampler's fused draw in its steady state: its once-per-shape check against
+                # torch's exponential_ passed; the generator's (seed, offset) are host numbers.
+                (sample, "check_status", lambda device, n: True),
+                (sample, "philox_state", lambda g, device: (0, 0)),
+                (sample, "set_philox_offset", lambda g, device, offset: None)]
     saved = [(m, name, m.__dict__.get(name)) for m, name, _ in patches]  # None: inherited
     env = {k: os.environ.get(k) for k in ("DG_AUTOTUNE", "DG_KERNELS")}
     os.environ.update(DG_AUTOTUNE="off", DG_KERNELS="auto")
@@ -460,9 +466,10 @@ def _ms(nbytes: int, kernels: int, per_kernel_us: float) -> dict:
 
 def _steps(engine, cache, rec: Recorder, phase: str) -> None:
     """A canvas's first two denoising steps as the sampler takes them (Block.run): each is the
-    engine's step, the sampler's decisions (`Block.decide`) and the bf16 copy of proc that
-    self-conditions the next step. The second, self-conditioned one (the steady state) is recorded
-    under `phase`; the first makes what a later step finds in place (graph buffers, previous proc)."""
+    engine's step and the sampler's decisions (`Block.decide`, whose draw also writes the bf16 proc
+    that self-conditions the next step, into the graph's input buffer). The second, self-conditioned
+    one (the steady state) is recorded under `phase`; the first makes what a later step finds in
+    place (graph buffers, previous proc)."""
     from dgcli.sampler import Block, StabilityTracker
 
     config, settings = engine.config, engine.sampler_defaults
@@ -476,8 +483,7 @@ def _steps(engine, cache, rec: Recorder, phase: str) -> None:
         with rec.phase_as(name):
             out = engine.step(canvas, cache, sc, temps[i])
             with rec.part("sampler"):
-                canvas, *_ = block.decide(out, stability)
-                sc = out.proc.to(engine.dtype)
+                canvas, *_, sc = block.decide(out, stability)
             del out
 
 

@@ -195,3 +195,66 @@ def test_real_cuda_graphs_match_eager_decoding(tiny):
             for c in (eager_cache, graph_cache):
                 model.encode(committed, c)
         assert len(graphed._graphed[graph_cache].graphs) == 4 and graphed.cuda_graphs  # no fallback happened
+
+
+def test_fused_draw_feeds_the_graph_in_place_with_the_unfused_tokens(tiny, monkeypatch, sdpa_layout):
+    """Two blocks of two graph-replayed steps with the sampler's fused draw (kernels.sample: its
+    Exp(1) draws made as torch's CUDA exponential_ makes them, its check passed; on the CPU its
+    reference, the generator's philox state faked) against the unfused draw on the same stream
+    (eager: graphs replay what eager decoding does, tested above): the same canvases and tokens.
+    Each self-conditioned step is handed the graph's own input buffer (nothing copied) and the
+    logsumexp the draw made (graphs of kind 2)."""
+    if sdpa_layout == "cuda-layout":
+        pytest.skip("the draw does not touch attention")
+    import kernels.sample as ks
+    from test_kernels_sample import FakePhilox
+
+    fake = FakePhilox(monkeypatch)
+    handed = []
+    real_call = graphs.GraphedStep.__call__
+
+    def spy(self, canvas, sc, temperature, fused, sc_lse=None):
+        if sc is not None:
+            handed.append((sc is self.sc, sc_lse is self.sc_lse))
+        return real_call(self, canvas, sc, temperature, fused, sc_lse)
+
+    monkeypatch.setattr(graphs.GraphedStep, "__call__", spy)
+    model = tiny[0].model
+    L, V = model.config.canvas_length, model.config.vocab_size
+    settings = SamplerSettings(max_new_tokens=2 * L, max_denoising_steps=2, seed=5, eos_token_id=None,
+                               stability_threshold=100, confidence_threshold=-1.0)  # both steps, both blocks
+
+    def generate(fused_draw: bool, **kw):
+        fake.state.clear()
+        monkeypatch.setattr(ks, "_checked", {("cpu", L * V): fused_draw})
+        return run(Engine(model, static_cache=True, fused_head=True, bucket=1024, **kw), [5, 6, 7, 8], settings)
+
+    plain = generate(False, cuda_graphs=False)
+    assert handed == []
+    fused = generate(True, capture=graphs.TracedCapture())
+    assert fused[0] == plain[0] and fused[1] == plain[1] and len(fused[0]) == 4
+    assert fused[2].token_ids == plain[2].token_ids
+    assert handed == [(True, True), (True, True)]
+
+
+def test_decode_hands_the_samplers_lse_to_the_soft_embedding(tiny, monkeypatch):
+    """Engine.step with a SelfCond carrying a logsumexp: the model's decode gives it to
+    soft_logits (which a quantized embedding uses); without one, soft_logits gets the logits alone."""
+    from dgcli.engine import SelfCond
+
+    model = tiny[0].model
+    emb = model.model.decoder.embed_tokens
+    seen = []
+    real = emb.soft_logits
+    monkeypatch.setattr(emb, "soft_logits", lambda x, *lse: seen.append(lse) or real(x, *lse))
+    L, V = model.config.canvas_length, model.config.vocab_size
+    engine = Engine(model)
+    cache = engine.new_cache()
+    model.encode(torch.arange(5, 9)[None], cache)
+    canvas = torch.zeros(1, L, dtype=torch.long)
+    sc = torch.randn(1, L, V)
+    lse = sc.logsumexp(-1)
+    a = engine.step(canvas, cache, SelfCond(sc, lse), torch.tensor(0.7)).proc.clone()
+    b = engine.step(canvas, cache, sc, torch.tensor(0.7)).proc
+    assert len(seen) == 2 and torch.equal(seen[0][0], lse) and seen[1] == ()
+    assert torch.equal(a, b)  # the plain embedding ignores it

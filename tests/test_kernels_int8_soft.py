@@ -476,3 +476,22 @@ def test_self_conditioning_input_reads_logits_twice_and_codes_once(monkeypatch, 
         assert total <= budget, total / 1e9
     else:
         assert total > budget + 0.5e9, total / 1e9
+
+
+def test_quant_embedding_soft_logits_takes_the_samplers_lse(monkeypatch):
+    """Given the logits' logsumexp (the sampler's fused draw makes it), soft_logits skips lse_rows and
+    uses it; the plain Embedding ignores it."""
+    import quant.runtime as runtime
+    from dgcli.model import Embedding
+
+    monkeypatch.setenv("DG_KERNELS", "ref")
+    logits, codes, scale = make_logits(6, 300, 64, torch.bfloat16)
+    qe = quant_embedding(codes, scale, torch.bfloat16)
+    want = qe.soft_logits(logits.view(1, 6, 300))
+    lse = mod.lse_rows_ref(logits).view(1, 6)
+    monkeypatch.setattr(runtime, "lse_rows", lambda x: pytest.fail("lse_rows ran though lse was given"))
+    assert torch.equal(qe.soft_logits(logits.view(1, 6, 300), lse), want)
+    shifted = qe.soft_logits(logits.view(1, 6, 300), lse + 1.0)  # it is used: p = exp(x - lse) / e
+    torch.testing.assert_close(shifted.float(), want.float() / torch.e, rtol=2e-2, atol=1e-3)
+    assert torch.equal(Embedding.soft_logits(qe, logits.view(1, 6, 300), lse + 1.0),
+                       Embedding.soft_logits(qe, logits.view(1, 6, 300)))

@@ -16,8 +16,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+import kernels.cuda_rng as rng
 import kernels.sample as mod
 from dgcli.engine import multinomial
+from kernels.int8_soft import lse_rows_ref
 from kernels.sample import draw, draw_ref, draw_triton, plan
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -233,15 +235,16 @@ def test_full_size_draw_reads_proc_and_q_once(monkeypatch):
 
 @pytest.mark.slow
 def test_aot_specs_compile_without_spills():
-    """Both kernels at the step's shape compile for sm_89/90/120 without spills, within shared memory."""
+    """The kernels at the step's shape compile for sm_89/90/120 without spills, within shared memory."""
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-m", "kernels.aot", "--kernel", "sample", "--jobs", "2"], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [json.loads(line) for line in out.stdout.splitlines()]
+    kernels = ("sample.chunks", "sample.combine", "sample.fused", "sample.fused_combine")
     assert sorted((r["kernel"], r["target"]) for r in rows) == sorted(
-        (k, t) for k in ("sample.chunks", "sample.combine") for t in ("sm_89", "sm_90", "sm_120"))
+        (k, t) for k in kernels for t in ("sm_89", "sm_90", "sm_120"))
     for r in rows:
         assert r["ok"] and r["spills"] == 0 and r["shared_bytes"] <= r["shared_limit"], r
     per_thread = mod.BLOCK // (mod.WARPS * 32)  # elements of a tile per thread
@@ -254,3 +257,255 @@ def test_aot_specs_compile_without_spills():
             # tl.exp is a multiply and MUFU.EX2)
             assert ops["FCHK"] == per_thread and ops["MUFU"] == 2 * per_thread, r
             assert ops["FFMA"] >= 8 * per_thread, r
+        if r["kernel"] == "sample.fused":  # no loop: the whole kernel, 32 elements a lane
+            ops, n = r["sass"], 4 * rng.SPAN // (mod.FUSED_WARPS * 32)
+            # per element: a correctly rounded division (FCHK), and MUFU for __logf's lg2, expf's ex2,
+            # the division's reciprocal and sc_lse's exp
+            assert ops["FCHK"] == n and 4 * n <= ops["MUFU"] <= 4 * n + 8, r
+            assert ops["LDG"] <= n // 4 + 4 and "LDL" not in ops and "STL" not in ops, r  # 128-bit loads of proc
+            assert sum(ops.values()) < 110 * n, r  # ~91 instructions an element at sm_90
+
+
+# ------------------------------------------------------------------------------ the fused draw (cuda_rng)
+
+
+
+def _log32(u):
+    """The log both sides use on the CPU (the device's is __logf; see test_kernels_cuda_rng)."""
+    return np.log(np.asarray(u, dtype=np.float64)).astype(np.float32)
+
+
+@pytest.fixture
+def fused_interpret(interpret, monkeypatch):
+    """The interpreter as `interpret` sets it up, its log and the reference's the same, its fp32 -> bf16
+    casts rounded to nearest even as the GPU's (the interpreter truncates)."""
+    from test_kernels_norm import _round_bf16_casts
+    from triton.runtime import interpreter
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_log", lambda self, arg: self.unary_op(arg, _log32))
+    monkeypatch.setattr(rng, "exponential_ref", _with_log(rng.exponential_ref))
+    _round_bf16_casts(monkeypatch)
+
+
+def _with_log(ref):
+    return lambda n, seed, offset, threads, log=None: ref(n, seed, offset, threads, log=log or _log32)
+
+
+def _q(L, V, seed, offset, threads):
+    return torch.from_numpy(rng.exponential_ref(L * V, seed, offset, threads, log=_log32)).view(L, V)
+
+
+@pytest.mark.parametrize("L,V,device,dtype", [
+    (6, 1000, (1, 256), torch.bfloat16),  # N = 256: six calls a thread; segments straddle rows (1000 % 256)
+    (4, 1024, (1, 512), torch.float16),  # rows of whole segments; fp16 model dtype
+    (3, 17, (1, 256), torch.bfloat16),  # segments of 16 columns, straddling
+    (5, 300, (2, 1024), None),  # tokens only; N = 1536 > L·V: one call, lanes 0 only
+])
+def test_fused_draw_is_the_draw_on_torchs_exp_draws(fused_interpret, L, V, device, dtype):
+    """The fused kernel's tokens are draw_ref's on the draws torch's exponential_ would make at that
+    generator state (kernels.cuda_rng's reference); it writes proc in the model dtype and that
+    input's logsumexp, close to lse_rows'."""
+    proc, lse, _ = make(L, V, seed=V)
+    seed, offset = 2**63 + 99, 4 * 1234
+    threads, _ = rng.layout(L * V, *device)
+    want = draw_ref(proc, lse, _q(L, V, seed, offset, threads))
+    assert not torch.equal(want, proc.argmax(-1))  # a sample, not the argmax
+    sc = None if dtype is None else torch.full((L, V), 7.0, dtype=dtype)
+    sc_lse = None if dtype is None else torch.full((L,), 7.0)
+    got = mod.draw_fused_triton(proc, lse, seed, offset, threads, sc, sc_lse)
+    assert got.dtype == torch.int64 and torch.equal(got, want)
+    assert torch.equal(mod.draw_fused_ref(proc, lse, seed, offset, threads), want)
+    if dtype is not None:
+        assert torch.equal(sc, proc.to(dtype))
+        torch.testing.assert_close(sc_lse, lse_rows_ref(sc), rtol=0, atol=2e-5)
+        ref_sc, ref_lse = torch.empty_like(sc), torch.empty_like(sc_lse)
+        mod.draw_fused_ref(proc, lse, seed, offset, threads, ref_sc, ref_lse)
+        assert torch.equal(ref_sc, sc)
+        torch.testing.assert_close(ref_lse, sc_lse, rtol=0, atol=2e-5)
+    # another offset is another stream, other tokens
+    assert not torch.equal(mod.draw_fused_triton(proc, lse, seed, offset + 4 * 7, threads), want)
+
+
+def test_fused_draw_ties_and_nans_as_torch_argmax(fused_interpret):
+    """Equal ratios over a whole row (proc = -inf: every ratio 0 / q = 0) give its first column;
+    NaNs at several places (other segments, lanes, calls) give the first NaN, as torch.argmax.
+    V = 600 over segments of 256 and N = 256: a row spans three or four segments of several calls."""
+    L, V, threads, seed, offset = 5, 600, 256, 5, 0
+    proc, lse, _ = make(L, V, seed=1)
+    q = _q(L, V, seed, offset, threads)
+    nan_at = {0: [555, 300, 20], 1: [599, 256], 2: [513, 512, 511]}
+    for row, cols in nan_at.items():
+        proc[row, cols] = float("nan")
+    proc[3] = float("-inf")  # p = exp(-inf - lse) = 0 everywhere: every ratio 0, a tie over the row
+    lse[3] = 0.0
+    lse[4] = float("nan")  # every ratio NaN: column 0
+    want = draw_ref(proc, lse, q)
+    assert want.tolist() == [20, 256, 511, 0, 0]
+    assert torch.equal(mod.draw_fused_triton(proc, lse, seed, offset, threads), want)
+
+
+class FakePhilox:
+    """Generators' (seed, offset) kept here, as a CUDA generator keeps them; `exponential` draws
+    torch's CUDA stream from them (kernels.cuda_rng's reference) and moves the offset as torch does."""
+
+    def __init__(self, monkeypatch, device=(1, 256)):
+        self.state, self.device, self.layout = {}, device, rng.layout  # the real layout, if a test patches it
+        monkeypatch.setattr(mod, "fused_device", lambda t: True)
+        monkeypatch.setattr(rng, "device_threads", lambda d: device)
+        monkeypatch.setattr(mod, "philox_state", lambda g, d: (g.initial_seed(), self.state.get(id(g), 0)))
+        monkeypatch.setattr(mod, "set_philox_offset", lambda g, d, off: self.state.__setitem__(id(g), off))
+        monkeypatch.setattr(mod, "exponential", self.exponential)
+        monkeypatch.setattr(mod, "_checked", {})
+
+    def exponential(self, proc, g):
+        n = proc.numel()
+        threads, step = self.layout(n, *self.device)
+        seed, offset = g.initial_seed(), self.state.get(id(g), 0)
+        self.state[id(g)] = offset + step
+        return torch.from_numpy(rng.exponential_ref(n, seed, offset, threads, log=_log32)).view(proc.shape)
+
+
+def test_sample_sc_checks_once_then_draws_in_the_kernel(monkeypatch, capsys):
+    """The first call of a shape draws torch's q and checks the kernel's draws against it (one [L, V]
+    tensor, once); later calls make the draws in the kernel and write sc. Tokens and the generator's
+    offset are those of the unfused sampler at every call."""
+    fake = FakePhilox(monkeypatch)
+    checks = []
+    monkeypatch.setattr(rng, "count_mismatches", lambda *a: checks.append(a) or torch.zeros((), dtype=torch.int32))
+    proc, lse, _ = make(4, 700, seed=3)
+    g = torch.Generator().manual_seed(11)
+    g_ref = torch.Generator().manual_seed(11)
+    for call in range(3):
+        tokens, sc, sc_lse = mod.sample_sc(proc[None], lse[None], g, torch.bfloat16)
+        want = draw_ref(proc, lse, fake.exponential(proc, g_ref))[None]
+        assert torch.equal(tokens, want), call
+        assert fake.state[id(g)] == fake.state[id(g_ref)]
+        assert torch.equal(sc, proc[None].to(torch.bfloat16)) and sc.shape == (1, 4, 700)
+        assert (sc_lse is None) == (call == 0)  # the check's step: the unfused draw, the step makes lse
+    assert len(checks) == 1 and mod.check_status(proc.device, proc.numel()) is True
+    assert capsys.readouterr().err == ""
+
+
+def test_sample_sc_writes_into_the_given_buffers(monkeypatch):
+    FakePhilox(monkeypatch)
+    monkeypatch.setattr(mod, "_checked", {("cpu", 4 * 700): True})
+    proc, lse, _ = make(4, 700, seed=4)
+    sc, sc_lse = torch.zeros(1, 4, 700, dtype=torch.bfloat16), torch.zeros(1, 4)
+    _, got_sc, got_lse = mod.sample_sc(proc[None], lse[None], torch.Generator().manual_seed(1), torch.bfloat16,
+                                       sc, sc_lse)
+    assert got_sc is sc and got_lse is sc_lse
+    assert torch.equal(sc[0], proc.to(torch.bfloat16))
+    torch.testing.assert_close(sc_lse[0], lse_rows_ref(sc[0]), rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("failure", ["draws", "offset"])
+def test_a_failed_check_falls_back_for_good(monkeypatch, capsys, failure):
+    """A check that finds other draws (or another offset step) than torch's: one line on stderr, and
+    from then on torch's exponential_ and the unfused draw, with the same tokens as ever."""
+    fake = FakePhilox(monkeypatch)
+    if failure == "draws":
+        monkeypatch.setattr(rng, "count_mismatches", lambda *a: torch.tensor(5, dtype=torch.int32))
+    else:
+        monkeypatch.setattr(rng, "layout", lambda n, *d: (256, 4 * 9999))  # ours would step differently from torch
+        monkeypatch.setattr(rng, "count_mismatches", lambda *a: pytest.fail("checked the draws after a bad step"))
+    proc, lse, _ = make(3, 500, seed=5)
+    g, g_ref = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
+    for call in range(3):
+        tokens, sc, sc_lse = mod.sample_sc(proc[None], lse[None], g, torch.bfloat16)
+        assert sc_lse is None and torch.equal(sc, proc[None].to(torch.bfloat16))
+        if failure == "draws":
+            assert torch.equal(tokens, draw_ref(proc, lse, fake.exponential(proc, g_ref))[None]), call
+    monkeypatch.setattr(mod, "draw_fused", lambda *a: pytest.fail("the fused draw ran after a failed check"))
+    mod.sample_sc(proc[None], lse[None], g, torch.bfloat16)
+    err = capsys.readouterr().err
+    assert err.count("dg: the sampler's fused Exp(1) draws are not torch's") == 1
+    assert ("5 of 1500 draws differ" if failure == "draws" else "advanced") in err
+    assert mod.check_status(proc.device, proc.numel()) is False
+
+
+def test_unfused_paths_are_unchanged(monkeypatch):
+    """Off CUDA (and with DG_KERNELS=ref on CUDA): the exponential_ draw and proc.to(dtype), as before."""
+    monkeypatch.delenv("DG_KERNELS", raising=False)
+    monkeypatch.setattr(mod, "draw_fused", lambda *a: pytest.fail("fused off CUDA"))
+    proc, lse, _ = make(3, 400, seed=6)
+    tokens, sc, sc_lse = mod.sample_sc(proc[None], lse[None], torch.Generator().manual_seed(3), torch.bfloat16)
+    want = multinomial(torch.exp(proc - lse[:, None]), torch.Generator().manual_seed(3))
+    assert torch.equal(tokens[0], want) and torch.equal(sc[0], proc.to(torch.bfloat16)) and sc_lse is None
+    monkeypatch.setenv("DG_KERNELS", "ref")
+    assert not mod.fused_device(torch.empty(1, device="meta"))
+
+
+def test_full_size_fused_draw_reads_proc_once_and_writes_sc(monkeypatch):
+    """The step's draw at L = 256, V = 262,144 on meta, in its steady state (checked): no torch op
+    moves anything; two kernels whose only vocabulary-sized arguments are proc (read) and the bf16
+    self-conditioning input (written into the buffer given); partials ~3 MB. Against the unfused
+    sampler on the fused head (q written by exponential_, proc and q read, then proc copied to bf16):
+    0.8 GB less here (the step then skips its input copy and lse_rows: 0.4 GB more)."""
+    import kernels._dispatch as dispatch
+
+    launches = []
+
+    class Recorder:
+        def __init__(self, kernel, device):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((self.kernel, grid, [a for a in args if isinstance(a, torch.Tensor)]))
+
+    monkeypatch.setenv("DG_KERNELS", "triton")
+    monkeypatch.setattr(dispatch, "launchable", Recorder)
+    monkeypatch.setattr(mod, "fused_device", lambda t: True)
+    monkeypatch.setattr(mod, "check_status", lambda device, n: True)
+    offsets = []
+    monkeypatch.setattr(mod, "philox_state", lambda g, d: (7, 40))
+    monkeypatch.setattr(mod, "set_philox_offset", lambda g, d, off: offsets.append(off))
+    proc = torch.empty(1, L_FULL, V_FULL, device="meta")
+    lse = torch.empty(1, L_FULL, device="meta")
+    sc_buf = torch.empty(1, L_FULL, V_FULL, dtype=torch.bfloat16, device="meta")
+    lse_buf = torch.empty(1, L_FULL, device="meta")
+    full = proc.nbytes  # 268 MB
+    with Traffic() as t:
+        tokens, sc, sc_lse = mod.sample_sc(proc, lse, None, torch.bfloat16, sc_buf, lse_buf)
+    assert tokens.shape == (1, L_FULL) and sc is sc_buf and sc_lse is lse_buf
+    assert t.ops == [] and t.bytes == 0
+    assert offsets == [40 + rng.layout(L_FULL * V_FULL, *rng.ASSUMED_DEVICE)[1]]  # as exponential_ leaves it
+    (draw_k, grid, args), (combine, grid2, args2) = launches
+    assert draw_k is mod._fused_draw_kernel and combine is mod._fused_combine_kernel
+    assert grid == (270336 // 256, 63) and grid2 == (L_FULL,)  # an H100's layout: 1056 blocks, 63 calls
+    big = [a for a in args + args2 if a.numel() >= L_FULL * V_FULL // 16]  # the partials hold one value per 256
+    assert [a.untyped_storage()._cdata for a in big] == [proc.untyped_storage()._cdata, sc_buf.untyped_storage()._cdata]
+    kernel_bytes = sum(a.nbytes for a in args + args2)
+    assert kernel_bytes - 1.5 * full < 8 * 2**20  # partials (written, then read) and lse
+    after = kernel_bytes
+
+    monkeypatch.setattr(mod, "fused_device", lambda t: False)
+    with Traffic() as t:  # the unfused draw from the fused head, then the bf16 copy
+        mod.sample(proc, lse, None)
+        proc.to(torch.bfloat16)
+    before = t.bytes + sum(a.nbytes for _, _, args in launches[2:] for a in args)
+    assert before > 4.5 * full and before - after > 0.79e9  # and the step no longer copies sc nor reads it for lse
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("L,V", [(256, 262144), (8, 1000)])
+def test_cuda_fused_sample_is_the_unfused_sample(monkeypatch, capsys, L, V):
+    """On a GPU: the first call checks the kernel's draws against torch's exponential_ (passes), the
+    next ones draw in the kernel; at every call the tokens and the generator's offset are those of
+    exponential_ + draw, sc is proc in bf16 and sc_lse lse_rows' up to rounding."""
+    monkeypatch.setattr(mod, "_checked", {})
+    monkeypatch.delenv("DG_KERNELS", raising=False)
+    g = torch.Generator(device="cuda").manual_seed(5)
+    g_ref = torch.Generator(device="cuda").manual_seed(5)
+    proc, lse, _ = make(L, V, seed=1)
+    proc, lse = proc.cuda()[None], lse.cuda()[None]
+    for call in range(3):
+        tokens, sc, sc_lse = mod.sample_sc(proc, lse, g, torch.bfloat16)
+        q = torch.empty_like(proc).exponential_(1, generator=g_ref)
+        assert torch.equal(tokens, draw(proc[0], lse[0], q[0])[None]), call
+        assert g.get_offset() == g_ref.get_offset()
+        assert torch.equal(sc, proc.to(torch.bfloat16))
+        if call:
+            torch.testing.assert_close(sc_lse, lse_rows_ref(sc[0])[None], rtol=0, atol=1e-4)
+        for gen in (g, g_ref):  # the sampler's renoising draw between two samples
+            torch.randint(0, 10, (3,), device="cuda", generator=gen)
+    assert mod.check_status(proc.device, proc.numel()) is True and capsys.readouterr().err == ""

@@ -120,6 +120,10 @@ def test_planner_matches_the_traced_step_and_prefill(real, traced_32k):
     base = t["weights_bytes"] + t["kv_cache_bytes"]
     assert e.weights == t["weights_bytes"]
     assert e.section("kv cache") == pytest.approx(t["kv_cache_bytes"], rel=0.01)
-    assert e.section("decode step") == pytest.approx(t["peak_live_bytes_decode"] - base, rel=0.05)
+    # The planner holds the sampler's first step of a shape too: its check against torch's
+    # exponential_ (kernels.sample) draws q fp32 and copies proc to bf16 once; the traced step is
+    # the steady state after it, which holds neither.
+    check = real.canvas_length * real.vocab_size * 6
+    assert e.section("decode step") == pytest.approx(t["peak_live_bytes_decode"] - base + check, rel=0.05)
     assert e.section("prefill") == pytest.approx(t["peak_live_bytes_prefill"] - base, rel=0.05)
     assert e.section("chat") == t["chat_snapshot_bytes"]

@@ -73,7 +73,15 @@ def test_substituted_kernels_count_once_per_call(reduced):
     assert calls["norms"] == {"rmsnorm_kernel": layers + 1, "rmsnorm_rope_kernel": 2 * layers,
                               "mix_in_kernel": layers, "mix_out_kernel": layers}
     assert "sum" not in calls["experts"] and "router_norm_kernel" not in calls["experts"]
-    assert "lm_head_kernel" not in calls["sampler"] and "exponential_" in calls["sampler"]
+    # The sampler's draw: one kernel makes torch's Exp(1) draws, reads proc once and writes the
+    # next step's bf16 input into the graph's buffer, with its logsumexp: no exponential_, no bf16
+    # copy, no graph input copy, no lse_rows.
+    sampler, sc = calls["sampler"], calls["self_conditioning"]
+    assert "lm_head_kernel" not in sampler and sampler["fused_draw_kernel"] == sampler["fused_combine_kernel"] == 1
+    assert not {"exponential_", "to", "draw_chunks_kernel"} & set(sampler)
+    assert not {"copy_", "lse_rows_kernel"} & set(sc) and sc["int8_soft_kernel"] == 1
+    proc = 256 * 32768 * 4  # [L, V] fp32 of the reduced config
+    assert 1.5 * proc < r["by_part"]["sampler"]["bytes"] < 1.5 * proc + 2 * 2**20  # proc read, bf16 written
 
 
 def test_bytes_grow_with_context_in_attention_only(reduced):
