@@ -25,6 +25,11 @@ timeout 90 python scripts/step_model.py --json --out "$out/step_model.json" 2>> 
 timeout 300 python -m pytest -q -rs tests/test_kernels.py tests/test_kernels_int8.py tests/test_kernels_lm_head.py \
     tests/test_kernels_norm.py tests/test_kernels_mix.py tests/test_graphs.py tests/test_cache.py \
     tests/test_engine.py 2>&1 | tail -40 > "$out/tests.txt"
+# The CUDA-only cases of today's fast paths (fused draw and its Philox stream, GeGLU, o_proj over the
+# heads, the draw feeding real graphs): never run on a GPU yet.
+timeout 240 python -m pytest -q -rs -k "test_cuda or test_gpu" tests/test_kernels_sample.py tests/test_kernels_cuda_rng.py \
+    tests/test_kernels_geglu.py tests/test_kernels_int8_heads.py tests/test_graphs_fused_draw.py 2>&1 | tail -30 \
+    >> "$out/tests.txt"
 
 # 2. The MoE kernel alone: GB/s against the device.
 timeout 120 python scripts/bench.py --config full --moe-only --out "$out/moe.json" 2>> "$log"
