@@ -199,10 +199,11 @@ def _write(kernel: str, entry: str, value) -> None:
 def remembered(kernel: str, key, device: torch.device, tune: Callable[[], tuple[Any, float]], default,
                encode: Callable = list, decode: Callable = tuple, valid: Callable[[Any], bool] = lambda c: True):
     """The config for (kernel, key) on `device`: this process's choice, else the stored one, else
-    `tune()` -> (config, ms), stored when ms is finite. `default` when autotuning is off or a CUDA
-    graph is being captured. A stored value that no longer decodes or is not `valid` (the candidate
-    list changed) is re-tuned."""
-    if not autotune_enabled(device) or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+    `tune()` -> (config, ms), stored when ms is finite. `default` when autotuning is off. Under CUDA
+    graph capture nothing is tuned: the choice made by the warm-up run before it (that config is
+    compiled and loaded, and the graph computes what eager does), else `default`, not remembered.
+    A stored value that no longer decodes or is not `valid` (the candidate list changed) is re-tuned."""
+    if not autotune_enabled(device):
         return default
     name = _device_name(device)
     memo_key = (kernel, name, key)
@@ -220,6 +221,8 @@ def remembered(kernel: str, key, device: torch.device, tune: Callable[[], tuple[
         if cfg is not None and not valid(cfg):
             cfg = None
     if cfg is None:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return default
         cfg, ms = tune()
         if math.isfinite(ms):
             _files[kernel][entry] = encode(cfg)

@@ -477,6 +477,27 @@ def test_tuning_off_or_interpreted_uses_default(tuning, monkeypatch):
     assert tuning.tuned_tile("k", (), TUNE_TILES, frozenset(), fake, (1, 1), torch.device("cuda")) == (1, 1)
 
 
+def test_a_graph_capture_gets_the_tile_its_warm_up_chose(tuning, monkeypatch):
+    """CudaCapture runs the step once before capturing it: the capture must launch the tile that run
+    tuned (or read from the file), the one already compiled and loaded, not the default (another
+    kernel in the graph than eager ran, another summation order, a module loaded mid-capture); under
+    capture nothing is timed, and without a choice yet the default is not remembered."""
+    fake = FakeKernels(shared={t: 1000 for t in TUNE_TILES}, ms={(1, 1): 3.0, (2, 2): 1.0, (3, 3): 2.0})
+    monkeypatch.setattr(tuning, "_time", fake.time)
+    cuda = torch.device("cuda")
+    assert tuning.tuned_tile("k", ("bf16",), TUNE_TILES, frozenset(), fake, (1, 1), cuda) == (2, 2)  # the warm-up
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    monkeypatch.setattr(tuning, "_time", lambda fn: pytest.fail("timed under capture"))
+    assert tuning.tuned_tile("k", ("bf16",), TUNE_TILES, frozenset(), fake, (1, 1), cuda) == (2, 2)
+    monkeypatch.setattr(tuning, "_memo", {})  # a new process: the file's choice
+    assert tuning.tuned_tile("k", ("bf16",), TUNE_TILES, frozenset(), fake, (1, 1), cuda) == (2, 2)
+    assert tuning.tuned_tile("k", ("fp16",), TUNE_TILES, frozenset(), fake, (1, 1), cuda) == (1, 1)  # none yet
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(tuning, "_time", fake.time)
+    assert tuning.tuned_tile("k", ("fp16",), TUNE_TILES, frozenset(), fake, (1, 1), cuda) == (2, 2)  # tuned later
+
+
 def test_candidates_over_shared_memory_are_never_timed(tuning, monkeypatch):
     # (3, 3) would be fastest but needs 128 KB; (2, 2) does not compile at all
     fake = FakeKernels(shared={(1, 1): 50_000, (2, 2): 0, (3, 3): 131072}, ms={(1, 1): 2.0, (2, 2): 1.0, (3, 3): 0.1},
