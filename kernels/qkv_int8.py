@@ -7,7 +7,7 @@ launch does it all: a program computes one whole head for BLOCK_M rows, as two [
 (`_matmul.dot_tile_halves`: the halves RoPE pairs, dim i with i + D/2), norms it and rotates it, and
 writes it head-major, (B, Hx, T, D), the layout attention reads. The grid's second axis walks the
 query heads, then the key heads, then (sliding layers) the value heads; on the full layers each key
-head also writes its value head (K=V: the same projection, the same sum of squares, no weight).
+head also writes its value head (K=V: the same projection, normed again without weight).
 
 Rounding is the unfused CUDA path's, step by step (x's dtype `dt`, bf16 in the model):
     p = (acc · s).to(dt)                                 int8_linear's output
@@ -98,7 +98,7 @@ if HAS_TRITON:
         t = rows % T
         dst = ((b.to(tl.int64) * H + head) * T + t)[:, None] * D + offs[None, :]  # (B, H, T, D)
         mask = row_ok[:, None] & ok[None, :]
-        if ALSO_V or not ROPE:  # a v norm (weightless): the whole row's squares in one sum, as rmsnorm's kernel
+        if ALSO_V or not ROPE:  # a v norm (no weight): the row's squares in one sum, as rmsnorm's kernel
             sq = tl.reshape(tl.permute(tl.join(p1 * p1, p2 * p2), (0, 2, 1)), (BLOCK_M, 2 * BLOCK_H))
             rv = _inv_rms(tl.sum(sq, axis=1), D, eps)[:, None]
             tl.store(v_ptr + dst, (p1 * rv).to(dt), mask=mask)
