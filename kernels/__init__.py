@@ -14,6 +14,7 @@ what to compile in its `AOT` list.
 - int8_linear: weight-only int8 (per-row scale) linear for dense projections (and o_proj over
                attention's output heads read in place)
 - geglu_int8:  an int8 GeGLU MLP's gate and up projections, gelu_tanh and product in one kernel
+- qkv_int8:    attention's q/k/v projections, their norms and the q/k RoPE in one kernel, head-major
 - int8_soft:   the self-conditioning soft embedding, probs @ int8 codes, each code read once
 - sample:      the sampler's draw argmax(exp(proc - lse) / q); fused, with torch's CUDA Exp(1) draws
                made in the kernel (cuda_rng: curand's Philox as torch's exponential_ runs it) and the
@@ -34,9 +35,9 @@ from .moe_int4 import moe_int4, moe_int4_ref
 
 
 def install_fused(model) -> None:
-    """Swap every module that has a fused kernel (norms, routers, layers' glue, int8 MLPs, o_proj over
-    attention's heads) for its kernel-backed subclass; each swap falls back to the plain method where
-    its kernel does not apply."""
+    """Swap every module that has a fused kernel (norms, routers, layers' glue, int8 MLPs, attention's
+    q/k/v with norms and RoPE, o_proj over attention's heads) for its kernel-backed subclass; each swap
+    falls back to the plain method where its kernel does not apply."""
     from . import fused_attention, fused_mix, fused_mlp, fused_norms, fused_router
 
     fused_norms.install(model)

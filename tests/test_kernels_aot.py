@@ -23,8 +23,8 @@ from kernels._tuning import SMALL_SMEM, SMEM_LIMIT  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = ("sm_89", "sm_90", "sm_120")
-KNOWN = ("int8_linear", "int8_linear.heads", "geglu_int8", "lm_head", "lm_head.int8", "moe_int4.gate_up",
-         "moe_int4.down", "int8_soft")  # at least these
+KNOWN = ("int8_linear", "int8_linear.heads", "geglu_int8", "qkv_int8.d256", "qkv_int8.d512", "lm_head",
+         "lm_head.int8", "moe_int4.gate_up", "moe_int4.down", "int8_soft")  # at least these
 
 
 def run_aot(*args) -> list[dict]:

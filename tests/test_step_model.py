@@ -57,21 +57,22 @@ def test_substituted_kernels_count_once_per_call(reduced):
     assert calls["experts"]["gate_up_kernel"] == calls["experts"]["down_kernel"] == layers
     assert r["by_part"]["experts"]["kernels"] <= 40 * layers
     assert calls["attention"]["attention"] == layers
-    assert calls["attention"]["int8_linear_kernel"] == 5 * 3 + 2  # q, k, v; full layers have no v_proj
+    # kernels.qkv_int8: a layer's q/k/v projections, their norms and RoPE in one kernel (5 sliding
+    # layers' 3 int8_linear launches and the full layer's 2, and their 3 norms, before)
+    assert calls["attention"]["qkv_int8_kernel"] == layers and "int8_linear_kernel" not in calls["attention"]
     # The decoder folds grouped query heads into the query length without a copy: q comes head-major
-    # from the RoPE kernel (the fold is a view), and o_proj reads the output heads in place.
+    # from the qkv kernel (the fold is a view), and o_proj reads the output heads in place.
     assert calls["attention"]["int8_linear_heads_kernel"] == layers
     assert "reshape" not in calls["attention"]
     # kernels.fused_mlp: the gate, up, gelu and product in one kernel, then down (int8_linear)
     assert calls["dense"] == {"geglu_int8_kernel": layers, "int8_linear_kernel": layers}
     assert calls["self_conditioning"]["geglu_int8_kernel"] == 1 and "gelu" not in calls["self_conditioning"]
     assert calls["head"]["lm_head_kernel"] == 1
-    # kernels.fused_norms and fused_mix, as the Engine installs them on CUDA: a layer's v norm, its
-    # q/k norms with RoPE, and its glue on each side of the MLPs (6 norms, the router's norm, the slot
-    # sum, the residual adds, the scalar, and the norm that reads its output: the next layer's input
-    # norm or the final one) in one kernel each way; the first layer's input norm on its own.
-    assert calls["norms"] == {"rmsnorm_kernel": layers + 1, "rmsnorm_rope_kernel": 2 * layers,
-                              "mix_in_kernel": layers, "mix_out_kernel": layers}
+    # kernels.fused_norms and fused_mix, as the Engine installs them on CUDA: a layer's glue on each
+    # side of the MLPs (6 norms, the router's norm, the slot sum, the residual adds, the scalar, and
+    # the norm that reads its output: the next layer's input norm or the final one) in one kernel each
+    # way; the first layer's input norm on its own (the q/k/v norms are in the qkv kernel).
+    assert calls["norms"] == {"rmsnorm_kernel": 1, "mix_in_kernel": layers, "mix_out_kernel": layers}
     assert "sum" not in calls["experts"] and "router_norm_kernel" not in calls["experts"]
     # The sampler's draw: one kernel makes torch's Exp(1) draws, reads proc once and writes the
     # next step's bf16 input into the graph's buffer, with its logsumexp: no exponential_, no bf16
