@@ -119,3 +119,28 @@ def test_broken_weights_are_named_not_a_multinomial_error(tiny):
     settings = SamplerSettings(max_new_tokens=16, max_denoising_steps=2, seed=0, eos_token_id=None)
     with pytest.raises(CheckpointError, match="NaN or infinite: its weights are broken"):
         list(denoise(Engine(model), [5, 6, 7], settings))
+
+
+def test_engine_applies_every_fused_swap_on_cuda_only(tiny, monkeypatch):
+    """kernels.install_fused: each module with a kernel becomes its fused subclass on CUDA, none elsewhere."""
+    import copy
+
+    from dgcli import model as dgmodel
+    from kernels.fused_attention import FusedAttention
+    from kernels.fused_mix import FusedLayer
+    from kernels.fused_mlp import FusedMLP, FusedSelfConditioning
+    from kernels.fused_norms import FusedRMSNorm
+    from kernels.fused_router import FusedRouter
+
+    swaps = {dgmodel.RMSNorm: FusedRMSNorm, dgmodel.Router: FusedRouter, dgmodel.Layer: FusedLayer,
+             dgmodel.MLP: FusedMLP, dgmodel.SelfConditioning: FusedSelfConditioning,
+             dgmodel.Attention: FusedAttention}
+    cpu = copy.deepcopy(tiny[0].model)
+    Engine(cpu)
+    assert not any(type(m) in swaps.values() for m in cpu.modules())
+    cuda = copy.deepcopy(tiny[0].model)
+    monkeypatch.setattr(dgmodel.DiffusionGemma, "device", property(lambda self: torch.device("cuda")))
+    Engine(cuda, static_cache=False, cuda_graphs=False, fused_head=False)
+    for plain, fused in swaps.items():
+        found = [m for m in cuda.modules() if isinstance(m, plain)]
+        assert found and all(type(m) is fused for m in found), plain.__name__

@@ -20,7 +20,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dgcli import model as dgmodel
 from dgcli.model import MLP, SelfConditioning
 from quant.formats import quantize_int8_row
 from quant.runtime import QuantLinear
@@ -230,15 +229,3 @@ def test_fused_model_is_the_unfused_model(tiny, interpret, torch_gelu, monkeypat
     assert len(launches) == (L - 1) + 2 * (L + 1) and len(names) == L + 1
     assert torch.equal(out[1], out[0])
 
-
-def test_engine_installs_on_cuda_only(tiny, monkeypatch):
-    from dgcli.engine import Engine
-
-    cpu = copy.deepcopy(tiny[0].model)
-    Engine(cpu)
-    assert not any(isinstance(m, (FusedMLP, FusedSelfConditioning)) for m in cpu.modules())
-    cuda = copy.deepcopy(tiny[0].model)
-    monkeypatch.setattr(dgmodel.DiffusionGemma, "device", property(lambda self: torch.device("cuda")))
-    Engine(cuda, static_cache=False, cuda_graphs=False, fused_head=False)
-    assert type(cuda.model.decoder.self_conditioning) is FusedSelfConditioning
-    assert all(type(layer.mlp) is FusedMLP for layer in cuda.model.decoder.layers)

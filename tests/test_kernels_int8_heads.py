@@ -162,14 +162,3 @@ def test_fused_model_is_the_unfused_model(tiny, interpret, monkeypatch):
     assert len(folded) == sliding and not any(x.is_contiguous() for x in folded)
     assert torch.equal(out[1], out[0])
 
-
-def test_engine_installs_on_cuda_only(tiny, monkeypatch):
-    from dgcli.engine import Engine
-
-    cpu = copy.deepcopy(tiny[0].model)
-    Engine(cpu)
-    assert not any(isinstance(m, FusedAttention) for m in cpu.modules())
-    cuda = copy.deepcopy(tiny[0].model)
-    monkeypatch.setattr(dgmodel.DiffusionGemma, "device", property(lambda self: torch.device("cuda")))
-    Engine(cuda, static_cache=False, cuda_graphs=False, fused_head=False)
-    assert all(type(layer.self_attn) is FusedAttention for layer in cuda.model.decoder.layers)

@@ -345,18 +345,6 @@ def test_a_next_norm_the_kernel_does_not_fold_runs_on_its_own(interpret):
     check_out(got, want, torch.bfloat16)
 
 
-def test_engine_installs_on_cuda_only(tiny, monkeypatch):
-    from dgcli.engine import Engine
-
-    cpu = copy.deepcopy(tiny[0].model)
-    Engine(cpu)
-    assert not any(isinstance(m, FusedLayer) for m in cpu.modules())
-    cuda = copy.deepcopy(tiny[0].model)
-    monkeypatch.setattr(dgmodel.DiffusionGemma, "device", property(lambda self: torch.device("cuda")))
-    Engine(cuda, static_cache=False, cuda_graphs=False, fused_head=False)
-    assert all(type(m) is FusedLayer for m in cuda.model.decoder.layers)
-
-
 def glue_kernels(fused: bool, monkeypatch) -> list[str]:
     """The kernels of mix_in and mix_out of one layer of the released config, bf16, 256 canvas tokens
     on meta, the norms and router already swapped (kernels.fused_norms / fused_router), as on CUDA."""

@@ -267,19 +267,6 @@ def test_gpu_real_shapes(monkeypatch):
         check(R.rmsnorm(q, None, EPS), R.rmsnorm_ref(q, None, EPS), dt)
 
 
-def test_engine_installs_on_cuda_only(tiny, monkeypatch):
-    from dgcli.engine import Engine
-
-    cpu = copy.deepcopy(tiny[0].model)
-    Engine(cpu)
-    assert not any(isinstance(m, FusedRMSNorm) for m in cpu.modules())
-    cuda = copy.deepcopy(tiny[0].model)
-    monkeypatch.setattr(dgmodel.DiffusionGemma, "device", property(lambda self: torch.device("cuda")))
-    Engine(cuda, static_cache=False, cuda_graphs=False, fused_head=False)
-    norms = [m for m in cuda.modules() if isinstance(m, RMSNorm)]
-    assert norms and all(type(m) is FusedRMSNorm for m in norms)
-
-
 # ----------------------------------------------------------------------------- kernels a layer's norms take
 
 

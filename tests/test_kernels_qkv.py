@@ -19,7 +19,6 @@ import importlib
 import pytest
 import torch
 
-from dgcli import model as dgmodel
 from dgcli.model import Attention, rope_cos_sin
 from quant.formats import quantize_int8_row
 from quant.runtime import QuantLinear
@@ -30,7 +29,6 @@ Q = importlib.import_module("kernels.qkv_int8")
 I8 = importlib.import_module("kernels.int8_linear")
 R = importlib.import_module("kernels.rmsnorm")
 from kernels import fused_attention, fused_norms  # noqa: E402
-from kernels.fused_attention import FusedAttention  # noqa: E402
 from test_kernels_norm import _round_bf16_casts  # noqa: E402
 
 EPS = 1e-6
@@ -335,15 +333,3 @@ def test_traced_capture_generates_what_the_unfused_model_does(tiny, interpret, m
     assert graphed[0] == eager[0] and graphed[1] == eager[1] and len(graphed[1]) == 2
     assert graphed[2].token_ids == eager[2].token_ids
 
-
-def test_engine_installs_on_cuda_only(tiny, monkeypatch):
-    from dgcli.engine import Engine
-
-    cpu = copy.deepcopy(tiny[0].model)
-    Engine(cpu)
-    assert not any(isinstance(m, FusedAttention) for m in cpu.modules())
-    cuda = copy.deepcopy(tiny[0].model)
-    monkeypatch.setattr(dgmodel.DiffusionGemma, "device", property(lambda self: torch.device("cuda")))
-    Engine(cuda, static_cache=False, cuda_graphs=False, fused_head=False)
-    assert all(type(layer.self_attn) is FusedAttention for layer in cuda.model.decoder.layers)
-    assert FusedAttention.qkv is not Attention.qkv

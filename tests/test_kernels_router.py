@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from dgcli import model as dgmodel
 from dgcli.config import ModelConfig
 from dgcli.model import Router
 
@@ -256,19 +255,6 @@ def test_ref_mode_runs_the_parents_forward(monkeypatch):
     x = inputs(5, 64, torch.float32)
     got, want = FusedRouter.replacing(router)(x), Router.forward(router, x)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-
-
-def test_engine_installs_on_cuda_only(tiny, monkeypatch):
-    from dgcli.engine import Engine
-
-    cpu = copy.deepcopy(tiny[0].model)
-    Engine(cpu)
-    assert not any(isinstance(m, FusedRouter) for m in cpu.modules())
-    cuda = copy.deepcopy(tiny[0].model)
-    monkeypatch.setattr(dgmodel.DiffusionGemma, "device", property(lambda self: torch.device("cuda")))
-    Engine(cuda, static_cache=False, cuda_graphs=False, fused_head=False)
-    routers = [m for m in cuda.modules() if isinstance(m, Router)]
-    assert routers and all(type(m) is FusedRouter for m in routers)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
