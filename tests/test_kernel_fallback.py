@@ -213,3 +213,48 @@ def test_dg_run_with_a_broken_kernel_exits_0_with_clean_stdout(runner, tiny, int
     assert "_lm_head_kernel" in tried
     assert r.stdout == dgcli.generate(*tiny, "hello", max_new_tokens=16, max_denoising_steps=2, seed=1) + "\n"
     assert r.stderr.count("\n") == 2 and r.stderr.count("PyTorch path") == 2 and "_lm_head_kernel" in r.stderr
+
+
+def test_a_fused_module_runs_its_parents_method(interpret, broken, capsys):
+    """kernels.fused_norms: a norm kernel that cannot load leaves the module's call to its parent's
+    forward (what DG_KERNELS=ref runs), the other fused methods on Triton."""
+    from dgcli.model import RMSNorm
+    from kernels.fused_norms import FusedRMSNorm
+
+    tried = broken("_rmsnorm_kernel", OutOfResources(232448, 101376, "shared memory"))
+    norm = RMSNorm(64, 1e-6)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x, _ = _case()
+    want = norm(x)
+    fused = FusedRMSNorm.replacing(norm)
+    for _ in range(2):
+        assert torch.equal(fused(x), want)
+    assert tried == ["_rmsnorm_kernel"] and len(capsys.readouterr().err.splitlines()) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_tile_over_shared_memory_falls_back(monkeypatch, capsys):
+    """On a GPU, for real: int8_linear's default tile made far larger than any device's shared memory
+    (autotuning off, so it is launched) raises triton's OutOfResources at load; the call returns the
+    reference's result, warns once, and the next call does not try again."""
+    import kernels.int8_linear as I8
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("DG_KERNELS", raising=False)
+    monkeypatch.setenv("DG_AUTOTUNE", "off")
+    monkeypatch.setattr(I8, "DEFAULT_TILE", (256, 256, 256, 4, 4))  # ~768 KB of stages
+    D._unavailable.clear()
+    D._skipped.clear()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 512, generator=g).to("cuda", torch.bfloat16)
+    q = torch.randint(-127, 128, (256, 512), generator=g, dtype=torch.int8).cuda()
+    s = (torch.rand(256, generator=g) / 100).to("cuda", torch.float16)
+    try:
+        for _ in range(2):
+            assert torch.equal(I8.int8_linear(x, q, s), I8.int8_linear_ref(x, q, s))
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and "_int8_linear_kernel" in err[0], err  # OutOfResources (or ptxas refusing)
+    finally:
+        D._unavailable.clear()
+        D._skipped.clear()
