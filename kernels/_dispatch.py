@@ -4,6 +4,8 @@ compiling) a kernel, and interpreter wrapping for CPU tensors. Autotuning is in 
 from __future__ import annotations
 
 import os
+import sys
+from contextlib import contextmanager
 
 import torch
 
@@ -39,12 +41,93 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+class KernelUnavailable(RuntimeError):
+    """A Triton kernel cannot be compiled or loaded on a device (`launch` said so once on stderr);
+    `guarded` and `pick` then run the kernel's PyTorch reference instead."""
+
+
+if HAS_TRITON:
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources, PTXASError
+
+    _BUILD_ERRORS: tuple = (CompilationError, PTXASError, OutOfResources)
+else:  # pragma: no cover - nothing is launched without triton
+    _BUILD_ERRORS = ()
+
+_unavailable: set = set()  # (kernel name, str(device)) that failed to compile or load
+_probing = 0  # > 0 while the autotuner tries candidates: their failures only drop the candidate
+
+
+def _build_error(e: BaseException) -> bool:
+    """Whether e says the kernel cannot be built or loaded here: the compiler's or ptxas's rejection,
+    a resource limit (shared memory, threads), an MLIR pass crash, or the driver refusing the module
+    (cuModuleLoadData & co: "Triton Error [CUDA]: no kernel image ...", raised as RuntimeError by
+    triton's driver.c). Never OOM nor a CUDA error from torch (the context may be lost), never our
+    argument checks' ValueError/TypeError. The interpreter raises none of these (its own errors are
+    InterpreterError), so a kernel bug under TRITON_INTERPRET still fails its test."""
+    if isinstance(e, _BUILD_ERRORS):
+        return True
+    msg = str(e)  # exactly RuntimeError: torch's OutOfMemoryError and AcceleratorError are subclasses
+    return type(e) is RuntimeError and (msg.startswith("Triton Error [CUDA]") or "PassManager::run failed" in msg)
+
+
+@contextmanager
+def probing():
+    """Failures inside are the autotuner's to drop a candidate: not a kernel marked unavailable."""
+    global _probing
+    _probing += 1
+    try:
+        yield
+    finally:
+        _probing -= 1
+
+
 def launch(kernel, device: torch.device, grid, *args, warmup: bool = False, **kwargs):
     """Launch `kernel[grid](*args, **kwargs)` on `device`; with warmup=True compile it for those
-    arguments without launching. Either way the compiled kernel comes back (None on the interpreter)."""
-    if warmup:
-        return kernel.warmup(*args, grid=grid, **kwargs)
-    return launchable(kernel, device)[grid](*args, **kwargs)
+    arguments without launching. Either way the compiled kernel comes back (None on the interpreter).
+
+    A kernel that cannot be compiled or loaded here (`_build_error`) raises KernelUnavailable, with
+    one line on stderr the first time; later launches of it on that device raise it at once."""
+    name = getattr(getattr(kernel, "fn", None), "__name__", None) or getattr(kernel, "__name__", repr(kernel))
+    where = str(device)
+    if (name, where) in _unavailable and not _probing:
+        raise KernelUnavailable(f"{name} is unavailable on {where}")
+    try:
+        if warmup:
+            return kernel.warmup(*args, grid=grid, **kwargs)
+        return launchable(kernel, device)[grid](*args, **kwargs)
+    except Exception as e:
+        if _probing or not _build_error(e):
+            raise
+        _unavailable.add((name, where))
+        gpu = f"{torch.cuda.get_device_name(device)} ({where})" if device.type == "cuda" else where
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f"dg: the Triton kernel {name} cannot run on {gpu} ({type(e).__name__}: {first}); "
+              "dg uses the slower PyTorch path for it", file=sys.stderr, flush=True)
+        raise KernelUnavailable(f"{name} is unavailable on {where}: {first}") from e
+
+
+_skipped: set = set()  # Triton paths that raised KernelUnavailable: their reference runs from then on
+
+
+def guarded(triton_fn, ref, *args, **kwargs):
+    """triton_fn(*args, **kwargs), or ref() once triton_fn has raised KernelUnavailable (then, and on
+    every later call, without trying Triton again). For the fused modules, whose reference is their
+    parent's method; dispatchers use `pick`."""
+    if triton_fn not in _skipped:
+        try:
+            return triton_fn(*args, **kwargs)
+        except KernelUnavailable:
+            _skipped.add(triton_fn)
+    return ref()
+
+
+def pick(triton_fn, ref_fn, t: torch.Tensor):
+    """The function a dispatcher calls for tensor t: ref_fn off the Triton path (`use_triton`) or once
+    triton_fn was found unavailable, else triton_fn falling back to ref_fn (same signature)."""
+    if not use_triton(t) or triton_fn in _skipped:
+        return ref_fn
+    return lambda *a, **k: guarded(triton_fn, lambda: ref_fn(*a, **k), *a, **k)
 
 
 def launchable(kernel, device: torch.device):

@@ -29,7 +29,7 @@ import torch
 
 from dgcli import settings
 
-from ._dispatch import HAS_TRITON, interpreting
+from ._dispatch import HAS_TRITON, _build_error, interpreting, probing
 
 SMALL_SMEM = 101376  # bytes per block (opt-in) on sm_86, sm_89 and sm_120; sm_80 has 166912, sm_90 232448
 SMEM_LIMIT = {89: SMALL_SMEM, 90: 232448, 120: SMALL_SMEM}  # the targets `python -m kernels.aot` builds
@@ -116,24 +116,27 @@ def pick_fastest(candidates, run, default, label: str, limit: int):
     raised. If nothing is left, `default` comes back untimed (ms NaN). Never call under CUDA-graph
     capture.
     """
-    fits = []
-    for cfg in candidates:
-        try:
-            compiled = run(cfg, warmup=True)
-        except FATAL:
-            raise
-        except COMPILE_ERRORS:
-            continue
-        if compiled.metadata.shared <= limit:
-            fits.append(cfg)
-    best, best_ms = None, math.inf
-    for cfg in fits:
-        try:
-            ms = _time(lambda: run(cfg))
-        except OutOfResources:  # registers or threads: only the launch finds out
-            continue
-        if ms < best_ms:
-            best, best_ms = cfg, ms
+    with probing():  # a candidate that fails is dropped, not the kernel marked unavailable
+        fits = []
+        for cfg in candidates:
+            try:
+                compiled = run(cfg, warmup=True)
+            except FATAL:
+                raise
+            except COMPILE_ERRORS:
+                continue
+            if compiled.metadata.shared <= limit:
+                fits.append(cfg)
+        best, best_ms = None, math.inf
+        for cfg in fits:
+            try:
+                ms = _time(lambda: run(cfg))
+            except Exception as e:  # registers or threads, or the module refused: only the launch finds out
+                if not _build_error(e):
+                    raise
+                continue
+            if ms < best_ms:
+                best, best_ms = cfg, ms
     if best is None:
         warnings.warn(f"{label}: no autotune candidate compiled within the device's limits; using the default",
                       stacklevel=3)

@@ -13,12 +13,14 @@ overrides) and that the layer is the model's shape of it, and otherwise runs the
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 
 from dgcli.model import Layer, RMSNorm
 
-from ._dispatch import swap_modules, use_triton
+from ._dispatch import KernelUnavailable, _skipped, guarded, swap_modules, use_triton
 from .mix import mix_in_triton, mix_out_triton
 from .rmsnorm import MAX_WIDTH
 
@@ -37,9 +39,9 @@ class FusedLayer(Layer):
     def mix_in(self, x: torch.Tensor, h: torch.Tensor):
         if not (self._fits(x) and h.shape == x.shape and h.dtype == x.dtype == self.router.scale.dtype):
             return super().mix_in(x, h)
-        return mix_in_triton(x, h, self.post_attention_layernorm.weight, self.pre_feedforward_layernorm.weight,
-                             self.pre_feedforward_layernorm_2.weight, self.router.scale, self.router.root_size,
-                             self.router.norm.eps)
+        return guarded(mix_in_triton, partial(super().mix_in, x, h), x, h, self.post_attention_layernorm.weight,
+                       self.pre_feedforward_layernorm.weight, self.pre_feedforward_layernorm_2.weight, self.router.scale,
+                       self.router.root_size, self.router.norm.eps)
 
     def mix_out(self, x: torch.Tensor, dense: torch.Tensor, slots: torch.Tensor, scalar: torch.Tensor,
                 next_norm: RMSNorm | None = None):
@@ -47,9 +49,16 @@ class FusedLayer(Layer):
                 and scalar.numel() == 1):
             return super().mix_out(x, dense, slots, scalar, next_norm)
         fold = next_norm is not None and next_norm.weight is not None and next_norm.eps == self.router.norm.eps
-        x, normed = mix_out_triton(x, dense, slots, self.post_feedforward_layernorm_1.weight,
-                                   self.post_feedforward_layernorm_2.weight, self.post_feedforward_layernorm.weight,
-                                   scalar, self.router.norm.eps, next_norm.weight if fold else None)
+        plain = partial(super().mix_out, x, dense, slots, scalar, next_norm)
+        if mix_out_triton in _skipped:
+            return plain()
+        try:
+            x, normed = mix_out_triton(x, dense, slots, self.post_feedforward_layernorm_1.weight,
+                                       self.post_feedforward_layernorm_2.weight, self.post_feedforward_layernorm.weight,
+                                       scalar, self.router.norm.eps, next_norm.weight if fold else None)
+        except KernelUnavailable:
+            _skipped.add(mix_out_triton)
+            return plain()
         if next_norm is not None and not fold:  # a norm the kernel does not fold: on its own
             normed = next_norm(x)
         return x, normed

@@ -10,12 +10,14 @@ The Engine installs it on CUDA (dgcli/engine.py).
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 
 from dgcli.model import RMSNorm
 
-from ._dispatch import swap_modules, use_triton
+from ._dispatch import guarded, swap_modules, use_triton
 from .rmsnorm import MAX_WIDTH, rmsnorm_add_triton, rmsnorm_rope_triton, rmsnorm_triton
 
 
@@ -33,19 +35,20 @@ class FusedRMSNorm(RMSNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fits(x):
-            return rmsnorm_triton(x, self.weight, self.eps)
+            return guarded(rmsnorm_triton, partial(super().forward, x), x, self.weight, self.eps)
         return super().forward(x)
 
     def add_to(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         if x.shape == h.shape and self._fits(h):
-            return rmsnorm_add_triton(x, h, self.weight, self.eps)
+            return guarded(rmsnorm_add_triton, partial(super().add_to, x, h), x, h, self.weight, self.eps)
         return super().add_to(x, h)  # broadcasting adds: the reference's own
 
     def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         if x.dim() == 4 and cos.shape == sin.shape == (x.shape[1], x.shape[3]) and self._fits(x):
             # Head-major: what attention reads (Attention.qkv transposes q, k to (B, Hx, T, D)), so
             # the static cache's decoder folds q's query heads into its length without a copy.
-            return rmsnorm_rope_triton(x, self.weight, self.eps, cos, sin, head_major=True)
+            return guarded(rmsnorm_rope_triton, partial(super().rope, x, cos, sin), x, self.weight, self.eps, cos, sin,
+                           head_major=True)
         return super().rope(x, cos, sin)
 
 

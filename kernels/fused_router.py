@@ -11,12 +11,14 @@ parent's methods. The Engine installs it on CUDA (dgcli/engine.py).
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 
 from dgcli.model import Router
 
-from ._dispatch import swap_modules, use_triton
+from ._dispatch import KernelUnavailable, _skipped, guarded, swap_modules, use_triton
 from .rmsnorm import MAX_WIDTH
 from .router import MAX_EXPERTS, router_norm_triton, router_topk_triton
 
@@ -39,13 +41,19 @@ class FusedRouter(Router):
     def inputs(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fits(x):
             return super().inputs(x)
-        return router_norm_triton(x, self.scale, self.root_size, self.norm.eps)
+        return guarded(router_norm_triton, partial(super().inputs, x), x, self.scale, self.root_size, self.norm.eps)
 
     def route(self, h: torch.Tensor):
         if not self._fits(h):
             return super().route(h)
+        if router_topk_triton in _skipped:
+            return super().route(h)
         logits = self.proj(h)
-        weights, index = router_topk_triton(logits.reshape(-1, logits.shape[-1]), self.per_expert_scale, self.top_k)
+        try:
+            weights, index = router_topk_triton(logits.reshape(-1, logits.shape[-1]), self.per_expert_scale, self.top_k)
+        except KernelUnavailable:
+            _skipped.add(router_topk_triton)
+            return super().route(h)
         return weights.view(*logits.shape[:-1], -1), index.view(*logits.shape[:-1], -1)
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import HAS_TRITON, interpreting, launch, use_triton
+from ._dispatch import HAS_TRITON, interpreting, launch, pick
 from ._tuning import AotSpec, rows_bucket, tuned_tile
 from .int8_linear import _check, int8_linear_ref
 
@@ -136,7 +136,7 @@ def geglu_int8(x: torch.Tensor, qg: torch.Tensor, sg: torch.Tensor, qu: torch.Te
     """gelu_tanh(x · (qg · sg)ᵀ) * (x · (qu · su)ᵀ) for x [..., K] -> [..., N] in x's dtype; Triton on
     CUDA, else the reference."""
     flat = x.reshape(-1, x.shape[-1])
-    h = (geglu_int8_triton if use_triton(x) else geglu_int8_ref)(flat, qg, sg, qu, su)
+    h = pick(geglu_int8_triton, geglu_int8_ref, x)(flat, qg, sg, qu, su)
     return h.view(*x.shape[:-1], qg.shape[0])
 
 

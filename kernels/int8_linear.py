@@ -21,7 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import HAS_TRITON, launch, use_triton
+from ._dispatch import HAS_TRITON, launch, pick
 from ._tuning import AotSpec, rows_bucket, tuned_tile
 
 
@@ -180,7 +180,7 @@ def int8_linear_heads_triton(x, q, s, tile: tuple | None = None) -> torch.Tensor
 def int8_linear_heads(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """Attention's output heads x (B, T, H[, H2], D) · (q · s)ᵀ -> (B, T, N); Triton (reading the heads
     in place) on CUDA, else the reference."""
-    return (int8_linear_heads_triton if use_triton(x) else int8_linear_heads_ref)(x, q, s)
+    return pick(int8_linear_heads_triton, int8_linear_heads_ref, x)(x, q, s)
 
 
 def _aot():
@@ -215,8 +215,5 @@ AOT = list(_aot()) if HAS_TRITON else []
 def int8_linear(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """x [..., K] · (q · s)ᵀ -> [..., N] in x's dtype; Triton on CUDA, else the reference."""
     flat = x.reshape(-1, x.shape[-1])
-    if use_triton(x):
-        y = int8_linear_triton(flat, q, s)
-    else:
-        y = int8_linear_ref(flat, q, s)
+    y = pick(int8_linear_triton, int8_linear_ref, x)(flat, q, s)
     return y.view(*x.shape[:-1], q.shape[0])

@@ -35,7 +35,7 @@ import math
 
 import torch
 
-from ._dispatch import HAS_TRITON, launch, use_triton
+from ._dispatch import HAS_TRITON, launch, pick
 from ._tuning import AotSpec, rows_bucket, tuned_tile
 
 CHUNK_ROWS = 4096  # vocabulary rows the reference converts at a time (23 MB of bf16 at H = 2816)
@@ -307,21 +307,21 @@ def lse_rows_triton(logits: torch.Tensor, block: int = LSE_BLOCK) -> torch.Tenso
 def int8_soft(probs: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """probs [..., V] @ (codes [V, H] · scale[:, None]) -> [..., H] fp32; Triton on CUDA, else the reference."""
     flat = probs.reshape(-1, probs.shape[-1])
-    out = (int8_soft_triton if use_triton(probs) else int8_soft_ref)(flat, codes, scale)
+    out = pick(int8_soft_triton, int8_soft_ref, probs)(flat, codes, scale)
     return out.view(*probs.shape[:-1], codes.shape[1])
 
 
 def lse_rows(logits: torch.Tensor) -> torch.Tensor:
     """logits [..., V] -> [...] fp32 logsumexp over V, reading them once; Triton on CUDA, else the reference."""
     flat = logits.reshape(-1, logits.shape[-1])
-    return (lse_rows_triton if use_triton(logits) else lse_rows_ref)(flat).view(logits.shape[:-1])
+    return pick(lse_rows_triton, lse_rows_ref, logits)(flat).view(logits.shape[:-1])
 
 
 def int8_soft_logits(logits: torch.Tensor, lse: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """softmax(logits [..., V]) @ (codes [V, H] · scale[:, None]) -> [..., H] fp32, lse = lse_rows(logits);
     the probabilities rounded to the logits' dtype, never written. Triton on CUDA, else the reference."""
     flat = logits.reshape(-1, logits.shape[-1])
-    out = (int8_soft_logits_triton if use_triton(logits) else int8_soft_logits_ref)(flat, lse.reshape(-1), codes, scale)
+    out = pick(int8_soft_logits_triton, int8_soft_logits_ref, logits)(flat, lse.reshape(-1), codes, scale)
     return out.view(*logits.shape[:-1], codes.shape[1])
 
 

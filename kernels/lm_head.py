@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import HAS_TRITON, launch, use_triton
+from ._dispatch import HAS_TRITON, launch, pick
 from ._tuning import AotSpec, rows_bucket, tuned_tile
 
 
@@ -230,7 +230,5 @@ def lm_head(h, weight, temperature, softcap: float | None = 30.0, weight_scale=N
             out_dtype=torch.float32, out: torch.Tensor | None = None) -> HeadOut:
     """h [L, H] · weight [V, H]ᵀ -> HeadOut(proc, argmax, entropy, lse); Triton on CUDA, else reference.
     `out`: a contiguous [L, V] tensor of out_dtype to write proc into (a CUDA graph's fixed buffer)."""
-    if use_triton(h):
-        return lm_head_triton(h, weight, temperature, softcap, weight_scale, out_dtype, out=out)
-    return lm_head_ref(h, weight, temperature, softcap, weight_scale, out_dtype, out=out)
+    return pick(lm_head_triton, lm_head_ref, h)(h, weight, temperature, softcap, weight_scale, out_dtype, out=out)
 

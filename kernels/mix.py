@@ -28,7 +28,7 @@ import torch
 
 from dgcli.model import sum_slots
 
-from ._dispatch import HAS_TRITON, launch, use_triton
+from ._dispatch import HAS_TRITON, launch, pick
 from ._tuning import AotSpec
 from .rmsnorm import MAX_WIDTH, _block, _rows, _warps, rmsnorm_add_ref, rmsnorm_ref
 from .router import router_norm_ref
@@ -168,13 +168,13 @@ def mix_out_triton(x, dense, slots, w_dense, w_experts, w_out, scalar, eps: floa
 
 def mix_in(x, h, w_attn, w_dense, w_experts, router_scale, root_size: float, eps: float):
     """`Layer.mix_in`'s four outputs; Triton on CUDA, else the reference."""
-    return (mix_in_triton if use_triton(x) else mix_in_ref)(x, h, w_attn, w_dense, w_experts, router_scale,
+    return pick(mix_in_triton, mix_in_ref, x)(x, h, w_attn, w_dense, w_experts, router_scale,
                                                             root_size, eps)
 
 
 def mix_out(x, dense, slots, w_dense, w_experts, w_out, scalar, eps: float, w_next=None):
     """`Layer.mix_out`'s (new residual, its next norm or None); Triton on CUDA, else the reference."""
-    return (mix_out_triton if use_triton(x) else mix_out_ref)(x, dense, slots, w_dense, w_experts, w_out, scalar,
+    return pick(mix_out_triton, mix_out_ref, x)(x, dense, slots, w_dense, w_experts, w_out, scalar,
                                                               eps, w_next)
 
 

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from dgcli.model import moe, moe_slots
 
-from ._dispatch import HAS_TRITON, launch, use_triton
+from ._dispatch import HAS_TRITON, launch, pick
 from ._tuning import AotSpec, autotune_enabled, candidates, chosen, pick_fastest, remembered, rows_bucket, shared_limit
 
 # --------------------------------------------------------------------------------------------------
@@ -160,7 +160,7 @@ def moe_align_ref(index: torch.Tensor, num_experts: int, block_m: int) -> tuple[
 
 def moe_align(index: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`moe_align_ref`'s outputs; one Triton kernel on CUDA (instead of ~25), else the reference."""
-    return (moe_align_triton if use_triton(index) else moe_align_ref)(index, num_experts, block_m)
+    return pick(moe_align_triton, moe_align_ref, index)(index, num_experts, block_m)
 
 
 def moe_align_triton(index: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -584,6 +584,5 @@ def moe_int4(x, index, weights, gate_up_q, gate_up_s, down_q, down_s, group_size
 
     Triton on CUDA, the reference elsewhere; `DG_KERNELS=ref|triton` overrides (see kernels/__init__).
     """
-    if use_triton(x):
-        return moe_int4_triton(x, index, weights, gate_up_q, gate_up_s, down_q, down_s, group_size, slots=slots)
-    return moe_int4_ref(x, index, weights, gate_up_q, gate_up_s, down_q, down_s, group_size, slots=slots)
+    return pick(moe_int4_triton, moe_int4_ref, x)(x, index, weights, gate_up_q, gate_up_s, down_q, down_s, group_size,
+                                                 slots=slots)

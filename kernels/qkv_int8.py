@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import HAS_TRITON, launch, use_triton
+from ._dispatch import HAS_TRITON, launch, pick
 from ._tuning import AotSpec, rows_bucket, tuned_tile
 from .int8_linear import int8_linear_ref
 from .rmsnorm import _block, rmsnorm_ref, rmsnorm_rope_ref
@@ -213,7 +213,7 @@ def qkv_int8_triton(x, wq, sq, wk, sk, wv, sv, q_weight, k_weight, eps: float, c
 def qkv_int8(x, wq, sq, wk, sk, wv, sv, q_weight, k_weight, eps: float, cos, sin, head_dim: int):
     """Attention.qkv on int8-per-row projections: x (B, T, K) -> q, k, v (B, Hx, T, D); Triton on CUDA
     (head-major buffers), else the reference."""
-    fn = qkv_int8_triton if use_triton(x) else qkv_int8_ref
+    fn = pick(qkv_int8_triton, qkv_int8_ref, x)
     return fn(x, wq, sq, wk, sk, wv, sv, q_weight, k_weight, eps, cos, sin, head_dim)
 
 

@@ -28,7 +28,7 @@ import torch
 
 from dgcli.model import apply_rope
 
-from ._dispatch import HAS_TRITON, launch, use_triton
+from ._dispatch import HAS_TRITON, launch, pick
 from ._tuning import AotSpec
 
 MAX_WIDTH = 4096  # one row in one program's registers (compiled without spills at this width); wider: the reference
@@ -209,18 +209,18 @@ def rmsnorm_rope_triton(x: torch.Tensor, weight: torch.Tensor | None, eps: float
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """rmsnorm(x) · weight in x's dtype; Triton on CUDA, else the reference."""
-    return (rmsnorm_triton if use_triton(x) else rmsnorm_ref)(x, weight, eps)
+    return pick(rmsnorm_triton, rmsnorm_ref, x)(x, weight, eps)
 
 
 def rmsnorm_add(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """x + rmsnorm(h) · weight; Triton on CUDA, else the reference."""
-    return (rmsnorm_add_triton if use_triton(h) else rmsnorm_add_ref)(x, h, weight, eps)
+    return pick(rmsnorm_add_triton, rmsnorm_add_ref, h)(x, h, weight, eps)
 
 
 def rmsnorm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: torch.Tensor,
                  sin: torch.Tensor) -> torch.Tensor:
     """apply_rope(rmsnorm(x) · weight, cos, sin); Triton on CUDA, else the reference."""
-    return (rmsnorm_rope_triton if use_triton(x) else rmsnorm_rope_ref)(x, weight, eps, cos, sin)
+    return pick(rmsnorm_rope_triton, rmsnorm_rope_ref, x)(x, weight, eps, cos, sin)
 
 
 # --------------------------------------------------------------------------------------------------

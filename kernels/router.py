@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import HAS_TRITON, launch, use_triton
+from ._dispatch import HAS_TRITON, launch, pick
 from ._tuning import AotSpec
 from .rmsnorm import MAX_WIDTH, _block, _rows, _warps, rmsnorm_ref
 
@@ -156,12 +156,12 @@ def _block_k(top_k: int) -> int:
 
 def router_norm(x: torch.Tensor, scale: torch.Tensor, root_size: float, eps: float) -> torch.Tensor:
     """rmsnorm(x) · scale · root_size as the Router rounds it; Triton on CUDA, else the reference."""
-    return (router_norm_triton if use_triton(x) else router_norm_ref)(x, scale, root_size, eps)
+    return pick(router_norm_triton, router_norm_ref, x)(x, scale, root_size, eps)
 
 
 def router_topk(logits: torch.Tensor, per_expert_scale: torch.Tensor, top_k: int):
     """(weights [T, k] fp32, index [T, k] int64) from logits [T, E]; Triton on CUDA, else the reference."""
-    return (router_topk_triton if use_triton(logits) else router_topk_ref)(logits, per_expert_scale, top_k)
+    return pick(router_topk_triton, router_topk_ref, logits)(logits, per_expert_scale, top_k)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ from __future__ import annotations
 import torch
 
 from . import cuda_rng
-from ._dispatch import HAS_TRITON, interpreting, launch, use_triton
+from ._dispatch import HAS_TRITON, KernelUnavailable, interpreting, launch, pick, use_triton
 from ._tuning import AotSpec
 
 BLOCK = 2048  # columns per loop iteration: 8 fp32 of proc and 8 of q per thread at 8 warps
@@ -375,7 +375,7 @@ def draw_fused_triton(proc, lse, seed: int, offset: int, threads: int, sc=None, 
 
 def draw(proc: torch.Tensor, lse: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """argmax(exp(proc [L, V] - lse [L]) / q [L, V]) per row -> [L] int64; Triton on CUDA, else the reference."""
-    return (draw_triton if use_triton(proc) else draw_ref)(proc, lse, q)
+    return pick(draw_triton, draw_ref, proc)(proc, lse, q)
 
 
 def exponential(proc: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
@@ -435,10 +435,13 @@ def _self_check(proc, lse, g, threads: int) -> torch.Tensor:
     q = exponential(proc, g)
     step = philox_state(g, proc.device)[1] - offset
     want = cuda_rng.layout(n, *cuda_rng.device_threads(proc.device))[1]
-    bad = int(cuda_rng.count_mismatches(q, seed, offset, threads)) if step == want else -1  # one host read, once
+    try:
+        bad = int(cuda_rng.count_mismatches(q, seed, offset, threads)) if step == want else -1  # one host read, once
+    except KernelUnavailable:  # launch said so on stderr: the unfused draw, as for a mismatch
+        bad = None
     ok = bad == 0
     _checked[(str(proc.device), n)] = ok
-    if not ok:
+    if not ok and bad is not None:
         what = f"{bad} of {n} draws differ" if bad > 0 else f"the generator advanced {step}, not {want}"
         print(f"dg: the sampler's fused Exp(1) draws are not torch's on {proc.device} ({what}); "
               "drawing them with torch's exponential_ instead", file=sys.stderr)
@@ -472,9 +475,13 @@ def sample_sc(proc: torch.Tensor, lse: torch.Tensor, g: torch.Generator | None, 
             else:
                 sc = torch.empty(proc.shape, dtype=dtype, device=proc.device) if sc is None else sc
                 sc_lse = torch.empty(lse.shape, dtype=torch.float32, device=proc.device) if sc_lse is None else sc_lse
-            tokens = draw_fused(proc.view(-1, V), lse.reshape(-1), seed, offset, threads,
-                                None if sc is None else sc.view(-1, V), None if sc_lse is None else sc_lse.view(-1))
-            return tokens.view(lse.shape), sc, sc_lse
+            try:
+                tokens = draw_fused(proc.view(-1, V), lse.reshape(-1), seed, offset, threads,
+                                    None if sc is None else sc.view(-1, V), None if sc_lse is None else sc_lse.view(-1))
+                return tokens.view(lse.shape), sc, sc_lse
+            except KernelUnavailable:  # the unfused draw from the same generator state, from now on
+                _checked[(str(proc.device), n)] = False
+                set_philox_offset(g, proc.device, offset)
     q = exponential(proc, g)
     tokens = draw(proc.reshape(-1, V), lse.reshape(-1), q.view(-1, V)).view(lse.shape)
     return tokens, (None if dtype is None else proc.to(dtype)), None
