@@ -6,7 +6,9 @@ then softmax, argmax, entropy and logsumexp over [L, V]. That writes and re-read
 [256 × 262144] tensors (256 MiB each) per step. Here every vocabulary chunk is produced once: it is
 softcapped and divided by the temperature in registers (Triton) or while still small (reference),
 written once to `proc` (the processed logits, in `out_dtype`), and reduced on the spot to per-row
-partials (max, argmax, Σe^(x-m), Σe^(x-m)(x-m)). The partials are combined in a fixed order.
+partials (max, argmax, Σe^(x-m), Σe^(x-m)(x-m)). The partials are combined in a fixed order: by
+`combine` (torch, the reference) or on the Triton path by `_combine_kernel` (one program per row, the
+same arithmetic in one launch instead of ~19 small ones).
     entropy = log Σe^(x-m) - Σe^(x-m)(x-m) / Σe^(x-m)      (nats; terms stay small for confident rows)
     lse     = m + log Σe^(x-m)
 Sampling itself is left to the caller. torch.multinomial's draws must match the reference's RNG
@@ -24,7 +26,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import HAS_TRITON, launch, pick
+from ._dispatch import HAS_TRITON, guarded, launch, pick
 from ._tuning import AotSpec, rows_bucket, tuned_tile
 
 
@@ -146,6 +148,32 @@ if HAS_TRITON:
         tl.store(pt_ptr + p, t, mask=row_ok)
         tl.store(pa_ptr + p, arg + pid_n * BLOCK_N, mask=row_ok)
 
+    @triton.jit
+    def _combine_kernel(pm_ptr, ps_ptr, pt_ptr, pa_ptr, arg_out, ent_out, lse_out, C, stride_pl,
+                        BLOCK_C: tl.constexpr):
+        """`combine` for one row of C <= BLOCK_C partials, element for element the same arithmetic
+        (so the same NaNs); only the two sums' order differs from torch's (a fixed tree: deterministic)."""
+        row = tl.program_id(0)
+        offs = tl.arange(0, BLOCK_C)
+        ok = offs < C
+        base = row.to(tl.int64) * stride_pl
+        m = tl.load(pm_ptr + base + offs, mask=ok, other=float("-inf"))
+        s = tl.load(ps_ptr + base + offs, mask=ok, other=0.0)
+        t = tl.load(pt_ptr + base + offs, mask=ok, other=0.0)
+        M = tl.max(m, 0)
+        # torch's max propagates NaN; Triton's need not (fmax on the GPU): say it explicitly
+        M = tl.where(tl.sum((m != m).to(tl.int32), 0) > 0, float("nan"), M)
+        d = m - M
+        a = tl.exp(d)
+        S = tl.sum(tl.where(ok, a * s, 0.0), 0)
+        Tt = tl.sum(tl.where(ok, a * (t + d * s), 0.0), 0)
+        first = tl.min(tl.where(ok & (m == M), offs, BLOCK_C), 0)  # the earliest chunk holding the max
+        first = tl.where(first == BLOCK_C, 0, first)  # none (a NaN max): chunk 0, as torch's argmax of zeros
+        logS = tl.log(S)
+        tl.store(arg_out + row, tl.load(pa_ptr + base + first).to(tl.int64))
+        tl.store(ent_out + row, logS - Tt / S)
+        tl.store(lse_out + row, M + logS)
+
 
 DEFAULT_TILE = (64, 128, 64, 4, 3)  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages
 DEFAULT_TILE_INT8 = (128, 128, 64, 8, 3)  # int8 codes: (64, 128, 64, 4) spills on sm_89 (python -m kernels.aot)
@@ -201,7 +229,26 @@ def lm_head_triton(h, weight, temperature, softcap: float | None = 30.0, weight_
         tile = tuned_tile("lm_head", _tune_key(h, weight, out_dtype), _TILES, _large(weight), run, _default(weight),
                           h.device)
     part, arg = run(tile)
-    return HeadOut(proc, *combine(part[0], part[1], part[2], arg))
+    return HeadOut(proc, *guarded(combine_triton, lambda: combine(part[0], part[1], part[2], arg),
+                                  part[0], part[1], part[2], arg))
+
+
+COMBINE_WARPS = 4
+
+
+def combine_triton(m: torch.Tensor, s: torch.Tensor, t: torch.Tensor, arg: torch.Tensor):
+    """`combine` in one launch: m, s, t fp32 and arg int32, [L, C] with a common row stride and a unit
+    column stride (the head kernel's partials). Same results but the sums' order (to rounding)."""
+    L, C = m.shape
+    if not (s.shape == t.shape == arg.shape == m.shape and m.stride() == s.stride() == t.stride() == arg.stride()
+            and m.stride(1) == 1):
+        raise ValueError("m, s, t, arg must be [L, C] with one row stride and contiguous rows")
+    out_arg = torch.empty(L, dtype=torch.int64, device=m.device)
+    ent, lse = torch.empty(2, L, dtype=torch.float32, device=m.device)
+    if L:
+        launch(_combine_kernel, m.device, (L,), m, s, t, arg, out_arg, ent, lse, C, m.stride(0),
+               BLOCK_C=max(16, triton.next_power_of_2(C)), num_warps=COMBINE_WARPS)
+    return out_arg, ent, lse
 
 
 def _aot():
@@ -223,7 +270,18 @@ def _aot():
                           divisible=("L", "V", "K", "stride_hl", "stride_wv", "stride_ol"))
 
 
-AOT = list(_aot()) if HAS_TRITON else []
+def _aot_combine():
+    """The combine at the real vocabulary, one spec per BLOCK_N the tiles use (C = 262144 / BLOCK_N)."""
+    sig = {"pm_ptr": "*fp32", "ps_ptr": "*fp32", "pt_ptr": "*fp32", "pa_ptr": "*i32", "arg_out": "*i64",
+           "ent_out": "*fp32", "lse_out": "*fp32", "C": "i32", "stride_pl": "i32"}
+    for bn in sorted({t[1] for t in _TILES}):
+        c = 262144 // bn
+        yield AotSpec("lm_head.combine", _combine_kernel, sig, dict(BLOCK_C=c), COMBINE_WARPS, 1,
+                      dict(BLOCK_C=c, num_warps=COMBINE_WARPS), default=bn == DEFAULT_TILE[1],
+                      divisible=("C", "stride_pl"))
+
+
+AOT = [*_aot(), *_aot_combine()] if HAS_TRITON else []
 
 
 def lm_head(h, weight, temperature, softcap: float | None = 30.0, weight_scale=None,

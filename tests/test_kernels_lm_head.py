@@ -116,3 +116,56 @@ def test_gpu_real_vocab(monkeypatch):
     got = lm_head(h, w, torch.tensor(0.8, device="cuda"))
     want = unfused(h, w, torch.tensor(0.8, device="cuda"))
     check(got, want, torch.bfloat16)
+
+
+def partials(L, C, seed=0):
+    """Partials as the head kernel writes them: m, s >= 1 (the max's own term), t <= 0, arg in its tile."""
+    g = torch.Generator().manual_seed(seed)
+    m = torch.randn(L, C, generator=g) * 3
+    s = 1 + torch.rand(L, C, generator=g) * 50
+    t = -torch.rand(L, C, generator=g) * 20
+    arg = (torch.arange(C) * 128 + torch.randint(0, 128, (L, C), generator=g)).int()
+    return m, s, t, arg
+
+
+def check_combine(got, want):
+    # the two sums in another (fixed) order: a few ulps apart, no more
+    assert torch.equal(got[0], want[0]) and got[0].dtype == torch.int64
+    torch.testing.assert_close(got[1], want[1], atol=2e-6, rtol=2e-6, equal_nan=True)
+    torch.testing.assert_close(got[2], want[2], atol=2e-6, rtol=2e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("L,C", [(1, 1), (5, 3), (17, 2048), (3, 1000)])
+def test_triton_combine_matches_reference(interpret, L, C):
+    from kernels.lm_head import combine, combine_triton
+
+    m, s, t, arg = partials(L, C, seed=C)
+    check_combine(combine_triton(m, s, t, arg), combine(m, s, t, arg))
+
+
+def test_triton_combine_ties_inf_and_nan(interpret):
+    from kernels.lm_head import combine, combine_triton
+
+    m, s, t, arg = partials(6, 40, seed=1)
+    m[0, [7, 3, 30]] = 50.0  # a tie: the first chunk (3) wins
+    m[1, :] = 2.0  # all tied: chunk 0
+    m[2, 5:] = float("-inf")  # chunks whose every logit is -inf (today: NaN entropy via 0 · -inf)
+    m[3, :] = float("-inf")  # a row of nothing but -inf
+    m[4, 9] = float("nan")  # a NaN max: NaN statistics, argmax from chunk 0 (torch's argmax of all-False)
+    s[5, 2] = float("nan")  # a NaN sum: NaN statistics, the argmax unaffected
+    want = combine(m, s, t, arg)
+    got = combine_triton(m, s, t, arg)
+    assert want[0][0] == arg[0, 3] and want[0][1] == arg[1, 0] and want[0][4] == arg[4, 0]
+    assert want[1][[2, 3, 4, 5]].isnan().all() and want[2][[3, 4, 5]].isnan().all()
+    check_combine(got, want)
+
+
+def test_triton_combine_padded_partials(interpret):
+    # the head kernel's buffers: [4, L, C] fp32 views and an int32 [L, C], as lm_head_triton passes them
+    from kernels.lm_head import combine, combine_triton
+
+    m, s, t, arg = partials(9, 24, seed=2)
+    part = torch.stack([m, s, t, torch.zeros_like(m)])
+    check_combine(combine_triton(part[0], part[1], part[2], arg), combine(m, s, t, arg))
+    with pytest.raises(ValueError):
+        combine_triton(m, s, t.t().contiguous().t(), arg)
