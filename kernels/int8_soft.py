@@ -207,7 +207,8 @@ _LARGE = frozenset()  # tiles over a 99 KB part's shared memory (python -m kerne
 def splits_for(tiles: int, v_blocks: int, sms: int) -> int:
     """How many V ranges: the fewest that keep the waves of programs >= 95% full (a program per SM
     at a time), at most MAX_SPLITS and one per BLOCK_V rows; else the fullest. More splits only add
-    partial sums to write and add up."""
+    partial sums to write and add up. At full size (44 tiles of 128 × 128, one resident per SM: 184
+    registers a thread) an H100/H200's 132 SMs take 3 splits, one exact wave; a 4090's 128 take 14."""
     best, best_fill = 1, 0.0
     for s in range(1, max(1, min(MAX_SPLITS, v_blocks)) + 1):
         programs = tiles * s

@@ -169,3 +169,16 @@ def test_triton_combine_padded_partials(interpret):
     check_combine(combine_triton(part[0], part[1], part[2], arg), combine(m, s, t, arg))
     with pytest.raises(ValueError):
         combine_triton(m, s, t.t().contiguous().t(), arg)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_gpu_combine_real_tiles(monkeypatch):
+    # compiled: fmax-style max (the explicit NaN check), the fast exp; C = 2048 tiles of 128
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    from kernels.lm_head import combine, combine_triton
+
+    m, s, t, arg = (x.cuda() for x in partials(256, 2048, seed=3))
+    m[0, [900, 100]] = 40.0
+    m[1, 7] = float("nan")
+    m[2, 1000:] = float("-inf")
+    check_combine(combine_triton(m, s, t, arg), combine(m, s, t, arg))
