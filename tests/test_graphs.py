@@ -197,15 +197,13 @@ def test_real_cuda_graphs_match_eager_decoding(tiny):
         assert len(graphed._graphed[graph_cache].graphs) == 4 and graphed.cuda_graphs  # no fallback happened
 
 
-def test_fused_draw_feeds_the_graph_in_place_with_the_unfused_tokens(tiny, monkeypatch, sdpa_layout):
+def test_fused_draw_feeds_the_graph_in_place_with_the_unfused_tokens(tiny, monkeypatch):
     """Two blocks of two graph-replayed steps with the sampler's fused draw (kernels.sample: its
     Exp(1) draws made as torch's CUDA exponential_ makes them, its check passed; on the CPU its
     reference, the generator's philox state faked) against the unfused draw on the same stream
     (eager: graphs replay what eager decoding does, tested above): the same canvases and tokens.
     Each self-conditioned step is handed the graph's own input buffer (nothing copied) and the
     logsumexp the draw made (graphs of kind 2)."""
-    if sdpa_layout == "cuda-layout":
-        pytest.skip("the draw does not touch attention")
     import kernels.sample as ks
     from test_kernels_sample import FakePhilox
 
