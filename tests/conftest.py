@@ -81,3 +81,15 @@ def client(server):
     import openai
 
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    """Triton kernels on CPU tensors through the interpreter (DG_KERNELS=triton), with fp32 -> bf16
+    casts rounded to nearest as the GPU does (tests/test_kernels_norm.py `_round_bf16_casts`).
+    Kernel test modules whose interpreter needs differ define their own `interpret`."""
+    from test_kernels_norm import _round_bf16_casts
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("DG_KERNELS", "triton")
+    _round_bf16_casts(monkeypatch)

@@ -29,18 +29,10 @@ pytest.importorskip("triton", reason="triton is not installed (the reference run
 G = importlib.import_module("kernels.geglu_int8")
 from kernels.fused_mlp import FusedMLP, FusedSelfConditioning, install  # noqa: E402
 from kernels.int8_linear import int8_linear_ref  # noqa: E402
-from test_kernels_norm import _round_bf16_casts  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=1 / 64, rtol=1 / 128),
        torch.float16: dict(atol=2e-3, rtol=1e-3)}
-
-
-@pytest.fixture
-def interpret(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv("DG_KERNELS", "triton")
-    _round_bf16_casts(monkeypatch)
 
 
 @pytest.fixture

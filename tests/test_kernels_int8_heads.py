@@ -24,14 +24,6 @@ pytest.importorskip("triton", reason="triton is not installed (the reference run
 
 I8 = importlib.import_module("kernels.int8_linear")
 from kernels.fused_attention import FusedAttention, install  # noqa: E402
-from test_kernels_norm import _round_bf16_casts  # noqa: E402
-
-
-@pytest.fixture
-def interpret(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv("DG_KERNELS", "triton")
-    _round_bf16_casts(monkeypatch)
 
 
 def folded_heads(B, T, Hk, groups, D, dtype, cuda_layout, seed=0):

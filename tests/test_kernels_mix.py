@@ -25,20 +25,13 @@ pytest.importorskip("triton", reason="triton is not installed (the references ru
 
 X = importlib.import_module("kernels.mix")  # the module
 from kernels.fused_mix import FusedLayer, install  # noqa: E402
-from test_kernels_norm import _Count, _round_bf16_casts  # noqa: E402
+from test_kernels_norm import _Count  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=1 / 32, rtol=1 / 128),
        torch.float16: dict(atol=4e-3, rtol=1e-3)}
 EXACT = {torch.float32: 0.0, torch.bfloat16: 0.97, torch.float16: 0.97}
 EPS = 1e-6
-
-
-@pytest.fixture
-def interpret(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv("DG_KERNELS", "triton")
-    _round_bf16_casts(monkeypatch)
 
 
 def check(got, want, dtype):

@@ -55,13 +55,6 @@ def _round_bf16_casts(monkeypatch):
     monkeypatch.setattr(B, "create_fp_trunc", create_fp_trunc)
 
 
-@pytest.fixture
-def interpret(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv("DG_KERNELS", "triton")
-    _round_bf16_casts(monkeypatch)
-
-
 def check(got, want, dtype):
     assert got.dtype == want.dtype and got.shape == want.shape
     torch.testing.assert_close(got, want, **TOL[dtype])

@@ -29,16 +29,8 @@ Q = importlib.import_module("kernels.qkv_int8")
 I8 = importlib.import_module("kernels.int8_linear")
 R = importlib.import_module("kernels.rmsnorm")
 from kernels import fused_attention, fused_norms  # noqa: E402
-from test_kernels_norm import _round_bf16_casts  # noqa: E402
 
 EPS = 1e-6
-
-
-@pytest.fixture
-def interpret(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv("DG_KERNELS", "triton")
-    _round_bf16_casts(monkeypatch)
 
 
 class _Fp64Sums:

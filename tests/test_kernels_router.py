@@ -27,16 +27,9 @@ pytest.importorskip("triton", reason="triton is not installed (the references ru
 
 R = importlib.import_module("kernels.router")
 from kernels.fused_router import FusedRouter, install  # noqa: E402
-from test_kernels_norm import _Count, _round_bf16_casts  # noqa: E402
+from test_kernels_norm import _Count  # noqa: E402
 
 EPS = 1e-6
-
-
-@pytest.fixture
-def interpret(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv("DG_KERNELS", "triton")
-    _round_bf16_casts(monkeypatch)
 
 
 def router_config(H=64, E=16, A=4) -> ModelConfig:
