@@ -343,6 +343,11 @@ def draw_fused_triton(proc, lse, seed: int, offset: int, threads: int, sc=None, 
         raise ValueError(f"the fused draw needs a contiguous [L, V] proc with V >= 16, got {tuple(proc.shape)}")
     if sc_lse is not None and sc is None:
         raise ValueError("sc_lse comes with sc")
+    # The kernel writes sc and sc_lse at flat offsets: a strided or mis-shaped buffer would be overwritten wrongly.
+    if sc is not None and (sc.shape != proc.shape or not sc.is_contiguous() or not sc.dtype.is_floating_point):
+        raise ValueError(f"sc must be a contiguous float [L, V] buffer like proc, got {tuple(sc.shape)} {sc.dtype}")
+    if sc_lse is not None and (sc_lse.shape != (L,) or not sc_lse.is_contiguous() or sc_lse.dtype != torch.float32):
+        raise ValueError(f"sc_lse must be a contiguous fp32 [{L}] buffer, got {tuple(sc_lse.shape)} {sc_lse.dtype}")
     n = proc.numel()
     device = proc.device
     programs, calls = cuda_rng.grid(n, threads, S)

@@ -326,6 +326,25 @@ def test_fused_draw_is_the_draw_on_torchs_exp_draws(fused_interpret, L, V, devic
     assert not torch.equal(mod.draw_fused_triton(proc, lse, seed, offset + 4 * 7, threads), want)
 
 
+def test_fused_draw_refuses_buffers_it_would_write_wrongly(fused_interpret):
+    """sc and sc_lse are written at flat offsets: a transposed, mis-shaped or integer buffer is refused
+    with a one-line error before anything is launched, and the buffer is left as it was."""
+    L, V = 4, 64
+    proc, lse, _ = make(L, V, seed=3)
+    threads, _ = rng.layout(L * V, 1, 256)
+    bad = [dict(sc=torch.zeros(V, L, dtype=torch.bfloat16).t()),  # right shape, transposed
+           dict(sc=torch.zeros(L, V + 1, dtype=torch.bfloat16)),
+           dict(sc=torch.zeros(L, V, dtype=torch.int32)),
+           dict(sc=torch.zeros(L, V, dtype=torch.bfloat16), sc_lse=torch.zeros(L, dtype=torch.bfloat16)),
+           dict(sc=torch.zeros(L, V, dtype=torch.bfloat16), sc_lse=torch.zeros(2 * L)[::2])]
+    for kwargs in bad:
+        before = {k: v.clone() for k, v in kwargs.items()}
+        with pytest.raises(ValueError, match="must be a contiguous") as e:
+            mod.draw_fused_triton(proc, lse, 1, 0, threads, **kwargs)
+        assert "\n" not in str(e.value)
+        assert all(torch.equal(kwargs[k], before[k]) for k in kwargs)
+
+
 def test_fused_draw_ties_and_nans_as_torch_argmax(fused_interpret):
     """Equal ratios over a whole row (proc = -inf: every ratio 0 / q = 0) give its first column;
     NaNs at several places (other segments, lanes, calls) give the first NaN, as torch.argmax.
