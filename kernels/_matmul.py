@@ -15,6 +15,17 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
+    def _accumulate(a, b, acc, CODES: tl.constexpr, FP32: tl.constexpr):
+        """acc + a · b for one K block: int8 codes converted through fp32 (exact; the interpreter
+        mis-converts int -> bf16), fp32 dots in IEEE precision. Every tile loop below uses this, so
+        their tiles are the same arithmetic."""
+        if CODES:
+            b = b.to(tl.float32).to(a.dtype)
+        if FP32:
+            return tl.dot(a, b, acc, input_precision="ieee")
+        return tl.dot(a, b, acc)
+
+    @triton.jit
     def dot_tile(
         a_ptr, b_ptr, rows, cols, row_ok, col_ok, K, stride_a, stride_b,
         CODES: tl.constexpr, EVEN_K: tl.constexpr, FP32: tl.constexpr,
@@ -32,12 +43,7 @@ if HAS_TRITON:
                 k_ok = offs_k < K - k0
                 a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                 b = tl.load(b_ptrs, mask=col_ok[None, :] & k_ok[:, None], other=0)
-            if CODES:
-                b = b.to(tl.float32).to(a.dtype)
-            if FP32:
-                acc = tl.dot(a, b, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, b, acc)
+            acc = _accumulate(a, b, acc, CODES, FP32)
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
         return acc
@@ -60,12 +66,7 @@ if HAS_TRITON:
             col = (head // HEADS2).to(tl.int64) * stride_h1 + (head % HEADS2).to(tl.int64) * stride_h2 + k0 % HEAD
             a = tl.load(a_ptr + a_rows[:, None] + col + offs_k[None, :], mask=row_ok[:, None], other=0.0)
             b = tl.load(b_ptrs, mask=col_ok[None, :], other=0)
-            if CODES:
-                b = b.to(tl.float32).to(a.dtype)
-            if FP32:
-                acc = tl.dot(a, b, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, b, acc)
+            acc = _accumulate(a, b, acc, CODES, FP32)
             b_ptrs += BLOCK_K
         return acc
 
@@ -94,15 +95,8 @@ if HAS_TRITON:
                 a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                 b1 = tl.load(b1_ptrs, mask=col_ok[None, :] & k_ok[:, None], other=0)
                 b2 = tl.load(b2_ptrs, mask=col_ok[None, :] & k_ok[:, None], other=0)
-            if CODES:
-                b1 = b1.to(tl.float32).to(a.dtype)
-                b2 = b2.to(tl.float32).to(a.dtype)
-            if FP32:
-                acc1 = tl.dot(a, b1, acc1, input_precision="ieee")
-                acc2 = tl.dot(a, b2, acc2, input_precision="ieee")
-            else:
-                acc1 = tl.dot(a, b1, acc1)
-                acc2 = tl.dot(a, b2, acc2)
+            acc1 = _accumulate(a, b1, acc1, CODES, FP32)
+            acc2 = _accumulate(a, b2, acc2, CODES, FP32)
             a_ptrs += BLOCK_K
             b1_ptrs += BLOCK_K
             b2_ptrs += BLOCK_K
