@@ -23,10 +23,11 @@ from dgcli.sampler import denoise
 pytestmark = pytest.mark.usefixtures("sdpa_layout")
 
 
-def run(engine, prompt, settings):
+def run(engine, prompt, settings, template=None):
+    """A generation's (canvas, argmax) per step, tokens per block, DoneEvent and cache."""
     cache = engine.new_cache(max_tokens=len(prompt) + settings.max_new_tokens + 256)
     steps, blocks, done = [], [], None
-    for ev in denoise(engine, prompt, settings, cache=cache):
+    for ev in denoise(engine, prompt, settings, cache=cache, template=template):
         if isinstance(ev, StepEvent):
             steps.append((ev.canvas, ev.argmax))
         elif isinstance(ev, BlockEvent):

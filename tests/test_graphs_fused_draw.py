@@ -14,21 +14,8 @@ import torch
 from dgcli import graphs
 from dgcli.config import SamplerSettings
 from dgcli.engine import Engine
-from dgcli.events import BlockEvent, DoneEvent, StepEvent
-from dgcli.sampler import TemplateBlock, denoise
-
-
-def _generate(engine, prompt, settings, template):
-    cache = engine.new_cache(max_tokens=len(prompt) + settings.max_new_tokens + 256)
-    steps, blocks, done = [], [], None
-    for ev in denoise(engine, prompt, settings, cache=cache, template=template):
-        if isinstance(ev, StepEvent):
-            steps.append((ev.canvas, ev.argmax))
-        elif isinstance(ev, BlockEvent):
-            blocks.append(ev.token_ids)
-        elif isinstance(ev, DoneEvent):
-            done = ev
-    return steps, blocks, done, cache
+from dgcli.sampler import TemplateBlock
+from test_graphs import run  # a generation's steps, blocks, DoneEvent and cache
 
 
 @pytest.mark.parametrize("check", ["passes", "fails"])
@@ -79,7 +66,7 @@ def test_check_and_fallback_after_capture_with_mixed_blocks(tiny, monkeypatch, c
         seen.append([])
         monkeypatch.setattr(ks, "_checked", {})
         engine = Engine(model, static_cache=True, fused_head=True, bucket=1024, **kw)
-        out = _generate(engine, [5, 6, 7, 8], settings, template)
+        out = run(engine, [5, 6, 7, 8], settings, template)
         return out, engine, dict(fake.state)
 
     # The reference: eager, the unfused draw throughout (a check that never passes draws as it does).
@@ -148,7 +135,7 @@ def test_cuda_generation_draws_alike_on_every_path(tiny, monkeypatch, capsys, ch
         offsets.append([])
         monkeypatch.setattr(ks, "_checked", {} if fused_draw else {(str(torch.device("cuda", 0)), L * V): False})
         engine = Engine(model, static_cache=True, fused_head=True, cuda_graphs=graphs_on, bucket=1024)
-        steps, blocks, done, cache = _generate(engine, [5, 6, 7, 8], settings, template)
+        steps, blocks, done, cache = run(engine, [5, 6, 7, 8], settings, template)
         assert engine.cuda_graphs == graphs_on
         return steps, blocks, done.token_ids
 

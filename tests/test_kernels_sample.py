@@ -190,10 +190,9 @@ class Traffic(TorchDispatchMode):
         return out
 
 
-def test_full_size_draw_reads_proc_and_q_once(monkeypatch):
-    """The step's draw at L = 256, V = 262,144 on meta, the launches recorded: q written once by
-    exponential_, then two kernels whose only vocabulary-sized arguments are proc and q (read once);
-    the partials are [L, 16]. The unfused sampler moves 9 [L, V] fp32 tensors (2.4 GB), this 3 (0.8 GB)."""
+def record_launches(monkeypatch) -> list:
+    """Triton launches recorded instead of run (DG_KERNELS=triton, on meta tensors): a list of
+    (kernel, grid, tensor arguments), filled as the code under test launches."""
     import kernels._dispatch as dispatch
 
     launches = []
@@ -207,6 +206,14 @@ def test_full_size_draw_reads_proc_and_q_once(monkeypatch):
 
     monkeypatch.setenv("DG_KERNELS", "triton")
     monkeypatch.setattr(dispatch, "launchable", Recorder)
+    return launches
+
+
+def test_full_size_draw_reads_proc_and_q_once(monkeypatch):
+    """The step's draw at L = 256, V = 262,144 on meta, the launches recorded: q written once by
+    exponential_, then two kernels whose only vocabulary-sized arguments are proc and q (read once);
+    the partials are [L, 16]. The unfused sampler moves 9 [L, V] fp32 tensors (2.4 GB), this 3 (0.8 GB)."""
+    launches = record_launches(monkeypatch)
     proc = torch.empty(1, L_FULL, V_FULL, device="meta")
     lse = torch.empty(1, L_FULL, device="meta")
     full = proc.nbytes  # 268 MB
@@ -460,19 +467,7 @@ def test_full_size_fused_draw_reads_proc_once_and_writes_sc(monkeypatch):
     self-conditioning input (written into the buffer given); partials ~3 MB. Against the unfused
     sampler on the fused head (q written by exponential_, proc and q read, then proc copied to bf16):
     0.8 GB less here (the step then skips its input copy and lse_rows: 0.4 GB more)."""
-    import kernels._dispatch as dispatch
-
-    launches = []
-
-    class Recorder:
-        def __init__(self, kernel, device):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append((self.kernel, grid, [a for a in args if isinstance(a, torch.Tensor)]))
-
-    monkeypatch.setenv("DG_KERNELS", "triton")
-    monkeypatch.setattr(dispatch, "launchable", Recorder)
+    launches = record_launches(monkeypatch)
     monkeypatch.setattr(mod, "fused_device", lambda t: True)
     monkeypatch.setattr(mod, "check_status", lambda device, n: True)
     offsets = []
