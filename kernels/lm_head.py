@@ -11,8 +11,12 @@ partials (max, argmax, Σe^(x-m), Σe^(x-m)(x-m)). The partials are combined in 
 same arithmetic in one launch instead of ~19 small ones).
     entropy = log Σe^(x-m) - Σe^(x-m)(x-m) / Σe^(x-m)      (nats; terms stay small for confident rows)
     lse     = m + log Σe^(x-m)
-Sampling itself is left to the caller. torch.multinomial's draws must match the reference's RNG
-stream for seeded runs, so they cannot be fused without giving up seed-for-seed parity.
+Sampling itself is left to the caller (kernels.sample).
+
+`raw=True` writes the logits themselves in h's dtype (rounded as the model rounds them, before the
+softcap and the temperature) instead of fp32 proc: half the bytes written, and half read by each
+consumer, which makes proc again in registers with `process_logits` (the same arithmetic, so the
+same floats: `process(logits, ...)` equals the proc the head would have written, path for path).
 
 The embedding may be the model's float matrix [V, H] or int8 with one scale per vocabulary row
 (`weight_scale` [V]; docs/quantization.md); the scale is applied to the fp32 accumulator. Logits are
@@ -31,10 +35,11 @@ from ._tuning import AotSpec, rows_bucket, tuned_tile
 
 
 class HeadOut(NamedTuple):
-    proc: torch.Tensor  # [L, V] out_dtype: softcap(logits) / temperature
+    proc: torch.Tensor | None  # [L, V] out_dtype: softcap(logits) / temperature (None with raw=True)
     argmax: torch.Tensor  # [L] int64, first maximum
     entropy: torch.Tensor  # [L] fp32, nats, of softmax(proc)
     lse: torch.Tensor  # [L] fp32, logsumexp(proc)
+    logits: torch.Tensor | None = None  # [L, V] h's dtype, before softcap and temperature (raw=True only)
 
 
 def _check(h, weight, weight_scale):
@@ -72,13 +77,22 @@ def combine(m: torch.Tensor, s: torch.Tensor, t: torch.Tensor, arg: torch.Tensor
     return argmax, logS - Tt / S, M.squeeze(-1) + logS
 
 
+def process_ref(logits: torch.Tensor, softcap: float | None, temperature) -> torch.Tensor:
+    """softcap(logits) / temperature in fp32, `lm_head_ref`'s arithmetic (logits: the model's, rounded)."""
+    x = logits.float()
+    if softcap:
+        x = torch.tanh(x / softcap) * softcap
+    return x / _temperature(temperature, logits.device)
+
+
 def lm_head_ref(h, weight, temperature, softcap: float | None = 30.0, weight_scale=None,
-                out_dtype=torch.float32, chunk: int = 16384, out: torch.Tensor | None = None) -> HeadOut:
+                out_dtype=torch.float32, chunk: int = 16384, out: torch.Tensor | None = None,
+                raw: bool = False) -> HeadOut:
     """PyTorch, one vocabulary chunk at a time (fp32 intermediates of [L, chunk] only)."""
     _check(h, weight, weight_scale)
     L, V = h.shape[0], weight.shape[0]
     temp = _temperature(temperature, h.device)
-    proc = _out(out, L, V, out_dtype, h.device)
+    proc = _out(out, L, V, h.dtype if raw else out_dtype, h.device)
     parts = []
     for v0 in range(0, V, chunk):
         w = weight[v0:v0 + chunk]
@@ -86,16 +100,21 @@ def lm_head_ref(h, weight, temperature, softcap: float | None = 30.0, weight_sca
             x = F.linear(h, w).float()  # in the model dtype, like Embedding.head
         else:
             x = (F.linear(h.float(), w.float()) * weight_scale[v0:v0 + chunk].float()).to(h.dtype).float()
-        if softcap:
-            x = torch.tanh(x / softcap) * softcap
-        x = x / temp
-        proc[:, v0:v0 + chunk] = x
+        if raw:
+            proc[:, v0:v0 + chunk] = x
+        x = process_ref(x, softcap, temp)
+        if not raw:
+            proc[:, v0:v0 + chunk] = x
         m, a = x.max(dim=-1)
         d = x - m[:, None]
         b = torch.exp(d)
         parts.append((m, b.sum(-1), (b * d).sum(-1), a + v0))
     m, s, t, arg = (torch.stack(p, dim=-1) for p in zip(*parts))
-    return HeadOut(proc, *combine(m, s, t, arg))
+    return _result(proc, raw, *combine(m, s, t, arg))
+
+
+def _result(written, raw, argmax, entropy, lse) -> HeadOut:
+    return HeadOut(None, argmax, entropy, lse, written) if raw else HeadOut(written, argmax, entropy, lse)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -108,12 +127,31 @@ if HAS_TRITON:
     from ._matmul import dot_tile
 
     @triton.jit
+    def process_logits(x, softcap, temp, HAS_CAP: tl.constexpr):
+        """softcap(x) / temp for fp32 x (the logits as the model rounds them): the head kernel's
+        arithmetic, shared by every kernel that makes proc from raw logits (the same floats)."""
+        if HAS_CAP:
+            y = x / softcap
+            e = tl.exp(-2.0 * tl.abs(y))
+            th = (1.0 - e) / (1.0 + e)
+            x = tl.where(y >= 0, th, -th) * softcap
+        return x / temp
+
+    @triton.jit
+    def _process_kernel(x_ptr, temp_ptr, out_ptr, n, softcap, HAS_CAP: tl.constexpr, BLOCK: tl.constexpr):
+        """out = process_logits(x) over n flat elements."""
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < n
+        x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs, process_logits(x, softcap, tl.load(temp_ptr), HAS_CAP), mask=ok)
+
+    @triton.jit
     def _lm_head_kernel(
         h_ptr, w_ptr, ws_ptr, temp_ptr, out_ptr, pm_ptr, ps_ptr, pt_ptr, pa_ptr,
         L, V, K, softcap,
         stride_hl, stride_wv, stride_ol, stride_pl,
         HAS_SCALE: tl.constexpr, HAS_CAP: tl.constexpr, EVEN_K: tl.constexpr, FP32: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, RAW: tl.constexpr = False,
     ):
         pid_m = tl.program_id(0)  # fastest: the row tiles of one vocabulary tile run together (L2 reuse)
         pid_n = tl.program_id(1)
@@ -126,14 +164,12 @@ if HAS_TRITON:
         if HAS_SCALE:
             acc = acc * tl.load(ws_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         x = acc.to(h_ptr.dtype.element_ty).to(tl.float32)  # the model's logits are in its dtype
-        if HAS_CAP:
-            y = x / softcap
-            e = tl.exp(-2.0 * tl.abs(y))
-            th = (1.0 - e) / (1.0 + e)
-            x = tl.where(y >= 0, th, -th) * softcap
-        x = x / tl.load(temp_ptr)
         o_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_ol + cols[None, :]
-        tl.store(o_ptrs, x.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+        if RAW:  # the logits themselves (h's dtype): consumers make proc with process_logits
+            tl.store(o_ptrs, x.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+        x = process_logits(x, softcap, tl.load(temp_ptr), HAS_CAP)
+        if not RAW:
+            tl.store(o_ptrs, x.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
         xm = tl.where(col_ok[None, :], x, float("-inf"))
         m = tl.max(xm, axis=1)
@@ -197,17 +233,19 @@ def _tune_key(h, weight, out_dtype):
 
 
 def lm_head_triton(h, weight, temperature, softcap: float | None = 30.0, weight_scale=None,
-                   out_dtype=torch.float32, tile: tuple | None = None, out: torch.Tensor | None = None) -> HeadOut:
+                   out_dtype=torch.float32, tile: tuple | None = None, out: torch.Tensor | None = None,
+                   raw: bool = False) -> HeadOut:
     """The Triton path; `tile` = (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), else autotuned on CUDA."""
     _check(h, weight, weight_scale)
     h, weight = h.contiguous(), weight.contiguous()
     L, K = h.shape
     V = weight.shape[0]
     temp = _temperature(temperature, h.device)
+    out_dtype = h.dtype if raw else out_dtype
     proc = _out(out, L, V, out_dtype, h.device)
     if L == 0:
         z = torch.empty(0, device=h.device)
-        return HeadOut(proc, z.long(), z, z)
+        return _result(proc, raw, z.long(), z, z)
 
     def run(cfg, warmup=False):
         bm, bn, bk, warps, stages = cfg
@@ -220,7 +258,7 @@ def lm_head_triton(h, weight, temperature, softcap: float | None = 30.0, weight_
             L, V, K, float(softcap or 1.0),
             h.stride(0), weight.stride(0), proc.stride(0), n_tiles,
             HAS_SCALE=weight_scale is not None, HAS_CAP=bool(softcap), EVEN_K=K % bk == 0,
-            FP32=h.dtype == torch.float32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+            FP32=h.dtype == torch.float32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, RAW=raw,
             num_warps=warps, num_stages=stages, warmup=warmup,
         )
         return kernel if warmup else (part, arg)
@@ -229,8 +267,23 @@ def lm_head_triton(h, weight, temperature, softcap: float | None = 30.0, weight_
         tile = tuned_tile("lm_head", _tune_key(h, weight, out_dtype), _TILES, _large(weight), run, _default(weight),
                           h.device)
     part, arg = run(tile)
-    return HeadOut(proc, *guarded(combine_triton, lambda: combine(part[0], part[1], part[2], arg),
-                                  part[0], part[1], part[2], arg))
+    return _result(proc, raw, *guarded(combine_triton, lambda: combine(part[0], part[1], part[2], arg),
+                                       part[0], part[1], part[2], arg))
+
+
+PROCESS_BLOCK, PROCESS_WARPS = 2048, 8
+
+
+def process_triton(logits: torch.Tensor, softcap: float | None, temperature) -> torch.Tensor:
+    """`process_ref` with the head kernel's arithmetic (`process_logits`): one pass, fp32 out."""
+    logits = logits.contiguous()
+    out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+    n = logits.numel()
+    if n:
+        launch(_process_kernel, logits.device, (triton.cdiv(n, PROCESS_BLOCK),), logits,
+               _temperature(temperature, logits.device), out, n, float(softcap or 1.0), HAS_CAP=bool(softcap),
+               BLOCK=PROCESS_BLOCK, num_warps=PROCESS_WARPS)
+    return out
 
 
 COMBINE_WARPS = 4
@@ -254,9 +307,10 @@ def combine_triton(m: torch.Tensor, s: torch.Tensor, t: torch.Tensor, arg: torch
 def _aot():
     """Compile specs for `python -m kernels.aot`: bf16 rows against the bf16 embedding ("lm_head") and
     the int8 one ("lm_head.int8"), fp32 proc, the real shapes (L 256, H 2816, V 262144), every tile."""
-    for name, w, scaled in (("lm_head", "*bf16", False), ("lm_head.int8", "*i8", True)):
+    for name, w, scaled, raw in (("lm_head", "*bf16", False, False), ("lm_head.int8", "*i8", True, False),
+                                 ("lm_head.int8.raw", "*i8", True, True)):  # raw: the CUDA default
         sig = {"h_ptr": "*bf16", "w_ptr": w, "ws_ptr": "*fp16" if scaled else "*bf16", "temp_ptr": "*fp32",
-               "out_ptr": "*fp32", "pm_ptr": "*fp32", "ps_ptr": "*fp32", "pt_ptr": "*fp32", "pa_ptr": "*i32",
+               "out_ptr": "*bf16" if raw else "*fp32", "pm_ptr": "*fp32", "ps_ptr": "*fp32", "pt_ptr": "*fp32", "pa_ptr": "*i32",
                "L": "i32", "V": "i32", "K": "i32", "softcap": "fp32",
                "stride_hl": "i32", "stride_wv": "i32", "stride_ol": "i32", "stride_pl": "i32"}
         default, large = (DEFAULT_TILE_INT8, frozenset()) if scaled else (DEFAULT_TILE, _LARGE)
@@ -264,7 +318,7 @@ def _aot():
             bm, bn, bk, warps, stages = tile
             yield AotSpec(name, _lm_head_kernel, sig,
                           dict(HAS_SCALE=scaled, HAS_CAP=True, EVEN_K=True, FP32=False,
-                               BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), warps, stages,
+                               BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, RAW=raw), warps, stages,
                           dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages),
                           default=tile == default, large=tile in large,
                           divisible=("L", "V", "K", "stride_hl", "stride_wv", "stride_ol"))
@@ -281,12 +335,28 @@ def _aot_combine():
                       divisible=("C", "stride_pl"))
 
 
-AOT = [*_aot(), *_aot_combine()] if HAS_TRITON else []
+def _aot_process():
+    """proc from bf16 logits (the fused draw's fallback), at the step's size."""
+    sig = {"x_ptr": "*bf16", "temp_ptr": "*fp32", "out_ptr": "*fp32", "n": "i32", "softcap": "fp32"}
+    yield AotSpec("lm_head.process", _process_kernel, sig, dict(HAS_CAP=True, BLOCK=PROCESS_BLOCK), PROCESS_WARPS, 1,
+                  dict(BLOCK=PROCESS_BLOCK, num_warps=PROCESS_WARPS), default=True, divisible=("n",))
+
+
+AOT = [*_aot(), *_aot_combine(), *_aot_process()] if HAS_TRITON else []
 
 
 def lm_head(h, weight, temperature, softcap: float | None = 30.0, weight_scale=None,
-            out_dtype=torch.float32, out: torch.Tensor | None = None) -> HeadOut:
+            out_dtype=torch.float32, out: torch.Tensor | None = None, raw: bool = False) -> HeadOut:
     """h [L, H] · weight [V, H]ᵀ -> HeadOut(proc, argmax, entropy, lse); Triton on CUDA, else reference.
-    `out`: a contiguous [L, V] tensor of out_dtype to write proc into (a CUDA graph's fixed buffer)."""
-    return pick(lm_head_triton, lm_head_ref, h)(h, weight, temperature, softcap, weight_scale, out_dtype, out=out)
+    `out`: a contiguous [L, V] tensor of out_dtype to write proc into (a CUDA graph's fixed buffer).
+    raw: write the logits in h's dtype instead (HeadOut.logits, into `out` of that dtype; proc None);
+    `process` turns them into proc."""
+    return pick(lm_head_triton, lm_head_ref, h)(h, weight, temperature, softcap, weight_scale, out_dtype, out=out,
+                                                raw=raw)
+
+
+def process(logits: torch.Tensor, softcap: float | None, temperature) -> torch.Tensor:
+    """The fp32 proc of raw logits (any shape), as the head on the same path (Triton or reference)
+    would have written it."""
+    return pick(process_triton, process_ref, logits)(logits, softcap, temperature)
 

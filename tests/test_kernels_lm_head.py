@@ -182,3 +182,28 @@ def test_gpu_combine_real_tiles(monkeypatch):
     m[1, 7] = float("nan")
     m[2, 1000:] = float("-inf")
     check_combine(combine_triton(m, s, t, arg), combine(m, s, t, arg))
+
+
+@pytest.mark.parametrize("path", ["reference", "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_raw_logits_processed_are_the_proc_the_head_writes(interpret, path, dtype):
+    """raw=True writes the logits in h's dtype (half of fp32 proc's bytes) and the same statistics;
+    `process` of them is, float for float, the proc the same path writes without raw (the kernels
+    that read raw logits make proc with the same `process_logits`); without a softcap too."""
+    from kernels.lm_head import lm_head_triton, process, process_ref, process_triton
+
+    h, q, s = make(37, 64, 300, dtype, int8=True, seed=9)
+    head, proc_fn = (lm_head_ref, process_ref) if path == "reference" else (lm_head_triton, process_triton)
+    kw = dict(chunk=128) if path == "reference" else dict(tile=(16, 64, 32, 4, 1))
+    for cap in (30.0, None):
+        want = head(h, q, torch.tensor(0.7), cap, s, **kw)
+        got = head(h, q, torch.tensor(0.7), cap, s, raw=True, **kw)
+        assert got.proc is None and got.logits.dtype == dtype and got.logits.shape == (37, 300)
+        for a, b in zip(got[1:4], want[1:4]):
+            assert torch.equal(a, b)
+        assert torch.equal(proc_fn(got.logits, cap, torch.tensor(0.7)), want.proc)
+        # the logits are the model's own: h · (q · s) rounded to h's dtype
+        logits = (F.linear(h.float(), q.float()) * s.float()).to(dtype)
+        torch.testing.assert_close(got.logits.float(), logits.float(), atol=2e-2, rtol=1e-2)
+    # the dispatcher: reference on CPU tensors unless DG_KERNELS says triton (set by `interpret`)
+    assert torch.equal(process(got.logits, None, 0.7), process_triton(got.logits, None, 0.7))
