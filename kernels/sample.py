@@ -89,6 +89,8 @@ if HAS_TRITON:
     import triton.language as tl
     from triton.language.extra import libdevice
 
+    from .lm_head import process_logits
+
     @triton.jit
     def _first_max(v1, i1, v2, i2):
         """The (value, index) torch.argmax keeps of two: NaN above all, then the larger, then the
@@ -152,13 +154,15 @@ if HAS_TRITON:
         tl.store(out_ptr + row, best.to(tl.int64))
 
     @triton.jit
-    def _fused_segment(proc_ptr, lse_ptr, sc_ptr, val_ptr, idx_ptr, sum_ptr, e, seg, t, n, L, V, n_seg,
+    def _fused_segment(proc_ptr, lse_ptr, sc_ptr, val_ptr, idx_ptr, sum_ptr, e, seg, t, n, L, V, n_seg, softcap, temp,
                        WRITE_SC: tl.constexpr, SC_LSE: tl.constexpr, STRADDLE: tl.constexpr,
-                       LIBDEVICE: tl.constexpr, S: tl.constexpr):
+                       LIBDEVICE: tl.constexpr, RAW: tl.constexpr, HAS_CAP: tl.constexpr,
+                       SC_DTYPE: tl.constexpr, S: tl.constexpr):
         """One segment: the flat elements [seg · S, seg · S + S) of proc with their draws e ([S]):
         (first max ratio, its column) per row it covers (slot 0: its first row; slot 1: the next,
-        STRADDLE only), written at val/idx[slot · n_seg + seg]; bf16(proc) to sc (WRITE_SC); and
-        sum(exp(sc - lse)) per row at sum[slot · n_seg + seg] (SC_LSE)."""
+        STRADDLE only), written at val/idx[slot · n_seg + seg]; proc in SC_DTYPE to sc (WRITE_SC); and
+        sum(exp(sc - lse)) per row at sum[slot · n_seg + seg] (SC_LSE, with or without WRITE_SC).
+        RAW: proc_ptr holds the raw logits; proc = process_logits of them, the head's arithmetic."""
         base = seg.to(tl.int64) * S
         if base < n:
             li = base + t
@@ -166,6 +170,8 @@ if HAS_TRITON:
             row0 = base // V
             col = (base - row0 * V).to(tl.int32) + t  # < V + S: at most the next row (S <= V)
             x = tl.load(proc_ptr + li, mask=ok, other=0.0)
+            if RAW:  # as kernels.lm_head's process kernel makes proc: the same floats
+                x = process_logits(x.to(tl.float32), softcap, temp, HAS_CAP)
             lse0 = tl.load(lse_ptr + row0)
             if STRADDLE:
                 second = col >= V
@@ -180,50 +186,53 @@ if HAS_TRITON:
                 p = tl.exp(x - lse)
             r = tl.where(ok, tl.math.div_rn(p, e), float("-inf"))
             if WRITE_SC:
-                y = x.to(sc_ptr.dtype.element_ty)
-                tl.store(sc_ptr + li, y, mask=ok)
-                if SC_LSE:
-                    ex = tl.where(ok, tl.exp(y.to(tl.float32) - lse), 0.0)
+                tl.store(sc_ptr + li, x.to(SC_DTYPE), mask=ok)
+            if SC_LSE:
+                ex = tl.where(ok, tl.exp(x.to(SC_DTYPE).to(tl.float32) - lse), 0.0)
             big = 2147483647  # loses every tie
             if STRADDLE:
                 v, i = tl.reduce((tl.where(second, float("-inf"), r), tl.where(second, big, col)), 0, _first_max)
                 v1, i1 = tl.reduce((tl.where(second, r, float("-inf")), tl.where(second, col, big)), 0, _first_max)
                 tl.store(val_ptr + n_seg + seg, v1)
                 tl.store(idx_ptr + n_seg + seg, i1)
-                if WRITE_SC:
-                    if SC_LSE:
-                        tl.store(sum_ptr + seg, tl.sum(tl.where(second, 0.0, ex), 0))
-                        tl.store(sum_ptr + n_seg + seg, tl.sum(tl.where(second, ex, 0.0), 0))
+                if SC_LSE:
+                    tl.store(sum_ptr + seg, tl.sum(tl.where(second, 0.0, ex), 0))
+                    tl.store(sum_ptr + n_seg + seg, tl.sum(tl.where(second, ex, 0.0), 0))
             else:
                 v, i = tl.reduce((r, col), 0, _first_max)
-                if WRITE_SC:
-                    if SC_LSE:
-                        tl.store(sum_ptr + seg, tl.sum(ex, 0))
+                if SC_LSE:
+                    tl.store(sum_ptr + seg, tl.sum(ex, 0))
             tl.store(val_ptr + seg, v)
             tl.store(idx_ptr + seg, i)
 
     @triton.jit(do_not_specialize=["key0", "key1", "base_lo", "base_hi"])
-    def _fused_draw_kernel(proc_ptr, lse_ptr, sc_ptr, val_ptr, idx_ptr, sum_ptr, n, L, V, N, n_seg,
-                           key0, key1, base_lo, base_hi, WRITE_SC: tl.constexpr, SC_LSE: tl.constexpr,
-                           STRADDLE: tl.constexpr, LIBDEVICE: tl.constexpr, S: tl.constexpr):
+    def _fused_draw_kernel(proc_ptr, lse_ptr, sc_ptr, val_ptr, idx_ptr, sum_ptr, temp_ptr, n, L, V, N, n_seg,
+                           key0, key1, base_lo, base_hi, softcap, WRITE_SC: tl.constexpr, SC_LSE: tl.constexpr,
+                           STRADDLE: tl.constexpr, LIBDEVICE: tl.constexpr, RAW: tl.constexpr,
+                           HAS_CAP: tl.constexpr, SC_DTYPE: tl.constexpr, S: tl.constexpr):
         """Program (b, k): torch's exponential_ threads [b·S, (b+1)·S) at their call k (kernels.cuda_rng)
         make four draws each, for the flat elements 4 N k + N ii + idx: four segments of S elements
-        (segment number (4k + ii) · N / S + b, S dividing N)."""
+        (segment number (4k + ii) · N / S + b, S dividing N). RAW: proc_ptr holds the raw logits,
+        processed with softcap (HAS_CAP) and the temperature at temp_ptr."""
         b = tl.program_id(0)
         k = tl.program_id(1)
         t = tl.arange(0, S)
+        if RAW:
+            temp = tl.load(temp_ptr)
+        else:
+            temp = 1.0
         lo, hi = cuda_rng.counter(base_lo, base_hi, k)
         e0, e1, e2, e3 = cuda_rng.exp_draws(key0, key1, lo, hi, (b * S + t).to(tl.uint32), LIBDEVICE)
         per = N // S
         seg = 4 * k * per + b
-        _fused_segment(proc_ptr, lse_ptr, sc_ptr, val_ptr, idx_ptr, sum_ptr, e0, seg, t, n, L, V, n_seg,
-                       WRITE_SC, SC_LSE, STRADDLE, LIBDEVICE, S)
-        _fused_segment(proc_ptr, lse_ptr, sc_ptr, val_ptr, idx_ptr, sum_ptr, e1, seg + per, t, n, L, V, n_seg,
-                       WRITE_SC, SC_LSE, STRADDLE, LIBDEVICE, S)
-        _fused_segment(proc_ptr, lse_ptr, sc_ptr, val_ptr, idx_ptr, sum_ptr, e2, seg + 2 * per, t, n, L, V, n_seg,
-                       WRITE_SC, SC_LSE, STRADDLE, LIBDEVICE, S)
-        _fused_segment(proc_ptr, lse_ptr, sc_ptr, val_ptr, idx_ptr, sum_ptr, e3, seg + 3 * per, t, n, L, V, n_seg,
-                       WRITE_SC, SC_LSE, STRADDLE, LIBDEVICE, S)
+        _fused_segment(proc_ptr, lse_ptr, sc_ptr, val_ptr, idx_ptr, sum_ptr, e0, seg, t, n, L, V, n_seg, softcap,
+                       temp, WRITE_SC, SC_LSE, STRADDLE, LIBDEVICE, RAW, HAS_CAP, SC_DTYPE, S)
+        _fused_segment(proc_ptr, lse_ptr, sc_ptr, val_ptr, idx_ptr, sum_ptr, e1, seg + per, t, n, L, V, n_seg, softcap,
+                       temp, WRITE_SC, SC_LSE, STRADDLE, LIBDEVICE, RAW, HAS_CAP, SC_DTYPE, S)
+        _fused_segment(proc_ptr, lse_ptr, sc_ptr, val_ptr, idx_ptr, sum_ptr, e2, seg + 2 * per, t, n, L, V, n_seg, softcap,
+                       temp, WRITE_SC, SC_LSE, STRADDLE, LIBDEVICE, RAW, HAS_CAP, SC_DTYPE, S)
+        _fused_segment(proc_ptr, lse_ptr, sc_ptr, val_ptr, idx_ptr, sum_ptr, e3, seg + 3 * per, t, n, L, V, n_seg, softcap,
+                       temp, WRITE_SC, SC_LSE, STRADDLE, LIBDEVICE, RAW, HAS_CAP, SC_DTYPE, S)
 
     @triton.jit
     def _fused_combine_kernel(val_ptr, idx_ptr, sum_ptr, lse_ptr, out_ptr, sc_lse_ptr, V, n_seg,
@@ -310,44 +319,81 @@ def segment_size(V: int) -> int | None:
     return min(cuda_rng.SPAN, 1 << (V.bit_length() - 1))
 
 
-def draw_fused_ref(proc, lse, seed: int, offset: int, threads: int, sc=None, sc_lse=None) -> torch.Tensor:
-    """What `draw_fused_triton` computes, in PyTorch and numpy: q from kernels.cuda_rng.exponential_ref
-    (its log numpy's, not the device's __logf), `draw_ref`, then sc = proc in sc's dtype and
-    sc_lse = lse + log(sum(exp(sc - lse))) per row."""
-    _check(proc, lse, proc)
+_FLOATS = (torch.bfloat16, torch.float16, torch.float32)  # raw logits' and sc's dtypes
+
+
+def _processed(proc, process) -> torch.Tensor:
+    """fp32 proc: proc itself, or (process given) made from the raw logits by kernels.lm_head.process,
+    as the head on the same path would have written it."""
+    if process is None:
+        return proc
+    from .lm_head import process as make_proc
+
+    return make_proc(proc, *process)
+
+
+def _check_fused(proc, lse, process):
+    if proc.dim() != 2 or lse.shape != proc.shape[:1]:
+        raise ValueError(f"proc {tuple(proc.shape)}, lse {tuple(lse.shape)}: want [L, V], [L]")
+    if lse.dtype != torch.float32 or proc.dtype not in ((torch.float32,) if process is None else _FLOATS):
+        what = "raw logits must be bf16, fp16 or fp32" if process is not None else "proc must be fp32"
+        raise ValueError(f"{what}, lse fp32: got {proc.dtype}, {lse.dtype}")
+
+
+def draw_fused_ref(proc, lse, seed: int, offset: int, threads: int, sc=None, sc_lse=None, process=None,
+                   sc_dtype=None) -> torch.Tensor:
+    """What `draw_fused_triton` computes, in PyTorch and numpy: proc (made from raw logits by
+    kernels.lm_head.process_ref when `process` is given), q from kernels.cuda_rng.exponential_ref (its
+    log numpy's, not the device's __logf), `draw_ref`, then sc = proc in sc's dtype and
+    sc_lse = lse + log(sum(exp(proc in that dtype - lse))) per row."""
+    _check_fused(proc, lse, process)
+    if process is not None:
+        from .lm_head import process_ref
+
+        proc = process_ref(proc, *process)
     L, V = proc.shape
     q = torch.from_numpy(cuda_rng.exponential_ref(proc.numel(), seed, offset, threads)).view(L, V).to(proc.device)
     tokens = draw_ref(proc, lse, q)
     if sc is not None:
         sc.copy_(proc)
-        if sc_lse is not None:
-            sc_lse.copy_(lse + torch.exp(sc.float() - lse[:, None]).sum(-1).log())
+    if sc_lse is not None:
+        rounded = proc.to(sc.dtype if sc is not None else sc_dtype).float()
+        sc_lse.copy_(lse + torch.exp(rounded - lse[:, None]).sum(-1).log())
     return tokens
 
 
-def draw_fused(proc, lse, seed: int, offset: int, threads: int, sc=None, sc_lse=None) -> torch.Tensor:
+def draw_fused(proc, lse, seed: int, offset: int, threads: int, sc=None, sc_lse=None, process=None,
+               sc_dtype=None) -> torch.Tensor:
     """The fused draw (see `draw_fused_triton`): Triton on CUDA, else its reference."""
-    return (draw_fused_triton if use_triton(proc) else draw_fused_ref)(proc, lse, seed, offset, threads, sc, sc_lse)
+    return (draw_fused_triton if use_triton(proc) else draw_fused_ref)(proc, lse, seed, offset, threads, sc, sc_lse,
+                                                                       process, sc_dtype)
 
 
-def draw_fused_triton(proc, lse, seed: int, offset: int, threads: int, sc=None, sc_lse=None) -> torch.Tensor:
+def draw_fused_triton(proc, lse, seed: int, offset: int, threads: int, sc=None, sc_lse=None, process=None,
+                      sc_dtype=None) -> torch.Tensor:
     """`draw(proc [L, V], lse [L], q)` for q = torch's CUDA exponential_(1) on an [L, V] tensor at
     generator (seed, offset) on a device whose launch has `threads` threads (kernels.cuda_rng.layout),
     the draws made in registers: proc read once, nothing vocabulary-sized written but sc. `sc`
     ([L, V], the model dtype): proc rounded to it is written there (the next step's self-conditioning
-    input); `sc_lse` ([L] fp32, with sc): that input's logsumexp, lse + log(sum(exp(sc - lse)))."""
-    _check(proc, lse, proc)
+    input); `sc_lse` ([L] fp32): that input's logsumexp, lse + log(sum(exp(sc - lse))), with sc or,
+    without it, with `sc_dtype` (the input then not written). `process` = (softcap or None,
+    temperature: a 1-element fp32 tensor on the device): proc holds the raw logits (bf16, fp16 or
+    fp32), made into proc in registers as kernels.lm_head.process_triton makes it, float for float."""
+    _check_fused(proc, lse, process)
     L, V = proc.shape
     S = segment_size(V)
     if S is None or threads % S or proc.stride(1) != 1 or proc.stride(0) != V or L == 0:
         raise ValueError(f"the fused draw needs a contiguous [L, V] proc with V >= 16, got {tuple(proc.shape)}")
-    if sc_lse is not None and sc is None:
-        raise ValueError("sc_lse comes with sc")
+    if sc_lse is not None and sc is None and sc_dtype is None:
+        raise ValueError("sc_lse comes with sc or sc_dtype")
     # The kernel writes sc and sc_lse at flat offsets: a strided or mis-shaped buffer would be overwritten wrongly.
-    if sc is not None and (sc.shape != proc.shape or not sc.is_contiguous() or not sc.dtype.is_floating_point):
+    if sc is not None and (sc.shape != proc.shape or not sc.is_contiguous() or sc.dtype not in _FLOATS):
         raise ValueError(f"sc must be a contiguous float [L, V] buffer like proc, got {tuple(sc.shape)} {sc.dtype}")
     if sc_lse is not None and (sc_lse.shape != (L,) or not sc_lse.is_contiguous() or sc_lse.dtype != torch.float32):
         raise ValueError(f"sc_lse must be a contiguous fp32 [{L}] buffer, got {tuple(sc_lse.shape)} {sc_lse.dtype}")
+    sc_dtype = sc.dtype if sc is not None else (sc_dtype or torch.float32)  # fp32: unused (no SC_LSE)
+    if sc_dtype not in _FLOATS:
+        raise ValueError(f"sc_dtype must be bf16, fp16 or fp32, got {sc_dtype}")
     n = proc.numel()
     device = proc.device
     programs, calls = cuda_rng.grid(n, threads, S)
@@ -362,11 +408,15 @@ def draw_fused_triton(proc, lse, seed: int, offset: int, threads: int, sc=None, 
     base_lo, base_hi = cuda_rng.i32_halves(offset // 4)
     exact = _libdevice()
     options = dict(enable_reflect_ftz=False) if exact else {}
-    sc_arg = sc if sc is not None else proc  # unused without WRITE_SC
+    sc_arg = sc if sc is not None else lse  # unused without WRITE_SC
     lse = lse.contiguous()
-    launch(_fused_draw_kernel, device, (programs, calls), proc, lse, sc_arg, val, idx, sums, n, L, V, threads, n_seg,
-           key0, key1, base_lo, base_hi, WRITE_SC=sc is not None, SC_LSE=sc_lse is not None, STRADDLE=straddle,
-           LIBDEVICE=exact, S=S, num_warps=FUSED_WARPS, num_stages=1, **options)
+    softcap, temp = process if process is not None else (None, lse)  # lse: unused without RAW
+    if process is not None:  # as process_triton passes them (a tensor on the device stays: no copy)
+        temp = torch.as_tensor(temp, dtype=torch.float32, device=device).reshape(1)
+    launch(_fused_draw_kernel, device, (programs, calls), proc, lse, sc_arg, val, idx, sums, temp, n, L, V, threads,
+           n_seg, key0, key1, base_lo, base_hi, float(softcap or 1.0), WRITE_SC=sc is not None,
+           SC_LSE=sc_lse is not None, STRADDLE=straddle, LIBDEVICE=exact, RAW=process is not None,
+           HAS_CAP=bool(softcap), SC_DTYPE=getattr(tl, str(sc_dtype).removeprefix("torch.")), S=S, num_warps=FUSED_WARPS, num_stages=1, **options)
     per_row = -(-V // S) + straddle  # segments covering a row
     launch(_fused_combine_kernel, device, (L,), val, idx, sums, lse, out, sc_lse if sc_lse is not None else lse, V,
            n_seg, SC_LSE=sc_lse is not None, STRADDLE=straddle, S=S,
@@ -418,21 +468,22 @@ def check_status(device: torch.device, n: int) -> bool | None:
     return _checked.get((str(device), n))
 
 
-def _fusable(proc, lse) -> bool:
-    """Whether the fused draw can serve (proc, lse): on its device, fp32, contiguous, 32-bit indexable
-    (as exponential_ is then one launch), at least 16 columns, not under graph capture (the
-    generator's offset is read on the host)."""
+def _fusable(proc, lse, raw: bool = False) -> bool:
+    """Whether the fused draw can serve (proc, lse): on its device, fp32 (raw logits: bf16, fp16 or
+    fp32), contiguous, 32-bit indexable (as exponential_ is then one launch), at least 16 columns, not
+    under graph capture (the generator's offset is read on the host)."""
     V = proc.shape[-1] if proc.dim() else 0
     capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-    return (fused_device(proc) and proc.dtype == torch.float32 and segment_size(V) is not None
-            and 0 < proc.numel() < 2**31 and proc.is_contiguous() and lse.shape == proc.shape[:-1] and not capturing)
+    return (fused_device(proc) and proc.dtype in (_FLOATS if raw else (torch.float32,))
+            and segment_size(V) is not None and 0 < proc.numel() < 2**31 and proc.is_contiguous()
+            and lse.shape == proc.shape[:-1] and not capturing)
 
 
 def _self_check(proc, lse, g, threads: int) -> torch.Tensor:
-    """The first fused draw of a (device, shape): q drawn by torch (one [L, V] fp32 tensor, once) and
-    compared bit for bit with kernels.cuda_rng's draws, and torch's offset step with ours; the
-    tokens come from torch's q (the unfused draw), so this step is exact either way. A mismatch turns
-    the fused draw off for the device and shape for good, with one line on stderr."""
+    """The first fused draw of a (device, shape), on fp32 proc: q drawn by torch (one [L, V] fp32
+    tensor, once) and compared bit for bit with kernels.cuda_rng's draws, and torch's offset step with
+    ours; the tokens come from torch's q (the unfused draw), so this step is exact either way. A
+    mismatch turns the fused draw off for the device and shape for good, with one line on stderr."""
     import sys
 
     n = proc.numel()
@@ -455,21 +506,31 @@ def _self_check(proc, lse, g, threads: int) -> torch.Tensor:
 
 
 def sample_sc(proc: torch.Tensor, lse: torch.Tensor, g: torch.Generator | None, dtype: torch.dtype | None,
-              sc: torch.Tensor | None = None, sc_lse: torch.Tensor | None = None):
+              sc: torch.Tensor | None = None, sc_lse: torch.Tensor | None = None, process=None,
+              write_sc: bool = True):
     """`sample`, and the next step's self-conditioning input: proc in `dtype` and its logsumexp.
     Returns (tokens, sc, sc_lse). Fused (CUDA, once the draws were checked): the draw kernel makes the
     Exp(1) draws itself and writes sc (into `sc` when given, the graph's static buffer) and sc_lse
     (into `sc_lse` when given); nothing else moves a vocabulary-sized tensor. Otherwise: `sample`'s
     draw, then sc = proc.to(dtype) (a new tensor) and sc_lse None (the step computes it). dtype None:
-    the tokens only (sc, sc_lse None)."""
+    the tokens only (sc, sc_lse None).
+
+    `process` = (softcap or None, temperature: a 1-element fp32 tensor on the device): proc holds the
+    raw logits (the fused head's raw=True output, in the model dtype) and everything is as for
+    proc = kernels.lm_head.process(proc, *process): the same tokens, generator state, sc and sc_lse.
+    The fused draw makes proc in registers; the unfused paths (the check's step, fallbacks) make it.
+    `write_sc=False` (with dtype): the fused draw does not write sc (the soft embedding reads the raw
+    logits itself) but still its sc_lse, and returns (tokens, None, sc_lse); the unfused paths return
+    their usual (tokens, proc.to(dtype), None)."""
     if lse.shape != proc.shape[:-1]:
         raise ValueError(f"lse {tuple(lse.shape)} must be proc's {tuple(proc.shape)} without the last dim")
     V = proc.shape[-1]
-    if _fusable(proc, lse):
+    if _fusable(proc, lse, process is not None):
         n = proc.numel()
         threads, step = cuda_rng.layout(n, *cuda_rng.device_threads(proc.device))
         status = check_status(proc.device, n)
         if status is None:
+            proc = _processed(proc, process)
             tokens = _self_check(proc, lse, g, threads)
             return tokens, (None if dtype is None else proc.to(dtype)), None
         if status:
@@ -478,15 +539,20 @@ def sample_sc(proc: torch.Tensor, lse: torch.Tensor, g: torch.Generator | None, 
             if dtype is None:
                 sc = sc_lse = None
             else:
-                sc = torch.empty(proc.shape, dtype=dtype, device=proc.device) if sc is None else sc
+                if not write_sc:
+                    sc = None
+                elif sc is None:
+                    sc = torch.empty(proc.shape, dtype=dtype, device=proc.device)
                 sc_lse = torch.empty(lse.shape, dtype=torch.float32, device=proc.device) if sc_lse is None else sc_lse
             try:
                 tokens = draw_fused(proc.view(-1, V), lse.reshape(-1), seed, offset, threads,
-                                    None if sc is None else sc.view(-1, V), None if sc_lse is None else sc_lse.view(-1))
+                                    None if sc is None else sc.view(-1, V), None if sc_lse is None else sc_lse.view(-1),
+                                    process, dtype)
                 return tokens.view(lse.shape), sc, sc_lse
             except KernelUnavailable:  # the unfused draw from the same generator state, from now on
                 _checked[(str(proc.device), n)] = False
                 set_philox_offset(g, proc.device, offset)
+    proc = _processed(proc, process)
     q = exponential(proc, g)
     tokens = draw(proc.reshape(-1, V), lse.reshape(-1), q.view(-1, V)).view(lse.shape)
     return tokens, (None if dtype is None else proc.to(dtype)), None

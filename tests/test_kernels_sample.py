@@ -523,3 +523,186 @@ def test_cuda_fused_sample_is_the_unfused_sample(monkeypatch, capsys, L, V):
         for gen in (g, g_ref):  # the sampler's renoising draw between two samples
             torch.randint(0, 10, (3,), device="cuda", generator=gen)
     assert mod.check_status(proc.device, proc.numel()) is True and capsys.readouterr().err == ""
+
+
+# ------------------------------------------------------------------- the fused draw on raw logits
+
+
+def make_raw(L, V, seed=0, dtype=torch.bfloat16, softcap=30.0, temperature=0.7):
+    """Raw logits in the model dtype (the fused head's raw=True output), the temperature as the
+    engine passes it (a 1-element fp32 tensor), proc = process_ref of them and lse = its logsumexp."""
+    from kernels.lm_head import process_ref
+
+    logits, _, _ = make(L, V, seed, spread=6.0)
+    logits = logits.to(dtype)
+    temp = torch.tensor([temperature])
+    lse = process_ref(logits, softcap, temp).logsumexp(-1)
+    return logits, lse, (softcap, temp)
+
+
+@pytest.mark.parametrize("L,V,device,dtype,softcap,temperature", [
+    (3, 1000, (1, 256), torch.bfloat16, 30.0, 0.7),  # segments straddle rows (1000 % 256)
+    (4, 1024, (1, 512), torch.bfloat16, None, 0.7),  # rows of whole segments; no softcap
+    (3, 17, (1, 256), torch.float16, 30.0, 1.3),  # fp16 logits, segments of 16 columns, straddling
+    (4, 700, (1, 256), torch.float32, 2.0, 0.5),  # fp32 logits; a softcap that bends every value
+])
+def test_fused_draw_on_raw_logits_is_the_draw_on_their_proc(fused_interpret, L, V, device, dtype, softcap,
+                                                             temperature):
+    """process=(softcap, temperature): the kernel reads the raw logits and makes proc in registers as
+    kernels.lm_head's process kernel does: tokens, sc and sc_lse bit for bit those of the draw on the
+    proc that kernel materializes; without writing sc, the same sc_lse."""
+    from kernels.lm_head import process_ref, process_triton
+
+    logits, lse, process = make_raw(L, V, seed=V, dtype=dtype, softcap=softcap, temperature=temperature)
+    proc = process_triton(logits, *process)
+    assert not torch.equal(proc, logits.float())  # processing matters here
+    seed, offset = 2**63 + 99, 4 * 1234
+    threads, _ = rng.layout(L * V, *device)
+    sc, sc_lse = torch.full((L, V), 7.0, dtype=torch.bfloat16), torch.full((L,), 7.0)
+    want = mod.draw_fused_triton(proc, lse, seed, offset, threads, sc, sc_lse)
+    assert not torch.equal(want, proc.argmax(-1))  # a sample, not the argmax
+    raw_sc, raw_lse = torch.full_like(sc, 7.0), torch.full_like(sc_lse, 7.0)
+    got = mod.draw_fused_triton(logits, lse, seed, offset, threads, raw_sc, raw_lse, process)
+    assert torch.equal(got, want) and torch.equal(raw_sc, sc) and torch.equal(raw_lse, sc_lse)
+    only_lse = torch.full_like(sc_lse, 7.0)  # sc not written: its logsumexp all the same
+    got = mod.draw_fused_triton(logits, lse, seed, offset, threads, None, only_lse, process, torch.bfloat16)
+    assert torch.equal(got, want) and torch.equal(only_lse, sc_lse)
+    assert torch.equal(mod.draw_fused_triton(logits, lse, seed, offset, threads, process=process), want)
+    # the reference: process_ref's proc (CPU arithmetic, rounding-level apart), then draw_fused_ref
+    ref_proc = process_ref(logits, *process)
+    ref_sc, ref_lse = torch.empty_like(sc), torch.empty_like(sc_lse)
+    want_ref = mod.draw_fused_ref(ref_proc, lse, seed, offset, threads, ref_sc, ref_lse)
+    got_lse = torch.empty_like(sc_lse)
+    assert torch.equal(mod.draw_fused_ref(logits, lse, seed, offset, threads, None, got_lse, process, torch.bfloat16),
+                       want_ref)
+    assert torch.equal(got_lse, ref_lse)
+    torch.testing.assert_close(ref_lse, sc_lse, rtol=0, atol=2e-5)
+
+
+def test_fused_draw_on_raw_logits_validates(fused_interpret):
+    logits, lse, process = make_raw(2, 64)
+    threads, _ = rng.layout(2 * 64, 1, 256)
+    with pytest.raises(ValueError, match="proc must be fp32"):
+        mod.draw_fused_triton(logits, lse, 1, 0, threads)  # bf16 without process: not proc
+    with pytest.raises(ValueError, match="raw logits must be"):
+        mod.draw_fused_triton(logits.to(torch.int32), lse, 1, 0, threads, process=process)
+    with pytest.raises(ValueError, match="sc_lse comes with sc or sc_dtype"):
+        mod.draw_fused_triton(logits, lse, 1, 0, threads, None, torch.empty(2), process)
+
+
+def _sample_both(fake, monkeypatch, logits, lse, process, seed, calls, **kw):
+    """sample_sc on raw logits with `process` and on process(logits), each from a fresh check, each
+    with its own generator: per call ((tokens, sc, sc_lse) raw, the same materialized), the offsets."""
+    from kernels.lm_head import process as make_proc
+
+    runs = []
+    for raw in (True, False):
+        monkeypatch.setattr(mod, "_checked", {})
+        g = torch.Generator().manual_seed(seed)
+        out = []
+        for _ in range(calls):
+            if raw:
+                out.append(mod.sample_sc(logits[None], lse[None], g, torch.bfloat16, process=process, **kw))
+            else:
+                out.append(mod.sample_sc(make_proc(logits, *process)[None], lse[None], g, torch.bfloat16))
+            out[-1] = (*out[-1], fake.state.get(id(g), 0))
+        runs.append(out)
+    return list(zip(*runs))
+
+
+def test_sample_sc_on_raw_logits_is_sample_sc_on_their_proc(fused_interpret, monkeypatch):
+    """sample_sc(logits, process=...) under the interpreter (the fused kernel, process_triton): at the
+    check's step and after it, the tokens, generator offsets, sc and sc_lse of sample_sc(process(logits));
+    with write_sc=False the fused step returns sc None and the same sc_lse, the check's step its usual
+    (tokens, proc.to(dtype), None)."""
+    from kernels.lm_head import process
+
+    monkeypatch.setenv("DG_KERNELS", "triton")
+    fake = FakePhilox(monkeypatch)
+    monkeypatch.setattr(rng, "count_mismatches", lambda *a: torch.zeros((), dtype=torch.int32))
+    logits, lse, proc_args = make_raw(4, 300, seed=3, temperature=0.8)
+    sc_want = process(logits, *proc_args).to(torch.bfloat16)[None]
+    steps = _sample_both(fake, monkeypatch, logits, lse, proc_args, 4, 2)
+    for call, (raw, want) in enumerate(steps):
+        assert torch.equal(raw[0], want[0]) and raw[3] == want[3] > 0, call
+        assert torch.equal(raw[1], sc_want) and torch.equal(want[1], sc_want)
+        assert (raw[2] is None) == (want[2] is None) == (call == 0)
+    assert torch.equal(steps[1][0][2], steps[1][1][2])  # sc_lse
+    assert not torch.equal(steps[0][0][0], steps[1][0][0])  # the two steps drew differently
+    for call, ((raw, want), (with_sc, _)) in enumerate(zip(_sample_both(fake, monkeypatch, logits, lse, proc_args, 4, 2,
+                                                                        write_sc=False), steps)):
+        assert torch.equal(raw[0], want[0]) and raw[3] == want[3], call
+        if call == 0:
+            assert torch.equal(raw[1], sc_want) and raw[2] is None
+        else:
+            assert raw[1] is None and torch.equal(raw[2], with_sc[2])
+
+
+@pytest.mark.parametrize("failure", ["draws", "unavailable"])
+def test_raw_fallbacks_draw_from_the_materialized_proc(monkeypatch, capsys, failure):
+    """Raw logits, and the fused draw off (a failed check; the draw kernel unavailable after a passed
+    one): the unfused draw on kernels.lm_head.process(logits), the same tokens and offsets as the
+    sampler on that proc, and sc = that proc in the model dtype (write_sc=False too)."""
+    from kernels._dispatch import KernelUnavailable
+    from kernels.lm_head import process
+
+    fake = FakePhilox(monkeypatch)
+    ok = failure != "draws"
+    monkeypatch.setattr(rng, "count_mismatches", lambda *a: torch.tensor(0 if ok else 5, dtype=torch.int32))
+    if failure == "unavailable":
+        def unavailable(*a):
+            raise KernelUnavailable("_fused_draw_kernel is unavailable on cpu")
+        monkeypatch.setattr(mod, "draw_fused", unavailable)
+    logits, lse, proc_args = make_raw(3, 500, seed=5, temperature=1.5)
+    proc = process(logits, *proc_args)
+    g, g_ref = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
+    for call in range(3):
+        tokens, sc, sc_lse = mod.sample_sc(logits[None], lse[None], g, torch.bfloat16, process=proc_args,
+                                           write_sc=call == 1)
+        assert torch.equal(tokens, draw_ref(proc, lse, fake.exponential(proc, g_ref))[None]), call
+        assert fake.state[id(g)] == fake.state[id(g_ref)]
+        assert sc_lse is None and torch.equal(sc, proc[None].to(torch.bfloat16))
+    assert mod.check_status(proc.device, proc.numel()) is False
+    assert ("5 of 1500 draws differ" in capsys.readouterr().err) == (failure == "draws")
+
+
+def test_raw_logits_off_the_fused_path(monkeypatch):
+    """On the CPU (and DG_KERNELS=ref): the unfused draw on process_ref's proc and sc = proc.to(dtype),
+    write_sc or not."""
+    from kernels.lm_head import process_ref
+
+    monkeypatch.delenv("DG_KERNELS", raising=False)
+    monkeypatch.setattr(mod, "draw_fused", lambda *a: pytest.fail("fused off CUDA"))
+    logits, lse, proc_args = make_raw(3, 400, seed=6)
+    proc = process_ref(logits, *proc_args)
+    want = multinomial(torch.exp(proc - lse[:, None]), torch.Generator().manual_seed(3))
+    for write_sc in (True, False):
+        tokens, sc, sc_lse = mod.sample_sc(logits[None], lse[None], torch.Generator().manual_seed(3), torch.bfloat16,
+                                           process=proc_args, write_sc=write_sc)
+        assert torch.equal(tokens[0], want) and torch.equal(sc[0], proc.to(torch.bfloat16)) and sc_lse is None
+
+
+def test_full_size_fused_draw_on_raw_logits_reads_them_once(monkeypatch):
+    """The step's draw on the raw head's bf16 logits, sc not written (write_sc=False), sc_lse into the
+    buffer given: one draw kernel whose only vocabulary-sized argument is the logits (134 MB read),
+    where the fp32-proc draw writing sc moved 402 MB (and the head wrote 268 MB of proc, not 134)."""
+    launches = record_launches(monkeypatch)
+    monkeypatch.setattr(mod, "fused_device", lambda t: True)
+    monkeypatch.setattr(mod, "check_status", lambda device, n: True)
+    monkeypatch.setattr(mod, "philox_state", lambda g, d: (7, 40))
+    monkeypatch.setattr(mod, "set_philox_offset", lambda g, d, off: None)
+    logits = torch.empty(1, L_FULL, V_FULL, dtype=torch.bfloat16, device="meta")
+    lse = torch.empty(1, L_FULL, device="meta")
+    temp = torch.empty(1, device="meta")
+    lse_buf = torch.empty(1, L_FULL, device="meta")
+    with Traffic() as t:
+        tokens, sc, sc_lse = mod.sample_sc(logits, lse, None, torch.bfloat16, None, lse_buf, (30.0, temp), False)
+    assert tokens.shape == (1, L_FULL) and sc is None and sc_lse is lse_buf and t.ops == []
+    (draw_k, _, args), (combine, _, args2) = launches
+    assert draw_k is mod._fused_draw_kernel and combine is mod._fused_combine_kernel
+    big = [a for a in args + args2 if a.numel() >= L_FULL * V_FULL // 16]
+    assert [a.untyped_storage()._cdata for a in big] == [logits.untyped_storage()._cdata]
+    # the temperature read on the device (no host sync)
+    assert any(a.untyped_storage()._cdata == temp.untyped_storage()._cdata for a in args)
+    kernel_bytes = sum(a.nbytes for a in args + args2)
+    assert kernel_bytes - logits.nbytes < 8 * 2**20  # partials (written, then read) and lse
