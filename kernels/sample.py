@@ -592,13 +592,20 @@ def _aot():
     # self-conditioning input and its logsumexp; no segment straddles a row (V a multiple of 256).
     threads, _ = cuda_rng.layout(256 * 262144, *cuda_rng.ASSUMED_DEVICE)
     fsig = {"proc_ptr": "*fp32", "lse_ptr": "*fp32", "sc_ptr": "*bf16", "val_ptr": "*fp32", "idx_ptr": "*i32",
-            "sum_ptr": "*fp32", "n": "i32", "L": "i32", "V": "i32", "N": "i32", "n_seg": "i32", "key0": "i32",
-            "key1": "i32", "base_lo": "i32", "base_hi": "i32"}
+            "sum_ptr": "*fp32", "temp_ptr": "*fp32", "n": "i32", "L": "i32", "V": "i32", "N": "i32", "n_seg": "i32",
+            "key0": "i32", "key1": "i32", "base_lo": "i32", "base_hi": "i32", "softcap": "fp32"}
     S = cuda_rng.SPAN
-    consts = dict(WRITE_SC=True, SC_LSE=True, STRADDLE=False, LIBDEVICE=True, S=S)
+    consts = dict(WRITE_SC=True, SC_LSE=True, STRADDLE=False, LIBDEVICE=True, RAW=False, HAS_CAP=False,
+                  SC_DTYPE=tl.bfloat16, S=S)
+    divisible = ("n", "L", "V", "N", "n_seg")
     yield AotSpec("sample.fused", _fused_draw_kernel, fsig, consts, FUSED_WARPS, 1,
-                  dict(S=S, num_warps=FUSED_WARPS, num_stages=1), default=True,
-                  divisible=("n", "L", "V", "N", "n_seg"))
+                  dict(S=S, num_warps=FUSED_WARPS, num_stages=1), default=True, divisible=divisible)
+    # The engine's: the raw head's bf16 logits in, proc made in registers (softcap, temperature), sc
+    # not written (the soft embedding reads the logits), its logsumexp still made (sc_ptr: lse, unused).
+    rsig = {**fsig, "proc_ptr": "*bf16", "sc_ptr": "*fp32"}
+    yield AotSpec("sample.fused.raw", _fused_draw_kernel, rsig,
+                  {**consts, "WRITE_SC": False, "RAW": True, "HAS_CAP": True}, FUSED_WARPS, 1,
+                  dict(S=S, num_warps=FUSED_WARPS, num_stages=1), default=True, divisible=divisible)
     csig = {"val_ptr": "*fp32", "idx_ptr": "*i32", "sum_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*i64",
             "sc_lse_ptr": "*fp32", "V": "i32", "n_seg": "i32"}
     block_c = 262144 // S

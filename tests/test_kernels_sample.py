@@ -249,7 +249,7 @@ def test_aot_specs_compile_without_spills():
                          env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [json.loads(line) for line in out.stdout.splitlines()]
-    kernels = ("sample.chunks", "sample.combine", "sample.fused", "sample.fused_combine")
+    kernels = ("sample.chunks", "sample.combine", "sample.fused", "sample.fused.raw", "sample.fused_combine")
     assert sorted((r["kernel"], r["target"]) for r in rows) == sorted(
         (k, t) for k in kernels for t in ("sm_89", "sm_90", "sm_120"))
     for r in rows:
@@ -271,6 +271,14 @@ def test_aot_specs_compile_without_spills():
             assert ops["FCHK"] == n and 4 * n <= ops["MUFU"] <= 4 * n + 8, r
             assert ops["LDG"] <= n // 4 + 4 and "LDL" not in ops and "STL" not in ops, r  # 128-bit loads of proc
             assert sum(ops.values()) < 110 * n, r  # ~91 instructions an element at sm_90
+        if r["kernel"] == "sample.fused.raw":  # bf16 logits in, sc not written
+            ops, n = r["sass"], 4 * rng.SPAN // (mod.FUSED_WARPS * 32)
+            # the softcap's exp and the tanh's division add two MUFU an element (x / softcap and
+            # / temperature divide by one value: ptxas makes one reciprocal for each)
+            assert ops["FCHK"] == n and 6 * n <= ops["MUFU"] <= 6 * n + 16, r
+            # 128-bit loads of 8 logits, the segments' lse and the temperature; stores: the partials only
+            assert ops["LDG"] <= n // 8 + 5 and ops["STG"] == 3 * 4 and "LDL" not in ops and "STL" not in ops, r
+            assert sum(ops.values()) < 130 * n, r  # ~115 instructions an element at sm_90
 
 
 # ------------------------------------------------------------------------------ the fused draw (cuda_rng)
