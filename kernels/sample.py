@@ -15,6 +15,9 @@ V = 262,144 (268 MB per [L, V] fp32 tensor).
   self-conditioning input) and that input's per-row logsumexp (`sc_lse`, so the soft embedding need
   not read it for that). proc is read once, sc written once: 0.40 GB where q, the draw and the bf16
   copy moved 1.21 GB. `draw_fused_ref` is its PyTorch/numpy reference.
+  `process=(softcap, temperature)`: the input is the raw logits in the model dtype (kernels.lm_head
+  raw=True) and the kernel makes proc in registers with lm_head's `process_logits`, the head's own
+  arithmetic (the floats `lm_head.process` would write); sc_lse can be made without writing sc.
 - `sample_sc(proc [..., V], lse [...], g, dtype, sc=None, sc_lse=None) -> (tokens, sc, sc_lse)`: the
   fused draw on CUDA, else q drawn from g as `dgcli.engine.multinomial` draws it, `draw`, and
   sc = proc.to(dtype). The same tokens as `multinomial(exp(proc - lse), g)` and the same generator
@@ -24,6 +27,13 @@ V = 262,144 (268 MB per [L, V] fp32 tensor).
   draws and the offset step with torch's (one host read, once), and takes its tokens from that q; a
   mismatch turns the fused draw off for that device and shape for good, with one stderr line.
   `sample(proc, lse, g)` is its tokens.
+- `sample_sc(logits, lse, g, dtype, sc, sc_lse, process=(softcap, temperature), write_sc=False)`, the
+  engine's: everything as `sample_sc(lm_head.process(logits, ...), ...)` would give, but the fused
+  draw reads the bf16 logits (134 MB at L = 256, V = 262,144) and writes nothing vocabulary-sized
+  (sc is not written: the next step's soft embedding reads the logits; sc_lse still is), where on
+  fp32 proc it read 268 MB and wrote 134 MB of sc; the head writes 134 MB of logits, not 268 of proc:
+  0.40 GB less a step. The unfused paths (the check's step, fallbacks, the CPU) make proc with
+  `lm_head.process` (once, or after a failure) and return their usual sc = proc.to(dtype).
 
 The kernels: `draw_triton`'s (chunk, row) programs reduce a V-range to (max ratio, first index), a
 second tiny kernel combines each row's chunks. The fused draw's program (b, k) is torch's threads
@@ -43,6 +53,10 @@ Under the interpreter (CPU tensors) exp is numpy's float32 exp, which differs fr
 by up to 2 units in the last place: the tests give the interpreter torch's exp to check the rest bit
 for bit. On the CPU `draw` takes `draw_ref`, torch's own arithmetic. sc_lse differs from
 kernels.int8_soft.lse_rows at rounding level (another order of the sum, lse as the shift).
+On raw logits the kernel's proc is lm_head's process kernel's, float for float: the same
+`process_logits` (tl.exp and Triton's `/`, which the launch's non-FTZ libdevice setting does not
+touch) on the same fp32 widening of the logits; the tests check tokens, sc and sc_lse bit for bit
+against the draw on `process_triton`'s proc under the interpreter.
 
 NaN: as torch.argmax, a NaN ratio counts as the maximum, and the first NaN of a row wins (a NaN in
 proc or lse, or 0 / 0 where q is 0). The sampler checks finiteness separately.

@@ -198,6 +198,38 @@ def test_fused_draw_that_cannot_load_draws_unfused_on_the_same_stream(interpret,
         assert len(err) == 1 and kernel in err[0], err
 
 
+def test_fused_draw_on_raw_logits_that_cannot_load_draws_from_their_proc(interpret, broken, monkeypatch, capsys):
+    """The same on raw logits (process=(softcap, temperature), sc not asked for): the unfused draw
+    on kernels.lm_head.process(logits), the sampler's tokens and offsets on that proc, and sc = that
+    proc in the model dtype (the unfused answer, which the caller can use as ever)."""
+    import kernels.cuda_rng as rng
+    import kernels.sample as mod
+    from kernels.lm_head import process
+    from test_kernels_sample import FakePhilox, make_raw
+
+    from kernels.sample import draw_ref
+
+    for kernel in ("_exp_kernel", "_fused_draw_kernel"):
+        fake = FakePhilox(monkeypatch)
+        D._unavailable.clear()
+        tried = broken(kernel, CompilationError("def k(): ...", None, "no libdevice"))
+        monkeypatch.setattr(rng, "count_mismatches", rng.count_mismatches if kernel == "_exp_kernel"
+                            else lambda *a: torch.zeros((), dtype=torch.int32))
+        logits, lse, args = make_raw(3, 500, seed=3, temperature=0.6)
+        proc = process(logits, *args)
+        g, g_ref = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
+        for call in range(3):
+            tokens, sc, sc_lse = mod.sample_sc(logits[None], lse[None], g, torch.bfloat16, process=args,
+                                               write_sc=False)
+            want = draw_ref(proc, lse, fake.exponential(proc, g_ref))[None]
+            assert torch.equal(tokens, want), (kernel, call)
+            assert fake.state[id(g)] == fake.state[id(g_ref)]
+            assert torch.equal(sc, proc[None].to(torch.bfloat16)) and sc_lse is None
+        assert tried.count(kernel) == 1 and mod.check_status(proc.device, proc.numel()) is False
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and kernel in err[0], err
+
+
 def test_dg_run_with_a_broken_kernel_exits_0_with_clean_stdout(runner, tiny, interpret, broken, monkeypatch):
     import dgcli
     from dgcli import cli
