@@ -239,14 +239,14 @@ if HAS_TRITON:
         e0, e1, e2, e3 = cuda_rng.exp_draws(key0, key1, lo, hi, (b * S + t).to(tl.uint32), LIBDEVICE)
         per = N // S
         seg = 4 * k * per + b
-        _fused_segment(proc_ptr, lse_ptr, sc_ptr, val_ptr, idx_ptr, sum_ptr, e0, seg, t, n, L, V, n_seg, softcap,
-                       temp, WRITE_SC, SC_LSE, STRADDLE, LIBDEVICE, RAW, HAS_CAP, SC_DTYPE, S)
-        _fused_segment(proc_ptr, lse_ptr, sc_ptr, val_ptr, idx_ptr, sum_ptr, e1, seg + per, t, n, L, V, n_seg, softcap,
-                       temp, WRITE_SC, SC_LSE, STRADDLE, LIBDEVICE, RAW, HAS_CAP, SC_DTYPE, S)
-        _fused_segment(proc_ptr, lse_ptr, sc_ptr, val_ptr, idx_ptr, sum_ptr, e2, seg + 2 * per, t, n, L, V, n_seg, softcap,
-                       temp, WRITE_SC, SC_LSE, STRADDLE, LIBDEVICE, RAW, HAS_CAP, SC_DTYPE, S)
-        _fused_segment(proc_ptr, lse_ptr, sc_ptr, val_ptr, idx_ptr, sum_ptr, e3, seg + 3 * per, t, n, L, V, n_seg, softcap,
-                       temp, WRITE_SC, SC_LSE, STRADDLE, LIBDEVICE, RAW, HAS_CAP, SC_DTYPE, S)
+        _fused_segment(proc_ptr, lse_ptr, sc_ptr, val_ptr, idx_ptr, sum_ptr, e0, seg, t, n, L, V, n_seg,
+                       softcap, temp, WRITE_SC, SC_LSE, STRADDLE, LIBDEVICE, RAW, HAS_CAP, SC_DTYPE, S)
+        _fused_segment(proc_ptr, lse_ptr, sc_ptr, val_ptr, idx_ptr, sum_ptr, e1, seg + per, t, n, L, V, n_seg,
+                       softcap, temp, WRITE_SC, SC_LSE, STRADDLE, LIBDEVICE, RAW, HAS_CAP, SC_DTYPE, S)
+        _fused_segment(proc_ptr, lse_ptr, sc_ptr, val_ptr, idx_ptr, sum_ptr, e2, seg + 2 * per, t, n, L, V, n_seg,
+                       softcap, temp, WRITE_SC, SC_LSE, STRADDLE, LIBDEVICE, RAW, HAS_CAP, SC_DTYPE, S)
+        _fused_segment(proc_ptr, lse_ptr, sc_ptr, val_ptr, idx_ptr, sum_ptr, e3, seg + 3 * per, t, n, L, V, n_seg,
+                       softcap, temp, WRITE_SC, SC_LSE, STRADDLE, LIBDEVICE, RAW, HAS_CAP, SC_DTYPE, S)
 
     @triton.jit
     def _fused_combine_kernel(val_ptr, idx_ptr, sum_ptr, lse_ptr, out_ptr, sc_lse_ptr, V, n_seg,
@@ -427,10 +427,11 @@ def draw_fused_triton(proc, lse, seed: int, offset: int, threads: int, sc=None, 
     softcap, temp = process if process is not None else (None, lse)  # lse: unused without RAW
     if process is not None:  # as process_triton passes them (a tensor on the device stays: no copy)
         temp = torch.as_tensor(temp, dtype=torch.float32, device=device).reshape(1)
+    sc_tl = getattr(tl, str(sc_dtype).removeprefix("torch."))  # tl.bfloat16, tl.float16, tl.float32
     launch(_fused_draw_kernel, device, (programs, calls), proc, lse, sc_arg, val, idx, sums, temp, n, L, V, threads,
            n_seg, key0, key1, base_lo, base_hi, float(softcap or 1.0), WRITE_SC=sc is not None,
            SC_LSE=sc_lse is not None, STRADDLE=straddle, LIBDEVICE=exact, RAW=process is not None,
-           HAS_CAP=bool(softcap), SC_DTYPE=getattr(tl, str(sc_dtype).removeprefix("torch.")), S=S, num_warps=FUSED_WARPS, num_stages=1, **options)
+           HAS_CAP=bool(softcap), SC_DTYPE=sc_tl, S=S, num_warps=FUSED_WARPS, num_stages=1, **options)
     per_row = -(-V // S) + straddle  # segments covering a row
     launch(_fused_combine_kernel, device, (L,), val, idx, sums, lse, out, sc_lse if sc_lse is not None else lse, V,
            n_seg, SC_LSE=sc_lse is not None, STRADDLE=straddle, S=S,
@@ -534,8 +535,8 @@ def sample_sc(proc: torch.Tensor, lse: torch.Tensor, g: torch.Generator | None, 
     proc = kernels.lm_head.process(proc, *process): the same tokens, generator state, sc and sc_lse.
     The fused draw makes proc in registers; the unfused paths (the check's step, fallbacks) make it.
     `write_sc=False` (with dtype): the fused draw does not write sc (the soft embedding reads the raw
-    logits itself) but still its sc_lse, and returns (tokens, None, sc_lse); the unfused paths return
-    their usual (tokens, proc.to(dtype), None)."""
+    logits itself; `sc` is not used) but still its sc_lse, and returns (tokens, None, sc_lse); the
+    unfused paths return their usual (tokens, proc.to(dtype), None)."""
     if lse.shape != proc.shape[:-1]:
         raise ValueError(f"lse {tuple(lse.shape)} must be proc's {tuple(proc.shape)} without the last dim")
     V = proc.shape[-1]

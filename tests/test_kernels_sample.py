@@ -606,6 +606,7 @@ def _sample_both(fake, monkeypatch, logits, lse, process, seed, calls, **kw):
     runs = []
     for raw in (True, False):
         monkeypatch.setattr(mod, "_checked", {})
+        fake.state.clear()  # a new generator may take a freed one's id
         g = torch.Generator().manual_seed(seed)
         out = []
         for _ in range(calls):
@@ -714,3 +715,37 @@ def test_full_size_fused_draw_on_raw_logits_reads_them_once(monkeypatch):
     assert any(a.untyped_storage()._cdata == temp.untyped_storage()._cdata for a in args)
     kernel_bytes = sum(a.nbytes for a in args + args2)
     assert kernel_bytes - logits.nbytes < 8 * 2**20  # partials (written, then read) and lse
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("L,V", [(256, 262144), (8, 1000)])
+def test_cuda_fused_sample_on_raw_logits_is_the_sample_on_their_proc(monkeypatch, capsys, L, V):
+    """On a GPU: sample_sc on bf16 logits with process=(30, temperature), sc not written, against
+    sample_sc on lm_head.process(logits) from the same generator state: the same tokens and offsets at
+    every call (the check's included), and the same sc_lse bit for bit once fused."""
+    from kernels.lm_head import process
+
+    monkeypatch.delenv("DG_KERNELS", raising=False)
+    logits, lse, (cap, temp) = make_raw(L, V, seed=1, temperature=0.8)
+    logits, lse, args = logits.cuda()[None], lse.cuda()[None], (cap, temp.cuda())
+    proc = process(logits, *args)
+    runs = []
+    for raw in (True, False):
+        monkeypatch.setattr(mod, "_checked", {})
+        g = torch.Generator(device="cuda").manual_seed(5)
+        out = []
+        for _ in range(3):
+            if raw:
+                tokens, sc, sc_lse = mod.sample_sc(logits, lse, g, torch.bfloat16, process=args, write_sc=False)
+            else:
+                tokens, sc, sc_lse = mod.sample_sc(proc, lse, g, torch.bfloat16)
+            out.append((tokens, sc, sc_lse, g.get_offset()))
+            torch.randint(0, 10, (3,), device="cuda", generator=g)  # the renoising draw between samples
+        runs.append(out)
+    for call, (raw, want) in enumerate(zip(*runs)):
+        assert torch.equal(raw[0], want[0]) and raw[3] == want[3], call
+        if call:
+            assert raw[1] is None and torch.equal(raw[2], want[2])
+        else:
+            assert torch.equal(raw[1], proc.to(torch.bfloat16))
+    assert capsys.readouterr().err == ""
