@@ -43,10 +43,21 @@ class StepOut(NamedTuple):
     """What a denoising step gives the sampler. From a graph, these are buffers that the next step
     overwrites: keep a copy of anything kept across steps."""
 
-    proc: torch.Tensor  # (1, L, V) fp32: processed logits / temperature
+    values: torch.Tensor  # (1, L, V): proc (fp32), or the raw logits (model dtype) when `process` is set
     argmax: torch.Tensor  # (1, L) int64
     entropy: torch.Tensor  # (1, L) fp32, nats, of softmax(proc)
     lse: torch.Tensor | None  # (1, L) fp32 logsumexp(proc) from the fused head; None: use softmax
+    process: tuple | None = None  # (softcap, temperature): the fused head wrote raw logits, not proc
+
+    @property
+    def proc(self) -> torch.Tensor:
+        """(1, L, V) fp32: processed logits / temperature (made from the raw logits when the fused head
+        wrote those: kernels.lm_head.process, the same floats the head would have written)."""
+        if self.process is None:
+            return self.values
+        from kernels.lm_head import process
+
+        return process(self.values, *self.process)
 
     def probabilities(self) -> torch.Tensor:
         """softmax(proc) (1, L, V) fp32: the reference's own call, or exp(proc - lse) from the fused head."""
@@ -56,26 +67,25 @@ class StepOut(NamedTuple):
 
     def sample(self, g: torch.Generator) -> torch.Tensor:
         """One token per position (1, L): what `torch.multinomial(self.probabilities(), 1)` draws
-        from g. From the fused head, `kernels.sample` reads proc and the Exp(1) draws once and writes
-        no vocabulary-sized tensor (the same expf and correctly rounded division as torch's)."""
-        if self.lse is None:
-            V = self.proc.shape[-1]
-            return multinomial(self.probabilities().view(-1, V), g).view(self.argmax.shape)
-        from kernels.sample import sample
+        from g. From the fused head, `kernels.sample` reads the head's output and makes the Exp(1)
+        draws in one pass, writing no vocabulary-sized tensor (the same expf and correctly rounded
+        division as torch's)."""
+        return self.sample_sc(g, None)[0]
 
-        return sample(self.proc, self.lse, g)
-
-    def sample_sc(self, g: torch.Generator, dtype: torch.dtype, into: SelfCond | None = None):
-        """(`sample(g)`, the next step's SelfCond): proc in `dtype` as a new tensor, or from the fused
-        head on CUDA written by the draw kernel itself with its logsumexp (into `into`'s buffers when
-        given: a graph's static inputs, which the next step then reads in place)."""
+    def sample_sc(self, g: torch.Generator, dtype: torch.dtype | None, into: SelfCond | None = None):
+        """(`sample(g)`, the next step's SelfCond). Unfused: proc in `dtype` as a new tensor. From the
+        fused head: kernels.sample's draw reads the raw logits once and writes proc in `dtype` with
+        its logsumexp (into `into`'s buffers when given: a graph's static inputs, which the next step
+        then reads in place). dtype None: the tokens only (and None)."""
         if self.lse is None:
-            return self.sample(g), SelfCond(self.proc.to(dtype))
+            tokens = multinomial(self.probabilities().view(-1, self.values.shape[-1]), g).view(self.argmax.shape)
+            return tokens, (None if dtype is None else SelfCond(self.proc.to(dtype)))
         from kernels.sample import sample_sc
 
         with torch.inference_mode():  # `into`: a graph's buffers, inference tensors, written in place
-            tokens, sc, sc_lse = sample_sc(self.proc, self.lse, g, dtype, *(into or (None, None)))
-        return tokens, SelfCond(sc, sc_lse)
+            tokens, sc, sc_lse = sample_sc(self.values, self.lse, g, dtype, *(into or (None, None)),
+                                           process=self.process)
+        return tokens, (None if sc is None else SelfCond(sc, sc_lse))
 
 
 def multinomial(probs: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -227,34 +237,36 @@ class Engine:
     def stats(self, canvas, cache, sc, temperature, positions, fused: bool, processor=None,
               out: StepOut | None = None, sc_lse: torch.Tensor | None = None) -> StepOut:
         """The step itself, with the cache already prepared (no host sync: this is what a graph
-        captures). With `out`, the results are written into its buffers. `sc_lse`: sc's per-row
-        logsumexp, when the sampler made it."""
+        captures). With `out`, the results are written into its buffers (out.values: the fused
+        head's raw logits in the model dtype, or fp32 proc). `sc_lse`: sc's per-row logsumexp, when
+        the sampler made it."""
         model = self.model
         if sc_lse is None:
             hidden = model.decode(canvas, cache, sc, positions)
         else:
             hidden = model.decode(canvas, cache, sc, positions, sc_lse=sc_lse)
         L, V = canvas.shape[1], self.config.vocab_size
-        if fused:
+        if fused:  # raw logits (half fp32 proc's bytes): the sampler's draw makes proc from them in registers
             from kernels.lm_head import lm_head
 
             weight, scale = model.model.decoder.embed_tokens.head_weight()
-            head = lm_head(hidden.reshape(L, -1), weight, temperature, self.config.final_logit_softcapping, scale,
-                           out=None if out is None else out.proc.view(L, V))
-            result = StepOut(head.proc.view(1, L, V), head.argmax.view(1, L), head.entropy.view(1, L),
-                             head.lse.view(1, L))
+            softcap = self.config.final_logit_softcapping
+            head = lm_head(hidden.reshape(L, -1), weight, temperature, softcap, scale,
+                           out=None if out is None else out.values.view(L, V), raw=True)
+            result = StepOut(head.logits.view(1, L, V), head.argmax.view(1, L), head.entropy.view(1, L),
+                             head.lse.view(1, L), (softcap, temperature))
         else:
-            logits = model.logits(hidden, out=None if out is None else out.proc)
+            logits = model.logits(hidden, out=None if out is None else out.values)
             if processor is not None:
                 logits = processor(logits)
             proc = logits.div_(temperature) if out is not None else logits / temperature
             result = StepOut(proc, proc.argmax(dim=-1), entropy(proc), None)
         if out is None:
             return result
-        for buf, value in zip(out[1:], result[1:]):
+        for buf, value in zip(out[1:4], result[1:4]):
             if value is not None:
                 buf.copy_(value)
-        return out
+        return out._replace(process=result.process)
 
 
 def as_engine(model_or_engine) -> Engine:

@@ -74,15 +74,18 @@ def test_substituted_kernels_count_once_per_call(reduced):
     # way; the first layer's input norm on its own (the q/k/v norms are in the qkv kernel).
     assert calls["norms"] == {"rmsnorm_kernel": 1, "mix_in_kernel": layers, "mix_out_kernel": layers}
     assert "sum" not in calls["experts"] and "router_norm_kernel" not in calls["experts"]
-    # The sampler's draw: one kernel makes torch's Exp(1) draws, reads proc once and writes the
-    # next step's bf16 input into the graph's buffer, with its logsumexp: no exponential_, no bf16
-    # copy, no graph input copy, no lse_rows.
+    # The sampler's draw: one kernel makes torch's Exp(1) draws, reads the head's raw bf16 logits
+    # once (proc made in registers) and writes the next step's bf16 input into the graph's buffer,
+    # with its logsumexp: no exponential_, no proc, no bf16 copy, no graph input copy, no lse_rows.
     sampler, sc = calls["sampler"], calls["self_conditioning"]
     assert "lm_head_kernel" not in sampler and sampler["fused_draw_kernel"] == sampler["fused_combine_kernel"] == 1
-    assert not {"exponential_", "to", "draw_chunks_kernel"} & set(sampler)
+    assert not {"exponential_", "to", "draw_chunks_kernel", "process_kernel"} & set(sampler)
     assert not {"copy_", "lse_rows_kernel"} & set(sc) and sc["int8_soft_kernel"] == 1
-    proc = 256 * 32768 * 4  # [L, V] fp32 of the reduced config
-    assert 1.5 * proc < r["by_part"]["sampler"]["bytes"] < 1.5 * proc + 2 * 2**20  # proc read, bf16 written
+    logits = 256 * 32768 * 2  # [L, V] bf16 of the reduced config
+    assert 2 * logits < r["by_part"]["sampler"]["bytes"] < 2 * logits + 2 * 2**20  # logits read, sc written
+    embedding = 32768 * (512 + 2)  # int8 codes and an fp16 scale a row
+    head = r["by_part"]["head"]["bytes"] - embedding  # the head writes the raw logits, not fp32 proc
+    assert logits < head < logits + 4 * 2**20  # and h, the partials written and combined
 
 
 def test_bytes_grow_with_context_in_attention_only(reduced):
