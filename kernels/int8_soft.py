@@ -37,6 +37,7 @@ import torch
 
 from ._dispatch import HAS_TRITON, launch, pick
 from ._tuning import AotSpec, rows_bucket, tuned_tile
+from .lm_head import _temperature, process_ref
 
 CHUNK_ROWS = 4096  # vocabulary rows the reference converts at a time (23 MB of bf16 at H = 2816)
 MAX_SPLITS = 16  # the [splits, L, H] fp32 partials: 46 MB at L = 256, H = 2816
@@ -102,19 +103,40 @@ def lse_rows_ref(logits: torch.Tensor) -> torch.Tensor:
     return m_safe + total.log()
 
 
-def int8_soft_logits_ref(logits: torch.Tensor, lse: torch.Tensor, codes: torch.Tensor,
-                         scale: torch.Tensor) -> torch.Tensor:
+def int8_soft_logits_ref(logits: torch.Tensor, lse: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+                         process: tuple | None = None, out_dtype: torch.dtype | None = None,
+                         factor: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(logits [L, V]) @ (codes · scale[:, None]) -> [L, H] fp32, with lse [L] = lse_rows(logits):
     each chunk's p = exp(logits - lse) in fp32, rounded to the logits' dtype (the model's softmax
-    rounding), then as `int8_soft_ref`."""
+    rounding), then as `int8_soft_ref`. `process` = (softcap, temperature): the logits are raw and
+    each chunk is first made proc by `process_ref`, rounded to their dtype (lse is proc's). With
+    out_dtype and factor: the result `.to(out_dtype) * factor`."""
     _check(logits, codes, scale)
     _check_logits(logits, lse)
+    _check_finish(out_dtype, factor)
     dtype = logits.dtype
 
     def probs(a, b):
-        return torch.exp(logits[:, a:b].float() - lse[:, None]).to(dtype)
+        x = logits[:, a:b]
+        if process is not None:
+            x = process_ref(x, *process).to(dtype)
+        return torch.exp(x.float() - lse[:, None]).to(dtype)
 
-    return _chunked(probs, logits.shape[0], dtype, logits.device, codes, scale)
+    out = _chunked(probs, logits.shape[0], dtype, logits.device, codes, scale)
+    return out if out_dtype is None else finish_ref(out[None], out_dtype, factor)
+
+
+def _check_finish(out_dtype, factor):
+    if (out_dtype is None) != (factor is None):
+        raise ValueError("out_dtype and factor come together (result.to(out_dtype) * factor), or neither")
+    if factor is not None and (factor.numel() != 1 or factor.dtype != out_dtype):
+        raise ValueError(f"factor must be one {out_dtype} element, got {tuple(factor.shape)} {factor.dtype}")
+
+
+def finish_ref(partials: torch.Tensor, out_dtype: torch.dtype, factor: torch.Tensor) -> torch.Tensor:
+    """partials [splits, L, H] fp32 -> their sum `.to(out_dtype) * factor` [L, H] (torch's ops)."""
+    out = partials[0] if partials.shape[0] == 1 else partials.sum(0)
+    return out.to(out_dtype) * factor.reshape(())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -124,15 +146,19 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from .lm_head import process_logits
+
     @triton.jit
     def _int8_soft_kernel(
-        p_ptr, lse_ptr, c_ptr, s_ptr, out_ptr, L, V, H, span, stride_p, stride_c,
-        EVEN_V: tl.constexpr, FP32: tl.constexpr, FROM_LOGITS: tl.constexpr,
-        BLOCK_L: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_V: tl.constexpr,
+        p_ptr, lse_ptr, c_ptr, s_ptr, out_ptr, temp_ptr, L, V, H, span, stride_p, stride_c, softcap,
+        EVEN_V: tl.constexpr, FP32: tl.constexpr, FROM_LOGITS: tl.constexpr, PROCESS: tl.constexpr,
+        HAS_CAP: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_V: tl.constexpr,
     ):
         """out[split, l tile, h tile] = probs[l tile, V range] @ (codes · s)[V range, h tile], fp32;
         the V range is [split · span, min(V, (split + 1) · span)), span a multiple of BLOCK_V.
-        FROM_LOGITS: p_ptr holds logits, and probs = exp(logits - lse[row]) rounded to their dtype."""
+        FROM_LOGITS: p_ptr holds logits, and probs = exp(logits - lse[row]) rounded to their dtype.
+        PROCESS (with FROM_LOGITS): the logits are raw; proc = process_logits(logits) (softcap, the
+        temperature at temp_ptr), rounded to their dtype as a materialized proc would be, comes first."""
         pid_l = tl.program_id(0)  # fastest: the L tiles reading one codes tile run together
         pid_h = tl.program_id(1)
         split = tl.program_id(2)
@@ -149,6 +175,8 @@ if HAS_TRITON:
         acc = tl.zeros((BLOCK_L, BLOCK_H), dtype=tl.float32)
         if FROM_LOGITS:
             lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+        if PROCESS:
+            temp = tl.load(temp_ptr)
         for v0 in range(start, end, BLOCK_V):
             if EVEN_V:
                 p = tl.load(p_ptrs, mask=row_ok[:, None], other=0.0)
@@ -161,7 +189,10 @@ if HAS_TRITON:
                 s = tl.load(s_ptrs, mask=v_ok, other=0.0)
             if FROM_LOGITS:
                 # past V, x = 0 and exp(-lse) may overflow (inf · 0 = NaN in the dot): zero it
-                e = tl.exp(p.to(tl.float32) - lse[:, None])
+                x = p.to(tl.float32)
+                if PROCESS:  # past V, x = 0 gives proc 0: the guard below still applies
+                    x = process_logits(x, softcap, temp, HAS_CAP).to(p.dtype).to(tl.float32)
+                e = tl.exp(x - lse[:, None])
                 if not EVEN_V:
                     e = tl.where(v_ok[None, :], e, 0.0)
                 p = e.to(p.dtype)
@@ -196,6 +227,28 @@ if HAS_TRITON:
             ptrs += BLOCK
         m_safe = tl.where(m == float("-inf"), 0.0, m)
         tl.store(out_ptr + row, m_safe + tl.log(tl.sum(acc, 0)))
+
+    @triton.jit
+    def _finish_kernel(part_ptr, factor_ptr, out_ptr, n, splits, factor, FACTOR_PTR: tl.constexpr,
+                       BLOCK: tl.constexpr):
+        """out = (Σ_split partials[split]).to(out dtype) * factor over n = L · H elements: the splits
+        summed in order in fp32, rounded once to out's dtype, then the fp32 product rounded once
+        (torch's bf16 × bf16: exact in fp32, so one rounding). The factor is read from factor_ptr
+        (FACTOR_PTR) or given as a float."""
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < n
+        ptrs = part_ptr + offs
+        acc = tl.load(ptrs, mask=ok, other=0.0)
+        for _i in range(1, splits):
+            ptrs += n
+            acc += tl.load(ptrs, mask=ok, other=0.0)
+        if FACTOR_PTR:
+            f = tl.load(factor_ptr).to(tl.float32)
+        else:
+            f = factor
+        dtype = out_ptr.dtype.element_ty
+        y = acc.to(dtype).to(tl.float32) * f
+        tl.store(out_ptr + offs, y.to(dtype), mask=ok)
 
 
 DEFAULT_TILE = (128, 128, 64, 8, 3)  # BLOCK_L, BLOCK_H, BLOCK_V, num_warps, num_stages
@@ -234,27 +287,40 @@ def int8_soft_triton(probs, codes, scale, tile: tuple | None = None, splits: int
     """The Triton path; `tile` = (BLOCK_L, BLOCK_H, BLOCK_V, warps, stages), else autotuned on CUDA;
     `splits` = how many V ranges, else `splits_for` the device."""
     _check(probs, codes, scale)
-    return _soft_triton(probs, None, codes, scale, tile, splits)
+    partials = _soft_triton(probs, None, codes, scale, tile, splits)
+    return partials[0] if partials.shape[0] == 1 else partials.sum(0)
 
 
-def int8_soft_logits_triton(logits, lse, codes, scale, tile: tuple | None = None,
-                            splits: int | None = None) -> torch.Tensor:
-    """`int8_soft_triton` on softmax(logits), the probabilities made in the kernel from lse."""
+def int8_soft_logits_triton(logits, lse, codes, scale, process: tuple | None = None,
+                            out_dtype: torch.dtype | None = None, factor: torch.Tensor | None = None,
+                            tile: tuple | None = None, splits: int | None = None) -> torch.Tensor:
+    """`int8_soft_triton` on softmax(logits), the probabilities made in the kernel from lse (from
+    raw logits with `process`); with out_dtype and factor, finished by `finish_triton`."""
     _check(logits, codes, scale)
     _check_logits(logits, lse)
-    return _soft_triton(logits, lse.contiguous(), codes, scale, tile, splits)
+    _check_finish(out_dtype, factor)
+    partials = _soft_triton(logits, lse.contiguous(), codes, scale, tile, splits, process)
+    if out_dtype is not None:
+        return finish_triton(partials, out_dtype, factor)
+    return partials[0] if partials.shape[0] == 1 else partials.sum(0)
 
 
-def _soft_triton(probs, lse, codes, scale, tile, splits):
-    """probs [L, V] (logits when lse is given) against the int8 table: the split-V kernel, then the sum."""
+def _soft_triton(probs, lse, codes, scale, tile, splits, process=None):
+    """probs [L, V] (logits when lse is given; raw ones with process) against the int8 table: the
+    split-V kernel's fp32 partials [splits, L, H]."""
     if probs.stride(-1) != 1:
         probs = probs.contiguous()
     codes, scale = codes.contiguous(), scale.contiguous()
     L, V = probs.shape
     H = codes.shape[1]
     if L == 0 or H == 0 or V == 0:
-        return torch.zeros(L, H, dtype=torch.float32, device=probs.device)
+        return torch.zeros(1, L, H, dtype=torch.float32, device=probs.device)
     from_logits = lse is not None
+    if process is not None and not from_logits:
+        raise ValueError("process (raw logits) needs their lse")
+    softcap, temp = process if process is not None else (None, None)
+    # unread without PROCESS (and lse's without FROM_LOGITS): another argument stands in
+    temp = scale if temp is None else _temperature(temp, probs.device)
 
     def plan(cfg):
         bl, bh, bv, _, _ = cfg
@@ -270,18 +336,43 @@ def _soft_triton(probs, lse, codes, scale, tile, splits):
             out = torch.empty(n, L, H, dtype=torch.float32, device=probs.device)
         compiled = launch(
             _int8_soft_kernel, probs.device, (_cdiv(L, bl), _cdiv(H, bh), n),
-            probs, lse if from_logits else scale, codes, scale, out, L, V, H, span, probs.stride(0), codes.stride(0),
+            probs, lse if from_logits else scale, codes, scale, out, temp, L, V, H, span, probs.stride(0),
+            codes.stride(0), float(softcap or 1.0),
             EVEN_V=V % bv == 0, FP32=probs.dtype == torch.float32, FROM_LOGITS=from_logits,
+            PROCESS=process is not None, HAS_CAP=bool(softcap),
             BLOCK_L=bl, BLOCK_H=bh, BLOCK_V=bv, num_warps=warps, num_stages=stages, warmup=warmup,
         )
         return compiled if warmup else out
 
     if tile is None:
         key = (probs.dtype, rows_bucket(L), V, H)
-        name = "int8_soft.logits" if from_logits else "int8_soft"
+        name = "int8_soft.raw" if process is not None else "int8_soft.logits" if from_logits else "int8_soft"
         tile = tuned_tile(name, key, _TILES, _LARGE, run, DEFAULT_TILE, probs.device)
-    partials = run(tile)
-    return partials[0] if partials.shape[0] == 1 else partials.sum(0)
+    return run(tile)
+
+
+FINISH_BLOCK, FINISH_WARPS = 2048, 4  # 352 programs at L 256, H 2816
+
+
+def finish_triton(partials: torch.Tensor, out_dtype: torch.dtype, factor) -> torch.Tensor:
+    """`finish_ref` in one kernel (instead of torch's sum, cast and multiply: three kernels): the
+    splits summed in order (deterministic; torch's sum may add them in another order: to fp32
+    rounding). `factor`: one element on the partials' device (read there), or on the CPU, or a float
+    (passed by value: no host-to-device copy, nothing to break a CUDA graph's capture)."""
+    if partials.dim() != 3 or partials.dtype != torch.float32:
+        raise ValueError(f"partials {tuple(partials.shape)} {partials.dtype}: want [splits, L, H] fp32")
+    S, L, H = partials.shape
+    partials = partials.contiguous()
+    out = torch.empty(L, H, dtype=out_dtype, device=partials.device)
+    on_device = isinstance(factor, torch.Tensor) and factor.device == partials.device
+    if isinstance(factor, torch.Tensor) and not on_device and factor.device.type != "cpu":
+        raise ValueError(f"factor on {factor.device}, partials on {partials.device}")
+    n = L * H
+    if n:
+        launch(_finish_kernel, partials.device, (_cdiv(n, FINISH_BLOCK),), partials,
+               factor if on_device else out, out, n, S, 0.0 if on_device else float(factor),
+               FACTOR_PTR=on_device, BLOCK=FINISH_BLOCK, num_warps=FINISH_WARPS)
+    return out
 
 
 LSE_BLOCK, LSE_WARPS, LSE_STAGES = 2048, 8, 3  # a row per program: 256 rows of 512 KB (bf16) at full size
@@ -318,11 +409,21 @@ def lse_rows(logits: torch.Tensor) -> torch.Tensor:
     return pick(lse_rows_triton, lse_rows_ref, logits)(flat).view(logits.shape[:-1])
 
 
-def int8_soft_logits(logits: torch.Tensor, lse: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def int8_soft_logits(logits: torch.Tensor, lse: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+                     process: tuple | None = None, out_dtype: torch.dtype | None = None,
+                     factor: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(logits [..., V]) @ (codes [V, H] · scale[:, None]) -> [..., H] fp32, lse = lse_rows(logits);
-    the probabilities rounded to the logits' dtype, never written. Triton on CUDA, else the reference."""
+    the probabilities rounded to the logits' dtype, never written. Triton on CUDA, else the reference.
+
+    process = (softcap or None, temperature: a 1-element fp32 tensor on the device): the logits are
+    raw (the LM head's raw=True, model dtype) and lse is their proc's; the result equals, float for
+    float on the same path, this function on `kernels.lm_head.process(logits, *process)` rounded to
+    the logits' dtype, with that proc never written. out_dtype and factor (one out_dtype element,
+    e.g. Embedding.embed_scale()): the result `.to(out_dtype) * factor`, on the Triton path in one
+    small kernel that also sums the split partials."""
     flat = logits.reshape(-1, logits.shape[-1])
-    out = pick(int8_soft_logits_triton, int8_soft_logits_ref, logits)(flat, lse.reshape(-1), codes, scale)
+    out = pick(int8_soft_logits_triton, int8_soft_logits_ref, logits)(flat, lse.reshape(-1), codes, scale, process,
+                                                                      out_dtype, factor)
     return out.view(*logits.shape[:-1], codes.shape[1])
 
 
@@ -333,17 +434,27 @@ def int8_soft_logits(logits: torch.Tensor, lse: torch.Tensor, codes: torch.Tenso
 def _aot():
     """bf16 probabilities (or logits) and fp16 scales (the int8_row format) at the production shape
     (L = 256, V = 262,144, H = 2816: all multiples of 16, V of every BLOCK_V), every candidate tile;
-    the row logsumexp over bf16 logits."""
-    sig = {"p_ptr": "*bf16", "lse_ptr": "*fp32", "c_ptr": "*i8", "s_ptr": "*fp16", "out_ptr": "*fp32", "L": "i32",
-           "V": "i32", "H": "i32", "span": "i32", "stride_p": "i32", "stride_c": "i32"}
-    for name, from_logits in (("int8_soft", False), ("int8_soft.logits", True)):
-        for tile in dict.fromkeys((DEFAULT_TILE, *_TILES)):
+    raw bf16 logits with the softcap (the step's input) at the default tile; the finish over the
+    step's [L, H] into bf16, the factor by value (embed_scale is a CPU scalar); the row logsumexp
+    over bf16 logits."""
+    sig = {"p_ptr": "*bf16", "lse_ptr": "*fp32", "c_ptr": "*i8", "s_ptr": "*fp16", "out_ptr": "*fp32",
+           "temp_ptr": "*fp32", "L": "i32", "V": "i32", "H": "i32", "span": "i32", "stride_p": "i32",
+           "stride_c": "i32", "softcap": "fp32"}
+    for name, from_logits, process, tiles in (("int8_soft", False, False, _TILES), ("int8_soft.logits", True, False, _TILES),
+                                              ("int8_soft.raw", True, True, ())):
+        for tile in dict.fromkeys((DEFAULT_TILE, *tiles)):
             bl, bh, bv, warps, stages = tile
             yield AotSpec(name, _int8_soft_kernel, sig,
-                          dict(EVEN_V=True, FP32=False, FROM_LOGITS=from_logits, BLOCK_L=bl, BLOCK_H=bh, BLOCK_V=bv),
+                          dict(EVEN_V=True, FP32=False, FROM_LOGITS=from_logits, PROCESS=process, HAS_CAP=process,
+                               BLOCK_L=bl, BLOCK_H=bh, BLOCK_V=bv),
                           warps, stages, dict(BLOCK_L=bl, BLOCK_H=bh, BLOCK_V=bv, num_warps=warps, num_stages=stages),
                           default=tile == DEFAULT_TILE, large=tile in _LARGE,
                           divisible=("L", "V", "H", "span", "stride_p", "stride_c"))
+    yield AotSpec("int8_soft.finish", _finish_kernel,
+                  {"part_ptr": "*fp32", "factor_ptr": "*bf16", "out_ptr": "*bf16", "n": "i32", "splits": "i32",
+                   "factor": "fp32"},
+                  dict(FACTOR_PTR=False, BLOCK=FINISH_BLOCK), FINISH_WARPS, 1,
+                  dict(BLOCK=FINISH_BLOCK, num_warps=FINISH_WARPS), default=True, divisible=("n",))
     yield AotSpec("int8_soft.lse", _lse_rows_kernel, {"x_ptr": "*bf16", "out_ptr": "*fp32", "V": "i32", "stride_x": "i32"},
                   dict(BLOCK=LSE_BLOCK), LSE_WARPS, LSE_STAGES,
                   dict(BLOCK=LSE_BLOCK, num_warps=LSE_WARPS, num_stages=LSE_STAGES), default=True,
