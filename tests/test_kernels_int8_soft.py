@@ -497,3 +497,159 @@ def test_quant_embedding_soft_logits_takes_the_samplers_lse(monkeypatch):
     torch.testing.assert_close(shifted.float(), want.float() / torch.e, rtol=2e-2, atol=1e-3)
     assert torch.equal(Embedding.soft_logits(qe, logits.view(1, 6, 300), lse + 1.0),
                        Embedding.soft_logits(qe, logits.view(1, 6, 300)))
+
+
+# ------------------------------------------------------------------------------------------ raw logits
+#
+# The LM head's raw=True logits (model dtype, before softcap and temperature) with process = (softcap,
+# temperature): the kernel makes proc in registers with lm_head.process_logits, rounds it to the
+# logits' dtype and goes on as from the materialized proc: the same floats, path for path (accuracy
+# from proc is the tests above'; these check the equality).
+
+TEMP = 0.7
+
+
+def make_raw(L, V, H, dtype, seed=0):
+    """Raw logits wide enough for the softcap (30) to bend them (up to ~40), and a row far below the rest."""
+    logits, codes, scale = make_logits(L, V, H, torch.float32, seed=seed)
+    logits = logits * 2
+    logits[0] -= 300  # proc ~ -43 with the cap, -430 without: past V, exp(0 - lse) overflows unless masked
+    return logits.to(dtype), codes, scale
+
+
+def temperature():
+    return torch.tensor([TEMP], dtype=torch.float32)
+
+
+@pytest.mark.parametrize("softcap", [30.0, None], ids=["softcap", "no-cap"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_raw_reference_is_the_materialized_proc(monkeypatch, dtype, softcap):
+    """int8_soft_logits_ref(raw, process) = int8_soft_logits_ref(process_ref(raw).to(dtype)), exactly;
+    over several chunks, the last ragged; and process is applied (the raw logits' own soft differs)."""
+    from kernels.lm_head import process_ref
+
+    monkeypatch.setattr(mod, "CHUNK_ROWS", 64)
+    raw, codes, scale = make_raw(5, 300, 48, dtype)
+    proc = process_ref(raw, softcap, temperature()).to(dtype)
+    lse = mod.lse_rows_ref(proc)
+    got = mod.int8_soft_logits_ref(raw, lse, codes, scale, (softcap, temperature()))
+    want = mod.int8_soft_logits_ref(proc, lse, codes, scale)
+    assert torch.isfinite(got).all() and torch.equal(got, want)
+    assert not torch.equal(got, mod.int8_soft_logits_ref(raw, mod.lse_rows_ref(raw), codes, scale))
+
+
+@pytest.mark.parametrize("tile,splits", [(None, None), ((16, 32, 32, 4, 2), 1), ((16, 32, 32, 4, 2), 3)],
+                         ids=["default", "small-1split", "small-3splits"])
+@pytest.mark.parametrize("softcap", [30.0, None], ids=["softcap", "no-cap"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("L,V,H", [(4, 300, 64), (19, 200, 80)])  # V off the block; ragged L and H
+def test_triton_raw_is_the_materialized_proc(interpret_exp, L, V, H, dtype, softcap, tile, splits):
+    """The kernel from raw logits = the kernel from process_triton's proc rounded to the dtype, float
+    for float (the same process_logits, the same rounding; masked tail columns stay 0)."""
+    from kernels.lm_head import process_triton
+
+    raw, codes, scale = make_raw(L, V, H, dtype, seed=L)
+    proc = process_triton(raw, softcap, temperature()).to(dtype)
+    lse = mod.lse_rows_ref(proc)
+    got = mod.int8_soft_logits_triton(raw, lse, codes, scale, (softcap, temperature()), tile=tile, splits=splits)
+    want = mod.int8_soft_logits_triton(proc, lse, codes, scale, tile=tile, splits=splits)
+    assert torch.isfinite(got).all() and torch.equal(got, want)
+
+
+def test_raw_dispatcher_on_both_paths(monkeypatch, interpret_exp):
+    """int8_soft_logits(raw, process=...) = int8_soft_logits(lm_head.process(raw).to(dtype)) on the
+    Triton path (interpreter) and the reference, leading dims kept; process needs lse."""
+    from kernels.lm_head import process
+
+    raw, codes, scale = make_raw(6, 300, 64, torch.bfloat16)
+    for kernels in ("triton", "ref"):
+        monkeypatch.setenv("DG_KERNELS", kernels)
+        proc = process(raw, 30.0, temperature()).to(raw.dtype)
+        lse = mod.lse_rows(proc).view(2, 3)
+        got = mod.int8_soft_logits(raw.view(2, 3, 300), lse, codes, scale, (30.0, temperature()))
+        assert got.shape == (2, 3, 64)
+        assert torch.equal(got, mod.int8_soft_logits(proc.view(2, 3, 300), lse, codes, scale)), kernels
+    with pytest.raises(ValueError, match="needs their lse"):
+        mod._soft_triton(raw, None, codes, scale, None, 1, (30.0, temperature()))
+
+
+# ------------------------------------------------------------------------------------------ finish
+#
+# out_dtype and factor: the result .to(out_dtype) * factor; on the Triton path one kernel sums the split
+# partials in order, rounds once to out_dtype and multiplies in fp32 (one more rounding), as torch's
+# bf16 x bf16 product does. Tolerance against torch's sum (perhaps in another order): two fp32 sums of
+# S terms differ by at most 2(S - 1) · 2^-24 · Σ|terms|; rounded to out_dtype, scaled and rounded
+# again, by that times the factor plus two out_dtype ulps: `finish_tolerance`. One split: nothing to
+# sum, the same floats.
+FINISH_ULPS = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10, torch.float32: 2.0**-23}  # 1 ulp / |x|, at most
+
+
+def finish_tolerance(partials, want, factor):
+    S = partials.shape[0]
+    sums = S * 2.0**-23 * partials.double().abs().sum(0) * float(factor)
+    return 2 * FINISH_ULPS[want.dtype] * want.double().abs() + sums
+
+
+def sqrt_h(H, dtype):
+    return torch.tensor(H**0.5).to(dtype)  # as Embedding.embed_scale() makes it
+
+
+@pytest.mark.parametrize("by_value", [False, True], ids=["factor-tensor", "factor-float"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("splits", [1, 3, 5])
+def test_finish_kernel_matches_reference(interpret, dtype, splits, by_value):
+    g = torch.Generator().manual_seed(splits)
+    partials = torch.randn(splits, 19, 80, generator=g) * 10.0 ** torch.randint(-6, 2, (1, 19, 80), generator=g)
+    factor = sqrt_h(2816, dtype)
+    got = mod.finish_triton(partials, dtype, float(factor) if by_value else factor)
+    want = mod.finish_ref(partials, dtype, factor)
+    assert got.dtype == dtype and got.shape == (19, 80)
+    if splits == 1:
+        assert torch.equal(got, want)
+    else:
+        assert ((got.double() - want.double()).abs() <= finish_tolerance(partials, want, factor)).all()
+    assert not torch.equal(got, partials.sum(0).to(dtype))  # the factor is applied (sqrt(2816) = 53.07)
+
+
+def test_finish_kernel_sums_the_splits_in_order(interpret):
+    """(1e8 + 1) - 1e8 is 0 in fp32 (1 is under half an ulp of 1e8), 1e8 - 1e8 + 1 is 1: the kernel
+    adds split 0, then 1, then 2, whatever the values (deterministic)."""
+    partials = torch.tensor([1e8, 1.0, -1e8]).view(3, 1, 1).expand(3, 2, 16).contiguous()
+    one = torch.ones((), dtype=torch.float32)
+    assert torch.equal(mod.finish_triton(partials, torch.float32, one), torch.zeros(2, 16))
+    assert torch.equal(mod.finish_triton(partials[[0, 2, 1]].contiguous(), torch.float32, one), torch.ones(2, 16))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("splits", [1, 3])
+def test_soft_logits_finish_on_both_paths(interpret_exp, monkeypatch, dtype, splits):
+    """int8_soft_logits(..., out_dtype, factor): the reference is exactly its fp32 result .to(dtype) *
+    factor; the Triton path the same with one split, within FINISH_ULPS with three; with raw logits too."""
+    raw, codes, scale = make_raw(6, 300, 64, dtype)
+    proc = mod.process_ref(raw, 30.0, temperature()).to(dtype)
+    lse = mod.lse_rows_ref(proc)
+    factor = sqrt_h(64, dtype)
+    for process, x in ((None, proc), ((30.0, temperature()), raw)):
+        ref = mod.int8_soft_logits_ref(x, lse, codes, scale, process, dtype, factor)
+        assert ref.dtype == dtype and torch.equal(ref, mod.int8_soft_logits_ref(x, lse, codes, scale, process).to(dtype) * factor)
+        got = mod.int8_soft_logits_triton(x, lse, codes, scale, process, dtype, factor, tile=(16, 32, 32, 4, 2),
+                                          splits=splits)
+        want = mod.int8_soft_logits_triton(x, lse, codes, scale, process, tile=(16, 32, 32, 4, 2),
+                                           splits=splits).to(dtype) * factor
+        assert got.dtype == dtype
+        if splits == 1:
+            assert torch.equal(got, want)
+        else:
+            assert ((got.double() - want.double()).abs() <= 2 * FINISH_ULPS[dtype] * want.double().abs()).all()
+
+
+def test_finish_refuses_half_a_pair():
+    logits, codes, scale = make_logits(2, 64, 16, torch.bfloat16)
+    lse = mod.lse_rows_ref(logits)
+    for fn in (mod.int8_soft_logits_ref, mod.int8_soft_logits_triton, mod.int8_soft_logits):
+        with pytest.raises(ValueError, match="come together"):
+            fn(logits, lse, codes, scale, None, torch.bfloat16)
+        with pytest.raises(ValueError, match="come together"):
+            fn(logits, lse, codes, scale, None, None, sqrt_h(16, torch.bfloat16))
+        with pytest.raises(ValueError, match="one torch.bfloat16 element"):
+            fn(logits, lse, codes, scale, None, torch.bfloat16, sqrt_h(16, torch.float32))
