@@ -27,6 +27,16 @@ program per row), and `int8_soft_logits(logits, lse, codes, scale)` is the same 
 it loads the logits where it loaded probabilities and makes p = exp(logits - lse) in fp32 on the fly,
 rounded to the logits' dtype (as the model rounds its fp32 softmax to the model dtype) before the
 dot. The logits are read twice, the codes once, and no [L, V] tensor is written.
+
+From raw logits: with `process=(softcap, temperature)` the logits are the LM head's raw=True output
+(model dtype, before softcap and temperature) and lse is their proc's (the sampler's draw makes it):
+the kernel makes proc with kernels.lm_head's `process_logits` and rounds it to the logits' dtype, so
+the result is float for float the one from a materialized proc, which is never written. It is made
+again for each H tile (22 at full size): three SFU operations and ~25 ALU ones per element where
+the probabilities alone need one exp.
+
+The finish: with `out_dtype` and `factor` (the caller's cast and sqrt(H)) one small kernel sums the
+split partials in order, rounds to out_dtype and multiplies, where torch took three kernels.
 """
 
 from __future__ import annotations

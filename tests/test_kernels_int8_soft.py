@@ -653,3 +653,30 @@ def test_finish_refuses_half_a_pair():
             fn(logits, lse, codes, scale, None, None, sqrt_h(16, torch.bfloat16))
         with pytest.raises(ValueError, match="one torch.bfloat16 element"):
             fn(logits, lse, codes, scale, None, torch.bfloat16, sqrt_h(16, torch.float32))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_raw_and_finish(monkeypatch):
+    """Compiled, at the step's L and H (V cut to 32,768): the kernel from the head's raw logits equals
+    the kernel from process()'s proc rounded to bf16, bit for bit (process_logits compiled in two
+    kernels, the rounding on the GPU); the finish with sqrt(H) from the CPU, as QuantEmbedding passes it."""
+    from kernels.lm_head import process
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("DG_KERNELS", raising=False)
+    raw, codes, scale = make_raw(256, 32768, 2816, torch.bfloat16)
+    raw, codes, scale = raw.cuda(), codes.cuda(), scale.half().cuda()
+    temp = torch.tensor([TEMP], device="cuda")
+    proc = process(raw, 30.0, temp).to(torch.bfloat16)
+    lse = mod.lse_rows(proc)
+    factor = sqrt_h(2816, torch.bfloat16)
+    for splits in (1, None):
+        kw = dict(tile=mod.DEFAULT_TILE, splits=splits)
+        want = mod.int8_soft_logits_triton(proc, lse, codes, scale, **kw)
+        assert torch.equal(mod.int8_soft_logits_triton(raw, lse, codes, scale, (30.0, temp), **kw), want)
+        got = mod.int8_soft_logits_triton(raw, lse, codes, scale, (30.0, temp), torch.bfloat16, factor, **kw)
+        unfused = want.to(torch.bfloat16) * factor
+        if splits == 1:
+            assert torch.equal(got, unfused)
+        else:
+            torch.testing.assert_close(got, unfused, rtol=2 * FINISH_ULPS[torch.bfloat16], atol=1e-4)
