@@ -32,8 +32,8 @@ From raw logits: with `process=(softcap, temperature)` the logits are the LM hea
 (model dtype, before softcap and temperature) and lse is their proc's (the sampler's draw makes it):
 the kernel makes proc with kernels.lm_head's `process_logits` and rounds it to the logits' dtype, so
 the result is float for float the one from a materialized proc, which is never written. It is made
-again for each H tile (22 at full size): three SFU operations and ~25 ALU ones per element where
-the probabilities alone need one exp.
+again for each H tile (22 at full size): in the sm_90 main loop ~3 SFU and ~26 other fp32 operations
+per element, where the probabilities from a proc take 1 and ~5.
 
 The finish: with `out_dtype` and `factor` (the caller's cast and sqrt(H)) one small kernel sums the
 split partials in order, rounds to out_dtype and multiplies, where torch took three kernels.
