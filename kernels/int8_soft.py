@@ -450,8 +450,9 @@ def _aot():
     sig = {"p_ptr": "*bf16", "lse_ptr": "*fp32", "c_ptr": "*i8", "s_ptr": "*fp16", "out_ptr": "*fp32",
            "temp_ptr": "*fp32", "L": "i32", "V": "i32", "H": "i32", "span": "i32", "stride_p": "i32",
            "stride_c": "i32", "softcap": "fp32"}
-    for name, from_logits, process, tiles in (("int8_soft", False, False, _TILES), ("int8_soft.logits", True, False, _TILES),
-                                              ("int8_soft.raw", True, True, ())):
+    kinds = (("int8_soft", False, False, _TILES), ("int8_soft.logits", True, False, _TILES),
+             ("int8_soft.raw", True, True, ()))  # raw: the default tile only
+    for name, from_logits, process, tiles in kinds:
         for tile in dict.fromkeys((DEFAULT_TILE, *tiles)):
             bl, bh, bv, warps, stages = tile
             yield AotSpec(name, _int8_soft_kernel, sig,
