@@ -28,12 +28,13 @@ it loads the logits where it loaded probabilities and makes p = exp(logits - lse
 rounded to the logits' dtype (as the model rounds its fp32 softmax to the model dtype) before the
 dot. The logits are read twice, the codes once, and no [L, V] tensor is written.
 
-From raw logits: with `process=(softcap, temperature)` the logits are the LM head's raw=True output
-(model dtype, before softcap and temperature) and lse is their proc's (the sampler's draw makes it):
-the kernel makes proc with kernels.lm_head's `process_logits` and rounds it to the logits' dtype, so
-the result is float for float the one from a materialized proc, which is never written. It is made
-again for each H tile (22 at full size): in the sm_90 main loop ~3 SFU and ~26 other fp32 operations
-per element, where the probabilities from a proc take 1 and ~5.
+Cost: FROM_LOGITS makes exp(logits - lse) again for each H tile (22 at full size: ~1.48e9 exps a
+step, one special-function and ~5 other fp32 instructions per element in the sm_90 SASS). At 16
+special-function results per clock per SM, that is ~0.4 ms of an H100's throughput against ~0.26 ms
+for the kernel's ~0.88 GB at 3.35 TB/s: an estimate from the SASS, not a measurement; the RTX
+4090/5090 stay memory-bound. A raw-logits mode (proc made in the kernel from the head's raw logits,
+softcap and temperature) would remake proc per H tile too, ~3 special-function and ~26 other fp32
+instructions per element: it would cost more than the 134 MB of proc it saves, so there is none.
 
 The finish: with `out_dtype` and `factor` (the caller's cast and sqrt(H)) one small kernel sums the
 split partials in order, rounds to out_dtype and multiplies, where torch took three kernels.
@@ -47,7 +48,6 @@ import torch
 
 from ._dispatch import HAS_TRITON, launch, pick
 from ._tuning import AotSpec, rows_bucket, tuned_tile
-from .lm_head import _temperature, process_ref
 
 CHUNK_ROWS = 4096  # vocabulary rows the reference converts at a time (23 MB of bf16 at H = 2816)
 MAX_SPLITS = 16  # the [splits, L, H] fp32 partials: 46 MB at L = 256, H = 2816
@@ -114,23 +114,17 @@ def lse_rows_ref(logits: torch.Tensor) -> torch.Tensor:
 
 
 def int8_soft_logits_ref(logits: torch.Tensor, lse: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
-                         process: tuple | None = None, out_dtype: torch.dtype | None = None,
-                         factor: torch.Tensor | None = None) -> torch.Tensor:
+                         out_dtype: torch.dtype | None = None, factor: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(logits [L, V]) @ (codes · scale[:, None]) -> [L, H] fp32, with lse [L] = lse_rows(logits):
     each chunk's p = exp(logits - lse) in fp32, rounded to the logits' dtype (the model's softmax
-    rounding), then as `int8_soft_ref`. `process` = (softcap, temperature): the logits are raw and
-    each chunk is first made proc by `process_ref`, rounded to their dtype (lse is proc's). With
-    out_dtype and factor: the result `.to(out_dtype) * factor`."""
+    rounding), then as `int8_soft_ref`. With out_dtype and factor: the result `.to(out_dtype) * factor`."""
     _check(logits, codes, scale)
     _check_logits(logits, lse)
     _check_finish(out_dtype, factor)
     dtype = logits.dtype
 
     def probs(a, b):
-        x = logits[:, a:b]
-        if process is not None:
-            x = process_ref(x, *process).to(dtype)
-        return torch.exp(x.float() - lse[:, None]).to(dtype)
+        return torch.exp(logits[:, a:b].float() - lse[:, None]).to(dtype)
 
     out = _chunked(probs, logits.shape[0], dtype, logits.device, codes, scale)
     return out if out_dtype is None else finish_ref(out[None], out_dtype, factor)
@@ -156,19 +150,15 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .lm_head import process_logits
-
     @triton.jit
     def _int8_soft_kernel(
-        p_ptr, lse_ptr, c_ptr, s_ptr, out_ptr, temp_ptr, L, V, H, span, stride_p, stride_c, softcap,
-        EVEN_V: tl.constexpr, FP32: tl.constexpr, FROM_LOGITS: tl.constexpr, PROCESS: tl.constexpr,
-        HAS_CAP: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_V: tl.constexpr,
+        p_ptr, lse_ptr, c_ptr, s_ptr, out_ptr, L, V, H, span, stride_p, stride_c,
+        EVEN_V: tl.constexpr, FP32: tl.constexpr, FROM_LOGITS: tl.constexpr,
+        BLOCK_L: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_V: tl.constexpr,
     ):
         """out[split, l tile, h tile] = probs[l tile, V range] @ (codes · s)[V range, h tile], fp32;
         the V range is [split · span, min(V, (split + 1) · span)), span a multiple of BLOCK_V.
-        FROM_LOGITS: p_ptr holds logits, and probs = exp(logits - lse[row]) rounded to their dtype.
-        PROCESS (with FROM_LOGITS): the logits are raw; proc = process_logits(logits) (softcap, the
-        temperature at temp_ptr), rounded to their dtype as a materialized proc would be, comes first."""
+        FROM_LOGITS: p_ptr holds logits, and probs = exp(logits - lse[row]) rounded to their dtype."""
         pid_l = tl.program_id(0)  # fastest: the L tiles reading one codes tile run together
         pid_h = tl.program_id(1)
         split = tl.program_id(2)
@@ -185,8 +175,6 @@ if HAS_TRITON:
         acc = tl.zeros((BLOCK_L, BLOCK_H), dtype=tl.float32)
         if FROM_LOGITS:
             lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-        if PROCESS:
-            temp = tl.load(temp_ptr)
         for v0 in range(start, end, BLOCK_V):
             if EVEN_V:
                 p = tl.load(p_ptrs, mask=row_ok[:, None], other=0.0)
@@ -199,10 +187,7 @@ if HAS_TRITON:
                 s = tl.load(s_ptrs, mask=v_ok, other=0.0)
             if FROM_LOGITS:
                 # past V, x = 0 and exp(-lse) may overflow (inf · 0 = NaN in the dot): zero it
-                x = p.to(tl.float32)
-                if PROCESS:  # past V, x = 0 gives proc 0: the guard below still applies
-                    x = process_logits(x, softcap, temp, HAS_CAP).to(p.dtype).to(tl.float32)
-                e = tl.exp(x - lse[:, None])
+                e = tl.exp(p.to(tl.float32) - lse[:, None])
                 if not EVEN_V:
                     e = tl.where(v_ok[None, :], e, 0.0)
                 p = e.to(p.dtype)
@@ -301,23 +286,23 @@ def int8_soft_triton(probs, codes, scale, tile: tuple | None = None, splits: int
     return partials[0] if partials.shape[0] == 1 else partials.sum(0)
 
 
-def int8_soft_logits_triton(logits, lse, codes, scale, process: tuple | None = None,
-                            out_dtype: torch.dtype | None = None, factor: torch.Tensor | None = None,
-                            tile: tuple | None = None, splits: int | None = None) -> torch.Tensor:
-    """`int8_soft_triton` on softmax(logits), the probabilities made in the kernel from lse (from
-    raw logits with `process`); with out_dtype and factor, finished by `finish_triton`."""
+def int8_soft_logits_triton(logits, lse, codes, scale, out_dtype: torch.dtype | None = None,
+                            factor: torch.Tensor | None = None, tile: tuple | None = None,
+                            splits: int | None = None) -> torch.Tensor:
+    """`int8_soft_triton` on softmax(logits), the probabilities made in the kernel from lse; with
+    out_dtype and factor, finished by `finish_triton`."""
     _check(logits, codes, scale)
     _check_logits(logits, lse)
     _check_finish(out_dtype, factor)
-    partials = _soft_triton(logits, lse.contiguous(), codes, scale, tile, splits, process)
+    partials = _soft_triton(logits, lse.contiguous(), codes, scale, tile, splits)
     if out_dtype is not None:
         return finish_triton(partials, out_dtype, factor)
     return partials[0] if partials.shape[0] == 1 else partials.sum(0)
 
 
-def _soft_triton(probs, lse, codes, scale, tile, splits, process=None):
-    """probs [L, V] (logits when lse is given; raw ones with process) against the int8 table: the
-    split-V kernel's fp32 partials [splits, L, H]."""
+def _soft_triton(probs, lse, codes, scale, tile, splits):
+    """probs [L, V] (logits when lse is given) against the int8 table: the split-V kernel's fp32
+    partials [splits, L, H]."""
     if probs.stride(-1) != 1:
         probs = probs.contiguous()
     codes, scale = codes.contiguous(), scale.contiguous()
@@ -326,11 +311,6 @@ def _soft_triton(probs, lse, codes, scale, tile, splits, process=None):
     if L == 0 or H == 0 or V == 0:
         return torch.zeros(1, L, H, dtype=torch.float32, device=probs.device)
     from_logits = lse is not None
-    if process is not None and not from_logits:
-        raise ValueError("process (raw logits) needs their lse")
-    softcap, temp = process if process is not None else (None, None)
-    # unread without PROCESS (and lse's without FROM_LOGITS): another argument stands in
-    temp = scale if temp is None else _temperature(temp, probs.device)
 
     def plan(cfg):
         bl, bh, bv, _, _ = cfg
@@ -346,17 +326,15 @@ def _soft_triton(probs, lse, codes, scale, tile, splits, process=None):
             out = torch.empty(n, L, H, dtype=torch.float32, device=probs.device)
         compiled = launch(
             _int8_soft_kernel, probs.device, (_cdiv(L, bl), _cdiv(H, bh), n),
-            probs, lse if from_logits else scale, codes, scale, out, temp, L, V, H, span, probs.stride(0),
-            codes.stride(0), float(softcap or 1.0),
+            probs, lse if from_logits else scale, codes, scale, out, L, V, H, span, probs.stride(0), codes.stride(0),
             EVEN_V=V % bv == 0, FP32=probs.dtype == torch.float32, FROM_LOGITS=from_logits,
-            PROCESS=process is not None, HAS_CAP=bool(softcap),
             BLOCK_L=bl, BLOCK_H=bh, BLOCK_V=bv, num_warps=warps, num_stages=stages, warmup=warmup,
         )
         return compiled if warmup else out
 
     if tile is None:
         key = (probs.dtype, rows_bucket(L), V, H)
-        name = "int8_soft.raw" if process is not None else "int8_soft.logits" if from_logits else "int8_soft"
+        name = "int8_soft.logits" if from_logits else "int8_soft"
         tile = tuned_tile(name, key, _TILES, _LARGE, run, DEFAULT_TILE, probs.device)
     return run(tile)
 
@@ -420,19 +398,13 @@ def lse_rows(logits: torch.Tensor) -> torch.Tensor:
 
 
 def int8_soft_logits(logits: torch.Tensor, lse: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
-                     process: tuple | None = None, out_dtype: torch.dtype | None = None,
-                     factor: torch.Tensor | None = None) -> torch.Tensor:
+                     out_dtype: torch.dtype | None = None, factor: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(logits [..., V]) @ (codes [V, H] · scale[:, None]) -> [..., H] fp32, lse = lse_rows(logits);
     the probabilities rounded to the logits' dtype, never written. Triton on CUDA, else the reference.
-
-    process = (softcap or None, temperature: a 1-element fp32 tensor on the device): the logits are
-    raw (the LM head's raw=True, model dtype) and lse is their proc's; the result equals, float for
-    float on the same path, this function on `kernels.lm_head.process(logits, *process)` rounded to
-    the logits' dtype, with that proc never written. out_dtype and factor (one out_dtype element,
-    e.g. Embedding.embed_scale()): the result `.to(out_dtype) * factor`, on the Triton path in one
-    small kernel that also sums the split partials."""
+    out_dtype and factor (one out_dtype element, e.g. Embedding.embed_scale()): the result
+    `.to(out_dtype) * factor`, on the Triton path in one small kernel that also sums the split partials."""
     flat = logits.reshape(-1, logits.shape[-1])
-    out = pick(int8_soft_logits_triton, int8_soft_logits_ref, logits)(flat, lse.reshape(-1), codes, scale, process,
+    out = pick(int8_soft_logits_triton, int8_soft_logits_ref, logits)(flat, lse.reshape(-1), codes, scale,
                                                                       out_dtype, factor)
     return out.view(*logits.shape[:-1], codes.shape[1])
 
@@ -444,20 +416,15 @@ def int8_soft_logits(logits: torch.Tensor, lse: torch.Tensor, codes: torch.Tenso
 def _aot():
     """bf16 probabilities (or logits) and fp16 scales (the int8_row format) at the production shape
     (L = 256, V = 262,144, H = 2816: all multiples of 16, V of every BLOCK_V), every candidate tile;
-    raw bf16 logits with the softcap (the step's input) at the default tile; the finish over the
-    step's [L, H] into bf16, the factor by value (embed_scale is a CPU scalar); the row logsumexp
-    over bf16 logits."""
-    sig = {"p_ptr": "*bf16", "lse_ptr": "*fp32", "c_ptr": "*i8", "s_ptr": "*fp16", "out_ptr": "*fp32",
-           "temp_ptr": "*fp32", "L": "i32", "V": "i32", "H": "i32", "span": "i32", "stride_p": "i32",
-           "stride_c": "i32", "softcap": "fp32"}
-    kinds = (("int8_soft", False, False, _TILES), ("int8_soft.logits", True, False, _TILES),
-             ("int8_soft.raw", True, True, ()))  # raw: the default tile only
-    for name, from_logits, process, tiles in kinds:
-        for tile in dict.fromkeys((DEFAULT_TILE, *tiles)):
+    the finish over the step's [L, H] into bf16, the factor by value (embed_scale is a CPU scalar);
+    the row logsumexp over bf16 logits."""
+    sig = {"p_ptr": "*bf16", "lse_ptr": "*fp32", "c_ptr": "*i8", "s_ptr": "*fp16", "out_ptr": "*fp32", "L": "i32",
+           "V": "i32", "H": "i32", "span": "i32", "stride_p": "i32", "stride_c": "i32"}
+    for name, from_logits in (("int8_soft", False), ("int8_soft.logits", True)):
+        for tile in dict.fromkeys((DEFAULT_TILE, *_TILES)):
             bl, bh, bv, warps, stages = tile
             yield AotSpec(name, _int8_soft_kernel, sig,
-                          dict(EVEN_V=True, FP32=False, FROM_LOGITS=from_logits, PROCESS=process, HAS_CAP=process,
-                               BLOCK_L=bl, BLOCK_H=bh, BLOCK_V=bv),
+                          dict(EVEN_V=True, FP32=False, FROM_LOGITS=from_logits, BLOCK_L=bl, BLOCK_H=bh, BLOCK_V=bv),
                           warps, stages, dict(BLOCK_L=bl, BLOCK_H=bh, BLOCK_V=bv, num_warps=warps, num_stages=stages),
                           default=tile == DEFAULT_TILE, large=tile in _LARGE,
                           divisible=("L", "V", "H", "span", "stride_p", "stride_c"))

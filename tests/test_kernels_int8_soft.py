@@ -499,80 +499,6 @@ def test_quant_embedding_soft_logits_takes_the_samplers_lse(monkeypatch):
                        Embedding.soft_logits(qe, logits.view(1, 6, 300)))
 
 
-# ------------------------------------------------------------------------------------------ raw logits
-#
-# The LM head's raw=True logits (model dtype, before softcap and temperature) with process = (softcap,
-# temperature): the kernel makes proc in registers with lm_head.process_logits, rounds it to the
-# logits' dtype and goes on as from the materialized proc: the same floats, path for path (accuracy
-# from proc is the tests above'; these check the equality).
-
-TEMP = 0.7
-
-
-def make_raw(L, V, H, dtype, seed=0):
-    """Raw logits wide enough for the softcap (30) to bend them (up to ~40), and a row far below the rest."""
-    logits, codes, scale = make_logits(L, V, H, torch.float32, seed=seed)
-    logits = logits * 2
-    logits[0] -= 300  # proc ~ -43 with the cap, -430 without: past V, exp(0 - lse) overflows unless masked
-    return logits.to(dtype), codes, scale
-
-
-def temperature():
-    return torch.tensor([TEMP], dtype=torch.float32)
-
-
-@pytest.mark.parametrize("softcap", [30.0, None], ids=["softcap", "no-cap"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_raw_reference_is_the_materialized_proc(monkeypatch, dtype, softcap):
-    """int8_soft_logits_ref(raw, process) = int8_soft_logits_ref(process_ref(raw).to(dtype)), exactly;
-    over several chunks, the last ragged; and process is applied (the raw logits' own soft differs)."""
-    from kernels.lm_head import process_ref
-
-    monkeypatch.setattr(mod, "CHUNK_ROWS", 64)
-    raw, codes, scale = make_raw(5, 300, 48, dtype)
-    proc = process_ref(raw, softcap, temperature()).to(dtype)
-    lse = mod.lse_rows_ref(proc)
-    got = mod.int8_soft_logits_ref(raw, lse, codes, scale, (softcap, temperature()))
-    want = mod.int8_soft_logits_ref(proc, lse, codes, scale)
-    assert torch.isfinite(got).all() and torch.equal(got, want)
-    assert not torch.equal(got, mod.int8_soft_logits_ref(raw, mod.lse_rows_ref(raw), codes, scale))
-
-
-@pytest.mark.parametrize("tile,splits", [(None, None), ((16, 32, 32, 4, 2), 1), ((16, 32, 32, 4, 2), 3)],
-                         ids=["default", "small-1split", "small-3splits"])
-@pytest.mark.parametrize("softcap", [30.0, None], ids=["softcap", "no-cap"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("L,V,H", [(4, 300, 64), (19, 200, 80)])  # V off the block; ragged L and H
-def test_triton_raw_is_the_materialized_proc(interpret_exp, L, V, H, dtype, softcap, tile, splits):
-    """The kernel from raw logits = the kernel from process_triton's proc rounded to the dtype, float
-    for float (the same process_logits, the same rounding; masked tail columns stay 0)."""
-    from kernels.lm_head import process_triton
-
-    raw, codes, scale = make_raw(L, V, H, dtype, seed=L)
-    proc = process_triton(raw, softcap, temperature()).to(dtype)
-    lse = mod.lse_rows_ref(proc)
-    got = mod.int8_soft_logits_triton(raw, lse, codes, scale, (softcap, temperature()), tile=tile, splits=splits)
-    want = mod.int8_soft_logits_triton(proc, lse, codes, scale, tile=tile, splits=splits)
-    assert torch.isfinite(got).all() and torch.equal(got, want)
-
-
-def test_raw_dispatcher_on_both_paths(monkeypatch, interpret_exp):
-    """int8_soft_logits(raw, process=...) = int8_soft_logits(lm_head.process(raw).to(dtype)) on the
-    Triton path (interpreter) and the reference, leading dims kept; process needs lse."""
-    from kernels.lm_head import process
-
-    raw, codes, scale = make_raw(6, 300, 64, torch.bfloat16)
-    for kernels in ("triton", "ref"):
-        monkeypatch.setenv("DG_KERNELS", kernels)
-        proc = process(raw, 30.0, temperature()).to(raw.dtype)
-        lse = mod.lse_rows(proc).view(2, 3)
-        got = mod.int8_soft_logits(raw.view(2, 3, 300), lse, codes, scale, (30.0, temperature()))
-        assert got.shape == (2, 3, 64)
-        assert torch.equal(got, mod.int8_soft_logits(proc.view(2, 3, 300), lse, codes, scale)), kernels
-    with pytest.raises(ValueError, match="needs their lse"):
-        mod._soft_triton(raw, None, codes, scale, None, 1, (30.0, temperature()))
-
-
 # ------------------------------------------------------------------------------------------ finish
 #
 # out_dtype and factor: the result .to(out_dtype) * factor; on the Triton path one kernel sums the split
@@ -622,26 +548,23 @@ def test_finish_kernel_sums_the_splits_in_order(interpret):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("splits", [1, 3])
-def test_soft_logits_finish_on_both_paths(interpret_exp, monkeypatch, dtype, splits):
+def test_soft_logits_finish_on_both_paths(interpret_exp, dtype, splits):
     """int8_soft_logits(..., out_dtype, factor): the reference is exactly its fp32 result .to(dtype) *
-    factor; the Triton path the same with one split, within FINISH_ULPS with three; with raw logits too."""
-    raw, codes, scale = make_raw(6, 300, 64, dtype)
-    proc = mod.process_ref(raw, 30.0, temperature()).to(dtype)
-    lse = mod.lse_rows_ref(proc)
+    factor; the Triton path the same with one split, within FINISH_ULPS with three."""
+    logits, codes, scale = make_logits(6, 300, 64, dtype)
+    lse = mod.lse_rows_ref(logits)
     factor = sqrt_h(64, dtype)
-    for process, x in ((None, proc), ((30.0, temperature()), raw)):
-        ref = mod.int8_soft_logits_ref(x, lse, codes, scale, process, dtype, factor)
-        fp32 = mod.int8_soft_logits_ref(x, lse, codes, scale, process)
-        assert ref.dtype == dtype and torch.equal(ref, fp32.to(dtype) * factor)
-        got = mod.int8_soft_logits_triton(x, lse, codes, scale, process, dtype, factor, tile=(16, 32, 32, 4, 2),
-                                          splits=splits)
-        want = mod.int8_soft_logits_triton(x, lse, codes, scale, process, tile=(16, 32, 32, 4, 2),
-                                           splits=splits).to(dtype) * factor
-        assert got.dtype == dtype
-        if splits == 1:
-            assert torch.equal(got, want)
-        else:
-            assert ((got.double() - want.double()).abs() <= 2 * FINISH_ULPS[dtype] * want.double().abs()).all()
+    ref = mod.int8_soft_logits_ref(logits, lse, codes, scale, dtype, factor)
+    fp32 = mod.int8_soft_logits_ref(logits, lse, codes, scale)
+    assert ref.dtype == dtype and torch.equal(ref, fp32.to(dtype) * factor)
+    tile = (16, 32, 32, 4, 2)
+    got = mod.int8_soft_logits_triton(logits, lse, codes, scale, dtype, factor, tile=tile, splits=splits)
+    want = mod.int8_soft_logits_triton(logits, lse, codes, scale, tile=tile, splits=splits).to(dtype) * factor
+    assert got.dtype == dtype
+    if splits == 1:
+        assert torch.equal(got, want)
+    else:
+        assert ((got.double() - want.double()).abs() <= 2 * FINISH_ULPS[dtype] * want.double().abs()).all()
 
 
 def test_finish_refuses_half_a_pair():
@@ -649,33 +572,27 @@ def test_finish_refuses_half_a_pair():
     lse = mod.lse_rows_ref(logits)
     for fn in (mod.int8_soft_logits_ref, mod.int8_soft_logits_triton, mod.int8_soft_logits):
         with pytest.raises(ValueError, match="come together"):
-            fn(logits, lse, codes, scale, None, torch.bfloat16)
+            fn(logits, lse, codes, scale, torch.bfloat16)
         with pytest.raises(ValueError, match="come together"):
-            fn(logits, lse, codes, scale, None, None, sqrt_h(16, torch.bfloat16))
+            fn(logits, lse, codes, scale, None, sqrt_h(16, torch.bfloat16))
         with pytest.raises(ValueError, match="one torch.bfloat16 element"):
-            fn(logits, lse, codes, scale, None, torch.bfloat16, sqrt_h(16, torch.float32))
+            fn(logits, lse, codes, scale, torch.bfloat16, sqrt_h(16, torch.float32))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_gpu_raw_and_finish(monkeypatch):
-    """Compiled, at the step's L and H (V cut to 32,768): the kernel from the head's raw logits equals
-    the kernel from process()'s proc rounded to bf16, bit for bit (process_logits compiled in two
-    kernels, the rounding on the GPU); the finish with sqrt(H) from the CPU, as QuantEmbedding passes it."""
-    from kernels.lm_head import process
-
+def test_gpu_finish(monkeypatch):
+    """Compiled, at the step's L and H (V cut to 32,768): the finish with sqrt(H) from the CPU, as
+    QuantEmbedding passes it, against torch's sum, cast and multiply of the same partials."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("DG_KERNELS", raising=False)
-    raw, codes, scale = make_raw(256, 32768, 2816, torch.bfloat16)
-    raw, codes, scale = raw.cuda(), codes.cuda(), scale.half().cuda()
-    temp = torch.tensor([TEMP], device="cuda")
-    proc = process(raw, 30.0, temp).to(torch.bfloat16)
-    lse = mod.lse_rows(proc)
+    logits, codes, scale = make_logits(256, 32768, 2816, torch.bfloat16)
+    logits, codes, scale = logits.cuda(), codes.cuda(), scale.half().cuda()
+    lse = mod.lse_rows(logits)
     factor = sqrt_h(2816, torch.bfloat16)
     for splits in (1, None):
         kw = dict(tile=mod.DEFAULT_TILE, splits=splits)
-        want = mod.int8_soft_logits_triton(proc, lse, codes, scale, **kw)
-        assert torch.equal(mod.int8_soft_logits_triton(raw, lse, codes, scale, (30.0, temp), **kw), want)
-        got = mod.int8_soft_logits_triton(raw, lse, codes, scale, (30.0, temp), torch.bfloat16, factor, **kw)
+        want = mod.int8_soft_logits_triton(logits, lse, codes, scale, **kw)
+        got = mod.int8_soft_logits_triton(logits, lse, codes, scale, torch.bfloat16, factor, **kw)
         unfused = want.to(torch.bfloat16) * factor
         if splits == 1:
             assert torch.equal(got, unfused)
