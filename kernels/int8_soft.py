@@ -27,6 +27,17 @@ program per row), and `int8_soft_logits(logits, lse, codes, scale)` is the same 
 it loads the logits where it loaded probabilities and makes p = exp(logits - lse) in fp32 on the fly,
 rounded to the logits' dtype (as the model rounds its fp32 softmax to the model dtype) before the
 dot. The logits are read twice, the codes once, and no [L, V] tensor is written.
+
+Cost: FROM_LOGITS makes exp(logits - lse) again for each H tile (22 at full size: ~1.48e9 exps a
+step, one special-function and ~5 other fp32 instructions per element in the sm_90 SASS). At 16
+special-function results per clock per SM, that is ~0.4 ms of an H100's throughput against ~0.26 ms
+for the kernel's ~0.88 GB at 3.35 TB/s: an estimate from the SASS, not a measurement; the RTX
+4090/5090 stay memory-bound. A raw-logits mode (proc made in the kernel from the head's raw logits,
+softcap and temperature) would remake proc per H tile too, ~3 special-function and ~26 other fp32
+instructions per element: it would cost more than the 134 MB of proc it saves, so there is none.
+
+The finish: with `out_dtype` and `factor` (the caller's cast and sqrt(H)) one small kernel sums the
+split partials in order, rounds to out_dtype and multiplies, where torch took three kernels.
 """
 
 from __future__ import annotations
@@ -102,19 +113,34 @@ def lse_rows_ref(logits: torch.Tensor) -> torch.Tensor:
     return m_safe + total.log()
 
 
-def int8_soft_logits_ref(logits: torch.Tensor, lse: torch.Tensor, codes: torch.Tensor,
-                         scale: torch.Tensor) -> torch.Tensor:
+def int8_soft_logits_ref(logits: torch.Tensor, lse: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+                         out_dtype: torch.dtype | None = None, factor: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(logits [L, V]) @ (codes · scale[:, None]) -> [L, H] fp32, with lse [L] = lse_rows(logits):
     each chunk's p = exp(logits - lse) in fp32, rounded to the logits' dtype (the model's softmax
-    rounding), then as `int8_soft_ref`."""
+    rounding), then as `int8_soft_ref`. With out_dtype and factor: the result `.to(out_dtype) * factor`."""
     _check(logits, codes, scale)
     _check_logits(logits, lse)
+    _check_finish(out_dtype, factor)
     dtype = logits.dtype
 
     def probs(a, b):
         return torch.exp(logits[:, a:b].float() - lse[:, None]).to(dtype)
 
-    return _chunked(probs, logits.shape[0], dtype, logits.device, codes, scale)
+    out = _chunked(probs, logits.shape[0], dtype, logits.device, codes, scale)
+    return out if out_dtype is None else finish_ref(out[None], out_dtype, factor)
+
+
+def _check_finish(out_dtype, factor):
+    if (out_dtype is None) != (factor is None):
+        raise ValueError("out_dtype and factor come together (result.to(out_dtype) * factor), or neither")
+    if factor is not None and (factor.numel() != 1 or factor.dtype != out_dtype):
+        raise ValueError(f"factor must be one {out_dtype} element, got {tuple(factor.shape)} {factor.dtype}")
+
+
+def finish_ref(partials: torch.Tensor, out_dtype: torch.dtype, factor: torch.Tensor) -> torch.Tensor:
+    """partials [splits, L, H] fp32 -> their sum `.to(out_dtype) * factor` [L, H] (torch's ops)."""
+    out = partials[0] if partials.shape[0] == 1 else partials.sum(0)
+    return out.to(out_dtype) * factor.reshape(())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -197,6 +223,28 @@ if HAS_TRITON:
         m_safe = tl.where(m == float("-inf"), 0.0, m)
         tl.store(out_ptr + row, m_safe + tl.log(tl.sum(acc, 0)))
 
+    @triton.jit
+    def _finish_kernel(part_ptr, factor_ptr, out_ptr, n, splits, factor, FACTOR_PTR: tl.constexpr,
+                       BLOCK: tl.constexpr):
+        """out = (Σ_split partials[split]).to(out dtype) * factor over n = L · H elements: the splits
+        summed in order in fp32, rounded once to out's dtype, then the fp32 product rounded once
+        (torch's bf16 × bf16: exact in fp32, so one rounding). The factor is read from factor_ptr
+        (FACTOR_PTR) or given as a float."""
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < n
+        ptrs = part_ptr + offs
+        acc = tl.load(ptrs, mask=ok, other=0.0)
+        for _i in range(1, splits):
+            ptrs += n
+            acc += tl.load(ptrs, mask=ok, other=0.0)
+        if FACTOR_PTR:
+            f = tl.load(factor_ptr).to(tl.float32)
+        else:
+            f = factor
+        dtype = out_ptr.dtype.element_ty
+        y = acc.to(dtype).to(tl.float32) * f
+        tl.store(out_ptr + offs, y.to(dtype), mask=ok)
+
 
 DEFAULT_TILE = (128, 128, 64, 8, 3)  # BLOCK_L, BLOCK_H, BLOCK_V, num_warps, num_stages
 _TILES = ((128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3),
@@ -234,26 +282,34 @@ def int8_soft_triton(probs, codes, scale, tile: tuple | None = None, splits: int
     """The Triton path; `tile` = (BLOCK_L, BLOCK_H, BLOCK_V, warps, stages), else autotuned on CUDA;
     `splits` = how many V ranges, else `splits_for` the device."""
     _check(probs, codes, scale)
-    return _soft_triton(probs, None, codes, scale, tile, splits)
+    partials = _soft_triton(probs, None, codes, scale, tile, splits)
+    return partials[0] if partials.shape[0] == 1 else partials.sum(0)
 
 
-def int8_soft_logits_triton(logits, lse, codes, scale, tile: tuple | None = None,
+def int8_soft_logits_triton(logits, lse, codes, scale, out_dtype: torch.dtype | None = None,
+                            factor: torch.Tensor | None = None, tile: tuple | None = None,
                             splits: int | None = None) -> torch.Tensor:
-    """`int8_soft_triton` on softmax(logits), the probabilities made in the kernel from lse."""
+    """`int8_soft_triton` on softmax(logits), the probabilities made in the kernel from lse; with
+    out_dtype and factor, finished by `finish_triton`."""
     _check(logits, codes, scale)
     _check_logits(logits, lse)
-    return _soft_triton(logits, lse.contiguous(), codes, scale, tile, splits)
+    _check_finish(out_dtype, factor)
+    partials = _soft_triton(logits, lse.contiguous(), codes, scale, tile, splits)
+    if out_dtype is not None:
+        return finish_triton(partials, out_dtype, factor)
+    return partials[0] if partials.shape[0] == 1 else partials.sum(0)
 
 
 def _soft_triton(probs, lse, codes, scale, tile, splits):
-    """probs [L, V] (logits when lse is given) against the int8 table: the split-V kernel, then the sum."""
+    """probs [L, V] (logits when lse is given) against the int8 table: the split-V kernel's fp32
+    partials [splits, L, H]."""
     if probs.stride(-1) != 1:
         probs = probs.contiguous()
     codes, scale = codes.contiguous(), scale.contiguous()
     L, V = probs.shape
     H = codes.shape[1]
     if L == 0 or H == 0 or V == 0:
-        return torch.zeros(L, H, dtype=torch.float32, device=probs.device)
+        return torch.zeros(1, L, H, dtype=torch.float32, device=probs.device)
     from_logits = lse is not None
 
     def plan(cfg):
@@ -280,8 +336,31 @@ def _soft_triton(probs, lse, codes, scale, tile, splits):
         key = (probs.dtype, rows_bucket(L), V, H)
         name = "int8_soft.logits" if from_logits else "int8_soft"
         tile = tuned_tile(name, key, _TILES, _LARGE, run, DEFAULT_TILE, probs.device)
-    partials = run(tile)
-    return partials[0] if partials.shape[0] == 1 else partials.sum(0)
+    return run(tile)
+
+
+FINISH_BLOCK, FINISH_WARPS = 2048, 4  # 352 programs at L 256, H 2816
+
+
+def finish_triton(partials: torch.Tensor, out_dtype: torch.dtype, factor) -> torch.Tensor:
+    """`finish_ref` in one kernel (instead of torch's sum, cast and multiply: three kernels): the
+    splits summed in order (deterministic; torch's sum may add them in another order: to fp32
+    rounding). `factor`: one element on the partials' device (read there), or on the CPU, or a float
+    (passed by value: no host-to-device copy, nothing to break a CUDA graph's capture)."""
+    if partials.dim() != 3 or partials.dtype != torch.float32:
+        raise ValueError(f"partials {tuple(partials.shape)} {partials.dtype}: want [splits, L, H] fp32")
+    S, L, H = partials.shape
+    partials = partials.contiguous()
+    out = torch.empty(L, H, dtype=out_dtype, device=partials.device)
+    on_device = isinstance(factor, torch.Tensor) and factor.device == partials.device
+    if isinstance(factor, torch.Tensor) and not on_device and factor.device.type != "cpu":
+        raise ValueError(f"factor on {factor.device}, partials on {partials.device}")
+    n = L * H
+    if n:
+        launch(_finish_kernel, partials.device, (_cdiv(n, FINISH_BLOCK),), partials,
+               factor if on_device else out, out, n, S, 0.0 if on_device else float(factor),
+               FACTOR_PTR=on_device, BLOCK=FINISH_BLOCK, num_warps=FINISH_WARPS)
+    return out
 
 
 LSE_BLOCK, LSE_WARPS, LSE_STAGES = 2048, 8, 3  # a row per program: 256 rows of 512 KB (bf16) at full size
@@ -318,11 +397,15 @@ def lse_rows(logits: torch.Tensor) -> torch.Tensor:
     return pick(lse_rows_triton, lse_rows_ref, logits)(flat).view(logits.shape[:-1])
 
 
-def int8_soft_logits(logits: torch.Tensor, lse: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def int8_soft_logits(logits: torch.Tensor, lse: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+                     out_dtype: torch.dtype | None = None, factor: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(logits [..., V]) @ (codes [V, H] · scale[:, None]) -> [..., H] fp32, lse = lse_rows(logits);
-    the probabilities rounded to the logits' dtype, never written. Triton on CUDA, else the reference."""
+    the probabilities rounded to the logits' dtype, never written. Triton on CUDA, else the reference.
+    out_dtype and factor (one out_dtype element, e.g. Embedding.embed_scale()): the result
+    `.to(out_dtype) * factor`, on the Triton path in one small kernel that also sums the split partials."""
     flat = logits.reshape(-1, logits.shape[-1])
-    out = pick(int8_soft_logits_triton, int8_soft_logits_ref, logits)(flat, lse.reshape(-1), codes, scale)
+    out = pick(int8_soft_logits_triton, int8_soft_logits_ref, logits)(flat, lse.reshape(-1), codes, scale,
+                                                                      out_dtype, factor)
     return out.view(*logits.shape[:-1], codes.shape[1])
 
 
@@ -333,6 +416,7 @@ def int8_soft_logits(logits: torch.Tensor, lse: torch.Tensor, codes: torch.Tenso
 def _aot():
     """bf16 probabilities (or logits) and fp16 scales (the int8_row format) at the production shape
     (L = 256, V = 262,144, H = 2816: all multiples of 16, V of every BLOCK_V), every candidate tile;
+    the finish over the step's [L, H] into bf16, the factor by value (embed_scale is a CPU scalar);
     the row logsumexp over bf16 logits."""
     sig = {"p_ptr": "*bf16", "lse_ptr": "*fp32", "c_ptr": "*i8", "s_ptr": "*fp16", "out_ptr": "*fp32", "L": "i32",
            "V": "i32", "H": "i32", "span": "i32", "stride_p": "i32", "stride_c": "i32"}
@@ -344,6 +428,11 @@ def _aot():
                           warps, stages, dict(BLOCK_L=bl, BLOCK_H=bh, BLOCK_V=bv, num_warps=warps, num_stages=stages),
                           default=tile == DEFAULT_TILE, large=tile in _LARGE,
                           divisible=("L", "V", "H", "span", "stride_p", "stride_c"))
+    yield AotSpec("int8_soft.finish", _finish_kernel,
+                  {"part_ptr": "*fp32", "factor_ptr": "*bf16", "out_ptr": "*bf16", "n": "i32", "splits": "i32",
+                   "factor": "fp32"},
+                  dict(FACTOR_PTR=False, BLOCK=FINISH_BLOCK), FINISH_WARPS, 1,
+                  dict(BLOCK=FINISH_BLOCK, num_warps=FINISH_WARPS), default=True, divisible=("n",))
     yield AotSpec("int8_soft.lse", _lse_rows_kernel, {"x_ptr": "*bf16", "out_ptr": "*fp32", "V": "i32", "stride_x": "i32"},
                   dict(BLOCK=LSE_BLOCK), LSE_WARPS, LSE_STAGES,
                   dict(BLOCK=LSE_BLOCK, num_warps=LSE_WARPS, num_stages=LSE_STAGES), default=True,

@@ -193,7 +193,7 @@ class QuantEmbedding(Embedding):
             return super().soft_logits(sc_logits)
         if lse is None:
             lse = lse_rows(sc_logits)
-        return int8_soft_logits(sc_logits, lse, w.qweight, w.scales).to(w.dtype) * self.embed_scale()
+        return int8_soft_logits(sc_logits, lse, w.qweight, w.scales, out_dtype=w.dtype, factor=self.embed_scale())
 
     def head_weight(self):
         if self.weight.format.name != "int8_row":  # kernels.lm_head reads int8 rows, not 4-bit groups

@@ -451,6 +451,7 @@ def test_self_conditioning_input_reads_logits_twice_and_codes_once(monkeypatch, 
     """The CUDA path at full size (L = 256, V = 262,144, H = 2816), traced on meta with the launches
     recorded: QuantEmbedding.soft_logits moves the logits twice (134 MB each), the codes once
     (738 MB), and [L, H]-sized partials and results; no [L, V] tensor is written (1.10 GB in all).
+    Three kernels: the partials' sum, the cast and sqrt(H) are one (no torch op on [L, H] tensors).
     The unfused input (fp32 softmax written and read back, the probabilities written and read again)
     moves 2.31 GB as traced here, and fails the bound by more than 0.5 GB."""
     launches = record_launches(monkeypatch)
@@ -470,7 +471,8 @@ def test_self_conditioning_input_reads_logits_twice_and_codes_once(monkeypatch, 
     if fused:
         assert t.read == {"codes": 0, "probs": 0}  # only the kernels read the logits and the codes
         assert [k.fn.__name__ if hasattr(k, "fn") else k.__name__ for k, _, _, _ in launches] == [
-            "_lse_rows_kernel", "_int8_soft_kernel"]
+            "_lse_rows_kernel", "_int8_soft_kernel", "_finish_kernel"]
+        assert t.bytes < 64, t.bytes  # only the CPU scalar sqrt(H)
         assert all(a.numel() < L_FULL * V_FULL or a.untyped_storage()._cdata == logits.untyped_storage()._cdata
                    for _, _, tensors, _ in launches for a in tensors if a.dtype != torch.int8)
         assert total <= budget, total / 1e9
@@ -495,3 +497,104 @@ def test_quant_embedding_soft_logits_takes_the_samplers_lse(monkeypatch):
     torch.testing.assert_close(shifted.float(), want.float() / torch.e, rtol=2e-2, atol=1e-3)
     assert torch.equal(Embedding.soft_logits(qe, logits.view(1, 6, 300), lse + 1.0),
                        Embedding.soft_logits(qe, logits.view(1, 6, 300)))
+
+
+# ------------------------------------------------------------------------------------------ finish
+#
+# out_dtype and factor: the result .to(out_dtype) * factor; on the Triton path one kernel sums the split
+# partials in order, rounds once to out_dtype and multiplies in fp32 (one more rounding), as torch's
+# bf16 x bf16 product does. Tolerance against torch's sum (perhaps in another order): two fp32 sums of
+# S terms differ by at most 2(S - 1) · 2^-24 · Σ|terms|; rounded to out_dtype, scaled and rounded
+# again, by that times the factor plus two out_dtype ulps: `finish_tolerance`. One split: nothing to
+# sum, the same floats.
+FINISH_ULPS = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10, torch.float32: 2.0**-23}  # 1 ulp / |x|, at most
+
+
+def finish_tolerance(partials, want, factor):
+    S = partials.shape[0]
+    sums = S * 2.0**-23 * partials.double().abs().sum(0) * float(factor)
+    return 2 * FINISH_ULPS[want.dtype] * want.double().abs() + sums
+
+
+def sqrt_h(H, dtype):
+    return torch.tensor(H**0.5).to(dtype)  # as Embedding.embed_scale() makes it
+
+
+@pytest.mark.parametrize("by_value", [False, True], ids=["factor-tensor", "factor-float"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("splits", [1, 3, 5])
+def test_finish_kernel_matches_reference(interpret, dtype, splits, by_value):
+    g = torch.Generator().manual_seed(splits)
+    partials = torch.randn(splits, 19, 80, generator=g) * 10.0 ** torch.randint(-6, 2, (1, 19, 80), generator=g)
+    factor = sqrt_h(2816, dtype)
+    got = mod.finish_triton(partials, dtype, float(factor) if by_value else factor)
+    want = mod.finish_ref(partials, dtype, factor)
+    assert got.dtype == dtype and got.shape == (19, 80)
+    if splits == 1:
+        assert torch.equal(got, want)
+    else:
+        assert ((got.double() - want.double()).abs() <= finish_tolerance(partials, want, factor)).all()
+    assert not torch.equal(got, partials.sum(0).to(dtype))  # the factor is applied (sqrt(2816) = 53.07)
+
+
+def test_finish_kernel_sums_the_splits_in_order(interpret):
+    """(1e8 + 1) - 1e8 is 0 in fp32 (1 is under half an ulp of 1e8), 1e8 - 1e8 + 1 is 1: the kernel
+    adds split 0, then 1, then 2, whatever the values (deterministic)."""
+    partials = torch.tensor([1e8, 1.0, -1e8]).view(3, 1, 1).expand(3, 2, 16).contiguous()
+    one = torch.ones((), dtype=torch.float32)
+    assert torch.equal(mod.finish_triton(partials, torch.float32, one), torch.zeros(2, 16))
+    assert torch.equal(mod.finish_triton(partials[[0, 2, 1]].contiguous(), torch.float32, one), torch.ones(2, 16))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("splits", [1, 3])
+def test_soft_logits_finish_on_both_paths(interpret_exp, dtype, splits):
+    """int8_soft_logits(..., out_dtype, factor): the reference is exactly its fp32 result .to(dtype) *
+    factor; the Triton path the same with one split, within FINISH_ULPS with three."""
+    logits, codes, scale = make_logits(6, 300, 64, dtype)
+    lse = mod.lse_rows_ref(logits)
+    factor = sqrt_h(64, dtype)
+    ref = mod.int8_soft_logits_ref(logits, lse, codes, scale, dtype, factor)
+    fp32 = mod.int8_soft_logits_ref(logits, lse, codes, scale)
+    assert ref.dtype == dtype and torch.equal(ref, fp32.to(dtype) * factor)
+    tile = (16, 32, 32, 4, 2)
+    got = mod.int8_soft_logits_triton(logits, lse, codes, scale, dtype, factor, tile=tile, splits=splits)
+    want = mod.int8_soft_logits_triton(logits, lse, codes, scale, tile=tile, splits=splits).to(dtype) * factor
+    assert got.dtype == dtype
+    if splits == 1:
+        assert torch.equal(got, want)
+    else:
+        assert ((got.double() - want.double()).abs() <= 2 * FINISH_ULPS[dtype] * want.double().abs()).all()
+
+
+def test_finish_refuses_half_a_pair():
+    logits, codes, scale = make_logits(2, 64, 16, torch.bfloat16)
+    lse = mod.lse_rows_ref(logits)
+    for fn in (mod.int8_soft_logits_ref, mod.int8_soft_logits_triton, mod.int8_soft_logits):
+        with pytest.raises(ValueError, match="come together"):
+            fn(logits, lse, codes, scale, torch.bfloat16)
+        with pytest.raises(ValueError, match="come together"):
+            fn(logits, lse, codes, scale, None, sqrt_h(16, torch.bfloat16))
+        with pytest.raises(ValueError, match="one torch.bfloat16 element"):
+            fn(logits, lse, codes, scale, torch.bfloat16, sqrt_h(16, torch.float32))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_finish(monkeypatch):
+    """Compiled, at the step's L and H (V cut to 32,768): the finish with sqrt(H) from the CPU, as
+    QuantEmbedding passes it, against torch's sum, cast and multiply of the same partials."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("DG_KERNELS", raising=False)
+    logits, codes, scale = make_logits(256, 32768, 2816, torch.bfloat16)
+    logits, codes, scale = logits.cuda(), codes.cuda(), scale.half().cuda()
+    lse = mod.lse_rows(logits)
+    factor = sqrt_h(2816, torch.bfloat16)
+    for splits in (1, None):
+        kw = dict(tile=mod.DEFAULT_TILE, splits=splits)
+        want = mod.int8_soft_logits_triton(logits, lse, codes, scale, **kw)
+        got = mod.int8_soft_logits_triton(logits, lse, codes, scale, torch.bfloat16, factor, **kw)
+        unfused = want.to(torch.bfloat16) * factor
+        if splits == 1:
+            assert torch.equal(got, unfused)
+        else:
+            torch.testing.assert_close(got, unfused, rtol=2 * FINISH_ULPS[torch.bfloat16], atol=1e-4)
