@@ -6,11 +6,12 @@ CUDA graphs, fused LM head), every buffer the code allocates, itemised:
   (unquantized tensors at 16 bits, as they run on a GPU);
 - the static KV cache in bf16: sliding layers a ring of W-1+L slots, full layers max_tokens+L;
 - the larger of two peaks, which never coincide:
-  - a denoising step: the CUDA graph's fixed buffers (proc fp32 [L x V] and the self-conditioning
-    input bf16), the graph's memory pool (the step's temporaries; at most the self-conditioning
-    softmax, fp32 then bf16 [L x V]), and the sampler's buffers at their largest, its first step of
-    a shape (the sampling noise fp32 and the previous proc in bf16 [L x V], kernels.sample's check;
-    later steps draw the noise in the kernel and write proc into the graph's buffer);
+  - a denoising step: the CUDA graph's fixed buffers (the fused head's raw logits and the
+    self-conditioning input, both bf16 [L x V]), the graph's memory pool (the step's temporaries; at
+    most the self-conditioning softmax, fp32 then bf16 [L x V]), and the sampler's buffers at their
+    largest, its first step of a shape (kernels.sample's check: the sampling noise fp32, proc made
+    from the raw logits in fp32 and copied to bf16 [L x V]; later steps draw the noise and make proc
+    in the kernel, and write the bf16 input into the graph's buffer);
   - the prefill's last chunk (the engine prefills PREFILL_CHUNK tokens at a time), at its largest:
     at long context a full layer's attention (keys and values repeated over the query heads for
     the whole context; the mask, its negation and the additive bias [chunk x context] that
@@ -196,7 +197,8 @@ def estimate(config: ModelConfig, formats: dict[str, str] | None = None, context
     A, I = config.top_k_experts, config.moe_intermediate_size
     LV = L * V
     # A denoising step (graphs on, the CUDA default).
-    rows.append(Row("decode step", f"CUDA graph buffers [{L} x {V:,}]: proc fp32, self-conditioning bf16", LV * 6))
+    rows.append(Row("decode step", f"CUDA graph buffers [{L} x {V:,}]: raw logits and self-conditioning, bf16",
+                    LV * 4))
     layer_stage = 8 * L * H * 4 + 4 * L * Hq * max(config.layer_head_dim) * 2 + 2 * L * A * (3 * I + H) * 2
     if formats.get("model.decoder.embed_tokens.weight") == "int8_row":
         # kernels.int8_soft reads the logits in place: only its split-K partial sums [<=16, L, H] fp32
@@ -205,10 +207,11 @@ def estimate(config: ModelConfig, formats: dict[str, str] | None = None, context
         soft_stage, soft_label = max(LV * 6, LV * 2 + _dequant_scratch(shapes, formats)), "the softmax of proc"
     rows.append(Row("decode step", f"graph pool: the step's temporaries (a layer's, or {soft_label})",
                     max(soft_stage, layer_stage)))
-    # kernels.sample's first draw of a shape checks its Exp(1) draws against torch's: q fp32 and proc
-    # copied to bf16, once; after it the draw writes the graph's input in place (partials only).
-    rows.append(Row("decode step", "sampler's first step: the Exp(1) draws fp32, proc bf16 (kernels.sample's check)",
-                    LV * 6))
+    # kernels.sample's first draw of a shape checks its Exp(1) draws against torch's: q fp32, proc
+    # made from the raw logits (fp32) and copied to bf16, once; after it the draw writes the graph's
+    # input in place (partials only).
+    rows.append(Row("decode step", "sampler's first step: the Exp(1) draws and proc fp32, proc bf16 "
+                    "(kernels.sample's check)", LV * 10))
     # The prefill's last chunk: its largest temporaries (a full layer's masked attention at long
     # context, else a sliding layer's, or the routed experts over the chunk), with the residual.
     chunk = min(context, PREFILL_CHUNK)
