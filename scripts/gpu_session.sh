@@ -28,11 +28,12 @@ if [[ $stage == kernels ]]; then
 timeout 300 python -m pytest -q -rs tests/test_kernels.py tests/test_kernels_int8.py tests/test_kernels_lm_head.py \
     tests/test_kernels_norm.py tests/test_kernels_mix.py tests/test_graphs.py tests/test_cache.py \
     tests/test_engine.py 2>&1 | tail -40 > "$out/tests.txt"
-# The CUDA-only cases of today's fast paths (fused draw and its Philox stream, GeGLU, o_proj over the
-# heads, the draw feeding real graphs): never run on a GPU yet.
+# The CUDA-only cases of today's fast paths (fused draw and its Philox stream, the draw on the head's
+# raw logits, GeGLU, o_proj over the heads, the soft embedding's finish, the draw feeding real
+# graphs): never run on a GPU yet.
 timeout 150 python -m pytest -q -rs -k "test_cuda or test_gpu" tests/test_kernels_sample.py tests/test_kernels_cuda_rng.py \
     tests/test_kernels_geglu.py tests/test_kernels_int8_heads.py tests/test_kernels_qkv.py tests/test_graphs_fused_draw.py \
-    tests/test_kernel_fallback.py 2>&1 | tail -30 \
+    tests/test_kernel_fallback.py tests/test_kernels_int8_soft.py 2>&1 | tail -30 \
     >> "$out/tests.txt"
 
 # 2. The MoE kernel alone: GB/s against the device.
