@@ -68,6 +68,7 @@ import torch
 from . import cuda_rng
 from ._dispatch import HAS_TRITON, KernelUnavailable, interpreting, launch, pick, use_triton
 from ._tuning import AotSpec
+from .lm_head import _temperature
 
 BLOCK = 2048  # columns per loop iteration: 8 fp32 of proc and 8 of q per thread at 8 warps
 WARPS = 8
@@ -419,9 +420,8 @@ def draw_fused_triton(proc, lse, seed: int, offset: int, threads: int, sc=None, 
     options = dict(enable_reflect_ftz=False) if exact else {}
     sc_arg = sc if sc is not None else lse  # unused without WRITE_SC
     lse = lse.contiguous()
-    softcap, temp = process if process is not None else (None, lse)  # lse: unused without RAW
-    if process is not None:  # as process_triton passes them (a tensor on the device stays: no copy)
-        temp = torch.as_tensor(temp, dtype=torch.float32, device=device).reshape(1)
+    # the temperature as process_triton passes it (a tensor on the device stays: no copy); lse: unused without RAW
+    softcap, temp = (process[0], _temperature(process[1], device)) if process is not None else (None, lse)
     launch(_fused_draw_kernel, device, (programs, calls), proc, lse, sc_arg, val, idx, sums, temp, n, L, V, threads,
            n_seg, key0, key1, base_lo, base_hi, float(softcap or 1.0), WRITE_SC=sc is not None,
            SC_LSE=sc_lse is not None, STRADDLE=straddle, LIBDEVICE=exact, RAW=process is not None,
