@@ -118,6 +118,27 @@ def test_gpu_real_vocab(monkeypatch):
     check(got, want, torch.bfloat16)
 
 
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("int8", [False, True], ids=["bf16-embedding", "int8-embedding"])
+def test_cuda_raw_logits_processed_are_the_proc_the_head_writes(monkeypatch, int8):
+    """On a GPU, compiled (the PTX of the head, process and the fused draw make proc with the same
+    instructions: div.full, ex2.approx, no contraction across them): process of the raw head's logits
+    is, float for float, the proc the head writes without raw, with the same statistics."""
+    from kernels.lm_head import DEFAULT_TILE, DEFAULT_TILE_INT8, lm_head_triton, process
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("DG_KERNELS", raising=False)
+    h, w, s = (None if x is None else x.cuda() for x in make(256, 2816, 262144, torch.bfloat16, int8=int8, seed=6))
+    temp = torch.tensor(0.7, device="cuda")
+    tile = DEFAULT_TILE_INT8 if int8 else DEFAULT_TILE  # one tile for both: the statistics' order is the tile's
+    want = lm_head_triton(h, w, temp, 30.0, s, tile=tile)
+    got = lm_head_triton(h, w, temp, 30.0, s, tile=tile, raw=True)
+    assert got.proc is None and got.logits.dtype == torch.bfloat16
+    assert torch.equal(process(got.logits, 30.0, temp), want.proc)
+    for a, b in zip(got[1:4], want[1:4]):
+        assert torch.equal(a, b)
+
+
 def partials(L, C, seed=0):
     """Partials as the head kernel writes them: m, s >= 1 (the max's own term), t <= 0, arg in its tile."""
     g = torch.Generator().manual_seed(seed)
