@@ -389,9 +389,9 @@ def draw_fused_triton(proc, lse, seed: int, offset: int, threads: int, sc=None, 
     the draws made in registers: proc read once, nothing vocabulary-sized written but sc. `sc`
     ([L, V], the model dtype): proc rounded to it is written there (the next step's self-conditioning
     input); `sc_lse` ([L] fp32, with sc): that input's logsumexp, lse + log(sum(exp(sc - lse))).
-    `process` = (softcap or None,
-    temperature: a 1-element fp32 tensor on the device): proc holds the raw logits (bf16, fp16 or
-    fp32), made into proc in registers as kernels.lm_head.process_triton makes it, float for float."""
+    `process` = (softcap or None, temperature: a 1-element fp32 tensor on the device): proc holds the
+    raw logits (bf16, fp16 or fp32), made into proc in registers as kernels.lm_head.process_triton
+    makes it, float for float."""
     _check_fused(proc, lse, process)
     L, V = proc.shape
     S = segment_size(V)
