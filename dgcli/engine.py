@@ -7,8 +7,9 @@ arithmetic elsewhere):
   `StaticKVCache` (no per-step concatenation, capturable);
 - CUDA graphs: each denoising step replayed from a captured graph (dgcli/graphs.py), only on a
   static cache; a capture that fails turns them off for this engine, with one warning;
-- the fused LM head: `kernels.lm_head` computes softcap(logits)/T with the argmax, entropy and
-  logsumexp in one pass over the vocabulary, instead of ~20 passes over [L, V] fp32 logits.
+- the fused LM head: `kernels.lm_head` writes the logits in the model dtype with the argmax, entropy
+  and logsumexp of softcap(logits)/T in one pass over the vocabulary, instead of ~20 passes over
+  [L, V] fp32 logits (the sampler's draw makes softcap(logits)/T from them in registers).
 What it exposes: `new_cache`, `prefill(ids, cache)`, `step(canvas, cache, sc, temperature)` ->
 `StepOut`, `commit(canvas, cache)`, and `sc_buffers(cache)`: where the sampler's draw writes the next
 step's self-conditioning input so that a graph reads it in place (`StepOut.sample_sc`).

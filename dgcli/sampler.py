@@ -14,10 +14,11 @@ Random draws, in this order, all from one generator: randint(L) per block, then 
 multinomial(L×V) and randint(L). `seed=S` reproduces `torch.manual_seed(S); model.generate(...)`.
 The sample is drawn as argmax(p / E), E ~ Exp(1) from the generator: what `torch.multinomial`
 does for one sample, bit for bit, without its two host reads (`StepOut.sample_sc`; from the fused
-head on CUDA, one kernel makes E in registers as torch's exponential_ would, reads proc once and
-writes the next step's self-conditioning input). A step reads the host once, for its
-event and the stop flag together. The decoder pass and the statistics are the engine's (dgcli/engine.py):
-on CUDA it replays graphs and fuses the LM head; the decisions are the same up to float rounding.
+head on CUDA, one kernel makes E in registers as torch's exponential_ would, reads the head's raw
+logits once (making proc from them in registers) and writes the next step's self-conditioning
+input). A step reads the host once, for its event and the stop flag together. The decoder pass
+and the statistics are the engine's (dgcli/engine.py): on CUDA it replays graphs and fuses the LM
+head; the decisions are the same up to float rounding.
 This module knows tokens only; text is the tokenizer layer's job (dgcli/api.py).
 
 Templates (dgcli/filling.py, docs/fill.md) hand in one `TemplateBlock` per canvas: pinned positions are

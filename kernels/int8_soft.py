@@ -137,10 +137,14 @@ def _check_finish(out_dtype, factor):
         raise ValueError(f"factor must be one {out_dtype} element, got {tuple(factor.shape)} {factor.dtype}")
 
 
+def _summed(partials: torch.Tensor) -> torch.Tensor:
+    """partials [splits, L, H] fp32 -> their sum [L, H] (torch's; no copy for one split)."""
+    return partials[0] if partials.shape[0] == 1 else partials.sum(0)
+
+
 def finish_ref(partials: torch.Tensor, out_dtype: torch.dtype, factor: torch.Tensor) -> torch.Tensor:
     """partials [splits, L, H] fp32 -> their sum `.to(out_dtype) * factor` [L, H] (torch's ops)."""
-    out = partials[0] if partials.shape[0] == 1 else partials.sum(0)
-    return out.to(out_dtype) * factor.reshape(())
+    return _summed(partials).to(out_dtype) * factor.reshape(())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -283,7 +287,7 @@ def int8_soft_triton(probs, codes, scale, tile: tuple | None = None, splits: int
     `splits` = how many V ranges, else `splits_for` the device."""
     _check(probs, codes, scale)
     partials = _soft_triton(probs, None, codes, scale, tile, splits)
-    return partials[0] if partials.shape[0] == 1 else partials.sum(0)
+    return _summed(partials)
 
 
 def int8_soft_logits_triton(logits, lse, codes, scale, out_dtype: torch.dtype | None = None,
@@ -297,7 +301,7 @@ def int8_soft_logits_triton(logits, lse, codes, scale, out_dtype: torch.dtype | 
     partials = _soft_triton(logits, lse.contiguous(), codes, scale, tile, splits)
     if out_dtype is not None:
         return finish_triton(partials, out_dtype, factor)
-    return partials[0] if partials.shape[0] == 1 else partials.sum(0)
+    return _summed(partials)
 
 
 def _soft_triton(probs, lse, codes, scale, tile, splits):

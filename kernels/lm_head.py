@@ -305,12 +305,12 @@ def combine_triton(m: torch.Tensor, s: torch.Tensor, t: torch.Tensor, arg: torch
 
 
 def _aot():
-    """Compile specs for `python -m kernels.aot`: bf16 rows against the bf16 embedding ("lm_head") and
-    the int8 one ("lm_head.int8"), fp32 proc, the real shapes (L 256, H 2816, V 262144), every tile."""
-    for name, w, scaled, raw in (("lm_head", "*bf16", False, False), ("lm_head.int8", "*i8", True, False),
-                                 ("lm_head.int8.raw", "*i8", True, True)):  # raw: the CUDA default
+    """Compile specs for `python -m kernels.aot`: the head as the engine launches it (raw=True: the
+    logits in bf16), bf16 rows against the bf16 embedding ("lm_head") and the int8 one
+    ("lm_head.int8"), the real shapes (L 256, H 2816, V 262144), every tile."""
+    for name, w, scaled in (("lm_head", "*bf16", False), ("lm_head.int8", "*i8", True)):
         sig = {"h_ptr": "*bf16", "w_ptr": w, "ws_ptr": "*fp16" if scaled else "*bf16", "temp_ptr": "*fp32",
-               "out_ptr": "*bf16" if raw else "*fp32", "pm_ptr": "*fp32", "ps_ptr": "*fp32", "pt_ptr": "*fp32", "pa_ptr": "*i32",
+               "out_ptr": "*bf16", "pm_ptr": "*fp32", "ps_ptr": "*fp32", "pt_ptr": "*fp32", "pa_ptr": "*i32",
                "L": "i32", "V": "i32", "K": "i32", "softcap": "fp32",
                "stride_hl": "i32", "stride_wv": "i32", "stride_ol": "i32", "stride_pl": "i32"}
         default, large = (DEFAULT_TILE_INT8, frozenset()) if scaled else (DEFAULT_TILE, _LARGE)
@@ -318,7 +318,7 @@ def _aot():
             bm, bn, bk, warps, stages = tile
             yield AotSpec(name, _lm_head_kernel, sig,
                           dict(HAS_SCALE=scaled, HAS_CAP=True, EVEN_K=True, FP32=False,
-                               BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, RAW=raw), warps, stages,
+                               BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, RAW=True), warps, stages,
                           dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages),
                           default=tile == default, large=tile in large,
                           divisible=("L", "V", "K", "stride_hl", "stride_wv", "stride_ol"))

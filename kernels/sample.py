@@ -17,7 +17,7 @@ V = 262,144 (268 MB per [L, V] fp32 tensor).
   copy moved 1.21 GB. `draw_fused_ref` is its PyTorch/numpy reference.
   `process=(softcap, temperature)`: the input is the raw logits in the model dtype (kernels.lm_head
   raw=True) and the kernel makes proc in registers with lm_head's `process_logits`, the head's own
-  arithmetic (the floats `lm_head.process` would write); sc_lse can be made without writing sc.
+  arithmetic (the floats `lm_head.process` would write).
 - `sample_sc(proc [..., V], lse [...], g, dtype, sc=None, sc_lse=None) -> (tokens, sc, sc_lse)`: the
   fused draw on CUDA, else q drawn from g as `dgcli.engine.multinomial` draws it, `draw`, and
   sc = proc.to(dtype). The same tokens as `multinomial(exp(proc - lse), g)` and the same generator
@@ -27,12 +27,11 @@ V = 262,144 (268 MB per [L, V] fp32 tensor).
   draws and the offset step with torch's (one host read, once), and takes its tokens from that q; a
   mismatch turns the fused draw off for that device and shape for good, with one stderr line.
   `sample(proc, lse, g)` is its tokens.
-- `sample_sc(logits, lse, g, dtype, sc, sc_lse, process=(softcap, temperature), write_sc=False)`, the
-  engine's: everything as `sample_sc(lm_head.process(logits, ...), ...)` would give, but the fused
-  draw reads the bf16 logits (134 MB at L = 256, V = 262,144) and writes nothing vocabulary-sized
-  (sc is not written: the next step's soft embedding reads the logits; sc_lse still is), where on
-  fp32 proc it read 268 MB and wrote 134 MB of sc; the head writes 134 MB of logits, not 268 of proc:
-  0.40 GB less a step. The unfused paths (the check's step, fallbacks, the CPU) make proc with
+- `sample_sc(logits, lse, g, dtype, sc, sc_lse, process=(softcap, temperature))`, the engine's
+  (StepOut.sample_sc): everything as `sample_sc(lm_head.process(logits, ...), ...)` would give, but
+  the fused draw reads the bf16 logits (134 MB at L = 256, V = 262,144) where it read 268 MB of fp32
+  proc, and the head writes 134 MB of logits, not 268 MB of proc: 0.27 GB less a step (sc, 134 MB,
+  is written as before). The unfused paths (the check's step, fallbacks, the CPU) make proc with
   `lm_head.process` (once, or after a failure) and return their usual sc = proc.to(dtype).
 
 The kernels: `draw_triton`'s (chunk, row) programs reduce a V-range to (max ratio, first index), a
@@ -69,6 +68,7 @@ import torch
 from . import cuda_rng
 from ._dispatch import HAS_TRITON, KernelUnavailable, interpreting, launch, pick, use_triton
 from ._tuning import AotSpec
+from .lm_head import _temperature
 
 BLOCK = 2048  # columns per loop iteration: 8 fp32 of proc and 8 of q per thread at 8 warps
 WARPS = 8
@@ -170,12 +170,11 @@ if HAS_TRITON:
     @triton.jit
     def _fused_segment(proc_ptr, lse_ptr, sc_ptr, val_ptr, idx_ptr, sum_ptr, e, seg, t, n, L, V, n_seg, softcap, temp,
                        WRITE_SC: tl.constexpr, SC_LSE: tl.constexpr, STRADDLE: tl.constexpr,
-                       LIBDEVICE: tl.constexpr, RAW: tl.constexpr, HAS_CAP: tl.constexpr,
-                       SC_DTYPE: tl.constexpr, S: tl.constexpr):
+                       LIBDEVICE: tl.constexpr, RAW: tl.constexpr, HAS_CAP: tl.constexpr, S: tl.constexpr):
         """One segment: the flat elements [seg · S, seg · S + S) of proc with their draws e ([S]):
         (first max ratio, its column) per row it covers (slot 0: its first row; slot 1: the next,
-        STRADDLE only), written at val/idx[slot · n_seg + seg]; proc in SC_DTYPE to sc (WRITE_SC); and
-        sum(exp(sc - lse)) per row at sum[slot · n_seg + seg] (SC_LSE, with or without WRITE_SC).
+        STRADDLE only), written at val/idx[slot · n_seg + seg]; proc in sc's dtype to sc (WRITE_SC); and
+        sum(exp(sc - lse)) per row at sum[slot · n_seg + seg] (SC_LSE, with WRITE_SC).
         RAW: proc_ptr holds the raw logits; proc = process_logits of them, the head's arithmetic."""
         base = seg.to(tl.int64) * S
         if base < n:
@@ -200,9 +199,9 @@ if HAS_TRITON:
                 p = tl.exp(x - lse)
             r = tl.where(ok, tl.math.div_rn(p, e), float("-inf"))
             if WRITE_SC:
-                tl.store(sc_ptr + li, x.to(SC_DTYPE), mask=ok)
+                tl.store(sc_ptr + li, x.to(sc_ptr.dtype.element_ty), mask=ok)
             if SC_LSE:
-                ex = tl.where(ok, tl.exp(x.to(SC_DTYPE).to(tl.float32) - lse), 0.0)
+                ex = tl.where(ok, tl.exp(x.to(sc_ptr.dtype.element_ty).to(tl.float32) - lse), 0.0)
             big = 2147483647  # loses every tie
             if STRADDLE:
                 v, i = tl.reduce((tl.where(second, float("-inf"), r), tl.where(second, big, col)), 0, _first_max)
@@ -223,7 +222,7 @@ if HAS_TRITON:
     def _fused_draw_kernel(proc_ptr, lse_ptr, sc_ptr, val_ptr, idx_ptr, sum_ptr, temp_ptr, n, L, V, N, n_seg,
                            key0, key1, base_lo, base_hi, softcap, WRITE_SC: tl.constexpr, SC_LSE: tl.constexpr,
                            STRADDLE: tl.constexpr, LIBDEVICE: tl.constexpr, RAW: tl.constexpr,
-                           HAS_CAP: tl.constexpr, SC_DTYPE: tl.constexpr, S: tl.constexpr):
+                           HAS_CAP: tl.constexpr, S: tl.constexpr):
         """Program (b, k): torch's exponential_ threads [b·S, (b+1)·S) at their call k (kernels.cuda_rng)
         make four draws each, for the flat elements 4 N k + N ii + idx: four segments of S elements
         (segment number (4k + ii) · N / S + b, S dividing N). RAW: proc_ptr holds the raw logits,
@@ -240,13 +239,13 @@ if HAS_TRITON:
         per = N // S
         seg = 4 * k * per + b
         _fused_segment(proc_ptr, lse_ptr, sc_ptr, val_ptr, idx_ptr, sum_ptr, e0, seg, t, n, L, V, n_seg,
-                       softcap, temp, WRITE_SC, SC_LSE, STRADDLE, LIBDEVICE, RAW, HAS_CAP, SC_DTYPE, S)
+                       softcap, temp, WRITE_SC, SC_LSE, STRADDLE, LIBDEVICE, RAW, HAS_CAP, S)
         _fused_segment(proc_ptr, lse_ptr, sc_ptr, val_ptr, idx_ptr, sum_ptr, e1, seg + per, t, n, L, V, n_seg,
-                       softcap, temp, WRITE_SC, SC_LSE, STRADDLE, LIBDEVICE, RAW, HAS_CAP, SC_DTYPE, S)
+                       softcap, temp, WRITE_SC, SC_LSE, STRADDLE, LIBDEVICE, RAW, HAS_CAP, S)
         _fused_segment(proc_ptr, lse_ptr, sc_ptr, val_ptr, idx_ptr, sum_ptr, e2, seg + 2 * per, t, n, L, V, n_seg,
-                       softcap, temp, WRITE_SC, SC_LSE, STRADDLE, LIBDEVICE, RAW, HAS_CAP, SC_DTYPE, S)
+                       softcap, temp, WRITE_SC, SC_LSE, STRADDLE, LIBDEVICE, RAW, HAS_CAP, S)
         _fused_segment(proc_ptr, lse_ptr, sc_ptr, val_ptr, idx_ptr, sum_ptr, e3, seg + 3 * per, t, n, L, V, n_seg,
-                       softcap, temp, WRITE_SC, SC_LSE, STRADDLE, LIBDEVICE, RAW, HAS_CAP, SC_DTYPE, S)
+                       softcap, temp, WRITE_SC, SC_LSE, STRADDLE, LIBDEVICE, RAW, HAS_CAP, S)
 
     @triton.jit
     def _fused_combine_kernel(val_ptr, idx_ptr, sum_ptr, lse_ptr, out_ptr, sc_lse_ptr, V, n_seg,
@@ -354,8 +353,8 @@ def _check_fused(proc, lse, process):
         raise ValueError(f"{what}, lse fp32: got {proc.dtype}, {lse.dtype}")
 
 
-def draw_fused_ref(proc, lse, seed: int, offset: int, threads: int, sc=None, sc_lse=None, process=None,
-                   sc_dtype=None) -> torch.Tensor:
+def draw_fused_ref(proc, lse, seed: int, offset: int, threads: int, sc=None, sc_lse=None,
+                   process=None) -> torch.Tensor:
     """What `draw_fused_triton` computes, in PyTorch and numpy: proc (made from raw logits by
     kernels.lm_head.process_ref when `process` is given), q from kernels.cuda_rng.exponential_ref (its
     log numpy's, not the device's __logf), `draw_ref`, then sc = proc in sc's dtype and
@@ -371,43 +370,40 @@ def draw_fused_ref(proc, lse, seed: int, offset: int, threads: int, sc=None, sc_
     if sc is not None:
         sc.copy_(proc)
     if sc_lse is not None:
-        rounded = proc.to(sc.dtype if sc is not None else sc_dtype).float()
+        rounded = proc.to(sc.dtype).float()
         sc_lse.copy_(lse + torch.exp(rounded - lse[:, None]).sum(-1).log())
     return tokens
 
 
-def draw_fused(proc, lse, seed: int, offset: int, threads: int, sc=None, sc_lse=None, process=None,
-               sc_dtype=None) -> torch.Tensor:
+def draw_fused(proc, lse, seed: int, offset: int, threads: int, sc=None, sc_lse=None,
+               process=None) -> torch.Tensor:
     """The fused draw (see `draw_fused_triton`): Triton on CUDA, else its reference."""
     return (draw_fused_triton if use_triton(proc) else draw_fused_ref)(proc, lse, seed, offset, threads, sc, sc_lse,
-                                                                       process, sc_dtype)
+                                                                       process)
 
 
-def draw_fused_triton(proc, lse, seed: int, offset: int, threads: int, sc=None, sc_lse=None, process=None,
-                      sc_dtype=None) -> torch.Tensor:
+def draw_fused_triton(proc, lse, seed: int, offset: int, threads: int, sc=None, sc_lse=None,
+                      process=None) -> torch.Tensor:
     """`draw(proc [L, V], lse [L], q)` for q = torch's CUDA exponential_(1) on an [L, V] tensor at
     generator (seed, offset) on a device whose launch has `threads` threads (kernels.cuda_rng.layout),
     the draws made in registers: proc read once, nothing vocabulary-sized written but sc. `sc`
     ([L, V], the model dtype): proc rounded to it is written there (the next step's self-conditioning
-    input); `sc_lse` ([L] fp32): that input's logsumexp, lse + log(sum(exp(sc - lse))), with sc or,
-    without it, with `sc_dtype` (the input then not written). `process` = (softcap or None,
-    temperature: a 1-element fp32 tensor on the device): proc holds the raw logits (bf16, fp16 or
-    fp32), made into proc in registers as kernels.lm_head.process_triton makes it, float for float."""
+    input); `sc_lse` ([L] fp32, with sc): that input's logsumexp, lse + log(sum(exp(sc - lse))).
+    `process` = (softcap or None, temperature: a 1-element fp32 tensor on the device): proc holds the
+    raw logits (bf16, fp16 or fp32), made into proc in registers as kernels.lm_head.process_triton
+    makes it, float for float."""
     _check_fused(proc, lse, process)
     L, V = proc.shape
     S = segment_size(V)
     if S is None or threads % S or proc.stride(1) != 1 or proc.stride(0) != V or L == 0:
         raise ValueError(f"the fused draw needs a contiguous [L, V] proc with V >= 16, got {tuple(proc.shape)}")
-    if sc_lse is not None and sc is None and sc_dtype is None:
-        raise ValueError("sc_lse comes with sc or sc_dtype")
+    if sc_lse is not None and sc is None:
+        raise ValueError("sc_lse comes with sc")
     # The kernel writes sc and sc_lse at flat offsets: a strided or mis-shaped buffer would be overwritten wrongly.
     if sc is not None and (sc.shape != proc.shape or not sc.is_contiguous() or sc.dtype not in _FLOATS):
         raise ValueError(f"sc must be a contiguous float [L, V] buffer like proc, got {tuple(sc.shape)} {sc.dtype}")
     if sc_lse is not None and (sc_lse.shape != (L,) or not sc_lse.is_contiguous() or sc_lse.dtype != torch.float32):
         raise ValueError(f"sc_lse must be a contiguous fp32 [{L}] buffer, got {tuple(sc_lse.shape)} {sc_lse.dtype}")
-    sc_dtype = sc.dtype if sc is not None else (sc_dtype or torch.float32)  # fp32: unused (no SC_LSE)
-    if sc_dtype not in _FLOATS:
-        raise ValueError(f"sc_dtype must be bf16, fp16 or fp32, got {sc_dtype}")
     n = proc.numel()
     device = proc.device
     programs, calls = cuda_rng.grid(n, threads, S)
@@ -424,14 +420,12 @@ def draw_fused_triton(proc, lse, seed: int, offset: int, threads: int, sc=None, 
     options = dict(enable_reflect_ftz=False) if exact else {}
     sc_arg = sc if sc is not None else lse  # unused without WRITE_SC
     lse = lse.contiguous()
-    softcap, temp = process if process is not None else (None, lse)  # lse: unused without RAW
-    if process is not None:  # as process_triton passes them (a tensor on the device stays: no copy)
-        temp = torch.as_tensor(temp, dtype=torch.float32, device=device).reshape(1)
-    sc_tl = getattr(tl, str(sc_dtype).removeprefix("torch."))  # tl.bfloat16, tl.float16, tl.float32
+    # the temperature as process_triton passes it (a tensor on the device stays: no copy); lse: unused without RAW
+    softcap, temp = (process[0], _temperature(process[1], device)) if process is not None else (None, lse)
     launch(_fused_draw_kernel, device, (programs, calls), proc, lse, sc_arg, val, idx, sums, temp, n, L, V, threads,
            n_seg, key0, key1, base_lo, base_hi, float(softcap or 1.0), WRITE_SC=sc is not None,
            SC_LSE=sc_lse is not None, STRADDLE=straddle, LIBDEVICE=exact, RAW=process is not None,
-           HAS_CAP=bool(softcap), SC_DTYPE=sc_tl, S=S, num_warps=FUSED_WARPS, num_stages=1, **options)
+           HAS_CAP=bool(softcap), S=S, num_warps=FUSED_WARPS, num_stages=1, **options)
     per_row = -(-V // S) + straddle  # segments covering a row
     launch(_fused_combine_kernel, device, (L,), val, idx, sums, lse, out, sc_lse if sc_lse is not None else lse, V,
            n_seg, SC_LSE=sc_lse is not None, STRADDLE=straddle, S=S,
@@ -521,8 +515,7 @@ def _self_check(proc, lse, g, threads: int) -> torch.Tensor:
 
 
 def sample_sc(proc: torch.Tensor, lse: torch.Tensor, g: torch.Generator | None, dtype: torch.dtype | None,
-              sc: torch.Tensor | None = None, sc_lse: torch.Tensor | None = None, process=None,
-              write_sc: bool = True):
+              sc: torch.Tensor | None = None, sc_lse: torch.Tensor | None = None, process=None):
     """`sample`, and the next step's self-conditioning input: proc in `dtype` and its logsumexp.
     Returns (tokens, sc, sc_lse). Fused (CUDA, once the draws were checked): the draw kernel makes the
     Exp(1) draws itself and writes sc (into `sc` when given, the graph's static buffer) and sc_lse
@@ -533,10 +526,7 @@ def sample_sc(proc: torch.Tensor, lse: torch.Tensor, g: torch.Generator | None, 
     `process` = (softcap or None, temperature: a 1-element fp32 tensor on the device): proc holds the
     raw logits (the fused head's raw=True output, in the model dtype) and everything is as for
     proc = kernels.lm_head.process(proc, *process): the same tokens, generator state, sc and sc_lse.
-    The fused draw makes proc in registers; the unfused paths (the check's step, fallbacks) make it.
-    `write_sc=False` (with dtype): the fused draw does not write sc (the soft embedding reads the raw
-    logits itself; `sc` is not used) but still its sc_lse, and returns (tokens, None, sc_lse); the
-    unfused paths return their usual (tokens, proc.to(dtype), None)."""
+    The fused draw makes proc in registers; the unfused paths (the check's step, fallbacks) make it."""
     if lse.shape != proc.shape[:-1]:
         raise ValueError(f"lse {tuple(lse.shape)} must be proc's {tuple(proc.shape)} without the last dim")
     V = proc.shape[-1]
@@ -554,15 +544,12 @@ def sample_sc(proc: torch.Tensor, lse: torch.Tensor, g: torch.Generator | None, 
             if dtype is None:
                 sc = sc_lse = None
             else:
-                if not write_sc:
-                    sc = None
-                elif sc is None:
-                    sc = torch.empty(proc.shape, dtype=dtype, device=proc.device)
+                sc = torch.empty(proc.shape, dtype=dtype, device=proc.device) if sc is None else sc
                 sc_lse = torch.empty(lse.shape, dtype=torch.float32, device=proc.device) if sc_lse is None else sc_lse
             try:
                 tokens = draw_fused(proc.view(-1, V), lse.reshape(-1), seed, offset, threads,
                                     None if sc is None else sc.view(-1, V), None if sc_lse is None else sc_lse.view(-1),
-                                    process, dtype)
+                                    process)
                 return tokens.view(lse.shape), sc, sc_lse
             except KernelUnavailable:  # the unfused draw from the same generator state, from now on
                 _checked[(str(proc.device), n)] = False
@@ -610,16 +597,14 @@ def _aot():
             "sum_ptr": "*fp32", "temp_ptr": "*fp32", "n": "i32", "L": "i32", "V": "i32", "N": "i32", "n_seg": "i32",
             "key0": "i32", "key1": "i32", "base_lo": "i32", "base_hi": "i32", "softcap": "fp32"}
     S = cuda_rng.SPAN
-    consts = dict(WRITE_SC=True, SC_LSE=True, STRADDLE=False, LIBDEVICE=True, RAW=False, HAS_CAP=False,
-                  SC_DTYPE=tl.bfloat16, S=S)
+    consts = dict(WRITE_SC=True, SC_LSE=True, STRADDLE=False, LIBDEVICE=True, RAW=False, HAS_CAP=False, S=S)
     divisible = ("n", "L", "V", "N", "n_seg")
     yield AotSpec("sample.fused", _fused_draw_kernel, fsig, consts, FUSED_WARPS, 1,
                   dict(S=S, num_warps=FUSED_WARPS, num_stages=1), default=True, divisible=divisible)
-    # The engine's: the raw head's bf16 logits in, proc made in registers (softcap, temperature), sc
-    # not written (the soft embedding reads the logits), its logsumexp still made (sc_ptr: lse, unused).
-    rsig = {**fsig, "proc_ptr": "*bf16", "sc_ptr": "*fp32"}
-    yield AotSpec("sample.fused.raw", _fused_draw_kernel, rsig,
-                  {**consts, "WRITE_SC": False, "RAW": True, "HAS_CAP": True}, FUSED_WARPS, 1,
+    # The engine's (StepOut.sample_sc): the fused head's bf16 logits in, proc made in registers
+    # (softcap, temperature), sc and its logsumexp written into the graph's buffers.
+    yield AotSpec("sample.fused.raw", _fused_draw_kernel, {**fsig, "proc_ptr": "*bf16"},
+                  {**consts, "RAW": True, "HAS_CAP": True}, FUSED_WARPS, 1,
                   dict(S=S, num_warps=FUSED_WARPS, num_stages=1), default=True, divisible=divisible)
     csig = {"val_ptr": "*fp32", "idx_ptr": "*i32", "sum_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*i64",
             "sc_lse_ptr": "*fp32", "V": "i32", "n_seg": "i32"}

@@ -241,11 +241,14 @@ class EngineRunner:
         self.engine.prefill(prompt, self.cache)
         return self.cache
 
-    def step(self, canvas, cache, sc):
-        return self.engine.step(canvas, cache, sc, self.temperature).proc
+    def step(self, canvas, cache, sc):  # the StepOut: with the fused head, raw logits (proc made outside the timing)
+        return self.engine.step(canvas, cache, sc, self.temperature)
 
-    def sc(self, logits):  # a copy: the step's output may be a buffer that the next step overwrites
-        return logits.to(self.engine.dtype, copy=True)
+    def logits(self, out):  # copies: the step's output may be a buffer that the next step overwrites
+        return out.proc.to(torch.float32, copy=True)
+
+    def sc(self, out):
+        return out.proc.to(self.engine.dtype, copy=True)
 
     def fork(self, cache):
         """The cache as prefilled, to commit into: marked on the first call, rewound after (in place,
@@ -303,6 +306,9 @@ class ReferenceRunner:
 
         return copy.deepcopy(cache)
 
+    def logits(self, out):
+        return out.to(torch.float32, copy=True)
+
     def sc(self, logits):
         return logits.to(self.model.model.decoder.embed_tokens.weight.dtype)
 
@@ -352,13 +358,12 @@ def step_phase(runners: dict, rec: dict, canvas, steps: int, device) -> None:
     last = {}
     for n, r in runners.items():
         c = rec[n].cache
-        first, rec[n].warmup_ms["step"] = _timed(lambda r=r, c=c: r.step(canvas, c, None), device)
-        # a copy: a graph's output buffer is overwritten by the next step
-        first = rec[n].first_logits = first.to(torch.float32, copy=True)
+        out, rec[n].warmup_ms["step"] = _timed(lambda r=r, c=c: r.step(canvas, c, None), device)
+        first = rec[n].first_logits = r.logits(out)  # a copy: a graph's output buffer is overwritten by the next step
         if isinstance(r, EngineRunner):
             rec[n].eager_diff = (r.eager(canvas, c).float() - first).abs().max().item()
         # the first step with self-conditioning: with CUDA graphs, its graph is captured here
-        last[n], rec[n].warmup_ms["step_sc"] = _timed(lambda r=r, c=c, sc=r.sc(first): r.step(canvas, c, sc), device)
+        last[n], rec[n].warmup_ms["step_sc"] = _timed(lambda r=r, c=c, sc=r.sc(out): r.step(canvas, c, sc), device)
     for _ in range(steps):
         for n, r in runners.items():
             c = rec[n].cache

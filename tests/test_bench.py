@@ -87,6 +87,31 @@ def test_graph_replays_match_eager_and_flags_reach_the_engine(monkeypatch):
     assert seen == [dict(static_cache=None, cuda_graphs=None, fused_head=None)]  # None: the Engine's policy
 
 
+def test_timed_steps_are_the_engines_alone(monkeypatch):
+    """With the fused head the step's output is the raw logits: making proc from them (for the
+    self-conditioning input, the first-step check) happens outside the timed step, as the sampler's
+    draw makes it, not as one more kernel inside it; the first-step logits are still proc."""
+    import importlib
+
+    lm_head_module = importlib.import_module("kernels.lm_head")  # the package re-exports the function
+    timing, inside = [False], []
+    real_timed, real_process = bench._timed, lm_head_module.process
+
+    def timed(fn, device):
+        timing[0] = True
+        try:
+            return real_timed(fn, device)
+        finally:
+            timing[0] = False
+
+    monkeypatch.setattr(bench, "_timed", timed)
+    monkeypatch.setattr(lm_head_module, "process", lambda *a: inside.append(timing[0]) or real_process(*a))
+    r = bench.run_bench(**TINY, fused_head=True)
+    assert r["config"]["fused_head"] is True
+    assert inside and not any(inside)  # proc made, never inside a timed call
+    assert r["engine"]["eager_max_abs_logit_diff"] < 1e-4  # the first step's proc, against the plain path's
+
+
 def test_command_line_flags(monkeypatch):
     got = []
     monkeypatch.setattr(bench, "run_bench", lambda cfg: got.append(cfg) or {})

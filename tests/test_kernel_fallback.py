@@ -201,7 +201,7 @@ def test_fused_draw_that_cannot_load_draws_unfused_on_the_same_stream(interpret,
 
 
 def test_fused_draw_on_raw_logits_that_cannot_load_draws_from_their_proc(interpret, broken, monkeypatch, capsys):
-    """The same on raw logits (process=(softcap, temperature), sc not asked for): the unfused draw
+    """The same on raw logits (process=(softcap, temperature)): the unfused draw
     on kernels.lm_head.process(logits), the sampler's tokens and offsets on that proc, and sc = that
     proc in the model dtype (the unfused answer, which the caller can use as ever)."""
     import kernels.cuda_rng as rng
@@ -221,8 +221,7 @@ def test_fused_draw_on_raw_logits_that_cannot_load_draws_from_their_proc(interpr
         proc = process(logits, *args)
         g, g_ref = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
         for call in range(3):
-            tokens, sc, sc_lse = mod.sample_sc(logits[None], lse[None], g, torch.bfloat16, process=args,
-                                               write_sc=False)
+            tokens, sc, sc_lse = mod.sample_sc(logits[None], lse[None], g, torch.bfloat16, process=args)
             want = draw_ref(proc, lse, fake.exponential(proc, g_ref))[None]
             assert torch.equal(tokens, want), (kernel, call)
             assert fake.state[id(g)] == fake.state[id(g_ref)]

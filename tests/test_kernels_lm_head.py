@@ -118,6 +118,27 @@ def test_gpu_real_vocab(monkeypatch):
     check(got, want, torch.bfloat16)
 
 
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("int8", [False, True], ids=["bf16-embedding", "int8-embedding"])
+def test_cuda_raw_logits_processed_are_the_proc_the_head_writes(monkeypatch, int8):
+    """On a GPU, compiled (the PTX of the head, process and the fused draw make proc with the same
+    instructions: div.full, ex2.approx, no contraction across them): process of the raw head's logits
+    is, float for float, the proc the head writes without raw, with the same statistics."""
+    from kernels.lm_head import DEFAULT_TILE, DEFAULT_TILE_INT8, lm_head_triton, process
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("DG_KERNELS", raising=False)
+    h, w, s = (None if x is None else x.cuda() for x in make(256, 2816, 262144, torch.bfloat16, int8=int8, seed=6))
+    temp = torch.tensor(0.7, device="cuda")
+    tile = DEFAULT_TILE_INT8 if int8 else DEFAULT_TILE  # one tile for both: the statistics' order is the tile's
+    want = lm_head_triton(h, w, temp, 30.0, s, tile=tile)
+    got = lm_head_triton(h, w, temp, 30.0, s, tile=tile, raw=True)
+    assert got.proc is None and got.logits.dtype == torch.bfloat16
+    assert torch.equal(process(got.logits, 30.0, temp), want.proc)
+    for a, b in zip(got[1:4], want[1:4]):
+        assert torch.equal(a, b)
+
+
 def partials(L, C, seed=0):
     """Partials as the head kernel writes them: m, s >= 1 (the max's own term), t <= 0, arg in its tile."""
     g = torch.Generator().manual_seed(seed)
@@ -207,3 +228,33 @@ def test_raw_logits_processed_are_the_proc_the_head_writes(interpret, path, dtyp
         torch.testing.assert_close(got.logits.float(), logits.float(), atol=2e-2, rtol=1e-2)
     # the dispatcher: reference on CPU tensors unless DG_KERNELS says triton (set by `interpret`)
     assert torch.equal(process(got.logits, None, 0.7), process_triton(got.logits, None, 0.7))
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["bf16-embedding", "int8-embedding"])
+def test_aot_compiles_the_head_the_engine_launches(monkeypatch, int8):
+    """The head as Engine.stats launches it at full size (raw=True: bf16 logits out, softcap 30),
+    for either embedding, is an AOT spec (its constexprs and pointer dtypes): the compile test checks
+    the kernel that runs."""
+    import importlib
+
+    mod = importlib.import_module("kernels.lm_head")  # the package re-exports the function
+    launched = []
+    monkeypatch.setenv("DG_KERNELS", "triton")
+    monkeypatch.setattr(mod, "launch", lambda kernel, device, grid, *args, **kw: launched.append((kernel, args, kw)))
+    L, H, V = 256, 2816, 262144
+    meta = dict(device="meta")
+    h = torch.empty(L, H, dtype=torch.bfloat16, **meta)
+    w = torch.empty(V, H, dtype=torch.int8 if int8 else torch.bfloat16, **meta)
+    scale = torch.empty(V, dtype=torch.float16, **meta) if int8 else None
+    out = torch.empty(L, V, dtype=torch.bfloat16, **meta)
+    mod.lm_head(h, w, torch.empty((), **meta), 30.0, scale, out=out, raw=True)
+    (_, args, kw), = [x for x in launched if x[0] is mod._lm_head_kernel]
+    names = mod._lm_head_kernel.arg_names
+    dtypes = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32",
+              torch.int8: "*i8"}
+    pointers = {n: dtypes[a.dtype] for n, a in zip(names, args) if isinstance(a, torch.Tensor)}
+    constexprs = {k: v for k, v in kw.items() if k in names}
+    specs = [s for s in mod.AOT if s.fn is mod._lm_head_kernel]
+    assert any(s.constexprs == constexprs and all(s.signature[n] == t for n, t in pointers.items()) for s in specs), (
+        constexprs, pointers)
+    assert constexprs["RAW"] and pointers["out_ptr"] == "*bf16"

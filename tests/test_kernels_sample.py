@@ -271,14 +271,46 @@ def test_aot_specs_compile_without_spills():
             assert ops["FCHK"] == n and 4 * n <= ops["MUFU"] <= 4 * n + 8, r
             assert ops["LDG"] <= n // 4 + 4 and "LDL" not in ops and "STL" not in ops, r  # 128-bit loads of proc
             assert sum(ops.values()) < 110 * n, r  # ~91 instructions an element at sm_90
-        if r["kernel"] == "sample.fused.raw":  # bf16 logits in, sc not written
+        if r["kernel"] == "sample.fused.raw":  # the engine's: bf16 logits in, sc and sc_lse written
             ops, n = r["sass"], 4 * rng.SPAN // (mod.FUSED_WARPS * 32)
             # the softcap's exp and the tanh's division add two MUFU an element (x / softcap and
             # / temperature divide by one value: ptxas makes one reciprocal for each)
             assert ops["FCHK"] == n and 6 * n <= ops["MUFU"] <= 6 * n + 16, r
-            # 128-bit loads of 8 logits, the segments' lse and the temperature; stores: the partials only
-            assert ops["LDG"] <= n // 8 + 5 and ops["STG"] == 3 * 4 and "LDL" not in ops and "STL" not in ops, r
+            # 128-bit loads of 8 logits, the segments' lse and the temperature; stores: 8 of sc (128
+            # bits) and the three partials per segment
+            assert ops["LDG"] <= n // 8 + 5 and ops["STG"] == 4 + 3 * 4 and "LDL" not in ops and "STL" not in ops, r
             assert sum(ops.values()) < 130 * n, r  # ~115 instructions an element at sm_90
+
+
+def test_aot_compiles_the_fused_draw_the_engine_launches(monkeypatch):
+    """The fused draw as the sampler launches it at full size (StepOut.sample_sc on the fused head's
+    bf16 logits with process, sc and its logsumexp into the graph's buffers) is an AOT spec: its
+    constexprs and pointer dtypes, so that the compile test checks the kernel that runs."""
+    import triton.language as tl
+
+    from dgcli.engine import SelfCond, StepOut
+
+    launched = []
+    monkeypatch.setenv("DG_KERNELS", "triton")
+    monkeypatch.setattr(mod, "launch", lambda kernel, device, grid, *args, **kw: launched.append((kernel, args, kw)))
+    monkeypatch.setattr(mod, "fused_device", lambda t: True)
+    monkeypatch.setattr(mod, "check_status", lambda device, n: True)
+    monkeypatch.setattr(mod, "philox_state", lambda g, d: (7, 40))
+    monkeypatch.setattr(mod, "set_philox_offset", lambda g, d, off: None)
+    meta = dict(device="meta")
+    out = StepOut(torch.empty(1, L_FULL, V_FULL, dtype=torch.bfloat16, **meta), torch.empty(1, L_FULL, dtype=torch.long, **meta),
+                  torch.empty(1, L_FULL, **meta), torch.empty(1, L_FULL, **meta), (30.0, torch.empty((), **meta)))
+    into = SelfCond(torch.empty(1, L_FULL, V_FULL, dtype=torch.bfloat16, **meta), torch.empty(1, L_FULL, **meta))
+    out.sample_sc(None, torch.bfloat16, into)
+    (_, args, kw), = [x for x in launched if x[0] is mod._fused_draw_kernel]
+    names = mod._fused_draw_kernel.arg_names
+    dtypes = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32"}
+    pointers = {n: dtypes[a.dtype] for n, a in zip(names, args) if isinstance(a, torch.Tensor)}
+    specs = [s for s in mod.AOT if s.fn is mod._fused_draw_kernel]
+    constexprs = {k: v for k, v in kw.items() if k in names}
+    assert any(s.constexprs == constexprs and all(s.signature[n] == t for n, t in pointers.items()) for s in specs), (
+        constexprs, pointers, [(s.kernel, s.constexprs) for s in specs])
+    assert constexprs["RAW"] and constexprs["WRITE_SC"] and constexprs["SC_LSE"] and pointers["sc_ptr"] == "*bf16"
 
 
 # ------------------------------------------------------------------------------ the fused draw (cuda_rng)
@@ -558,7 +590,7 @@ def test_fused_draw_on_raw_logits_is_the_draw_on_their_proc(fused_interpret, L, 
                                                              temperature):
     """process=(softcap, temperature): the kernel reads the raw logits and makes proc in registers as
     kernels.lm_head's process kernel does: tokens, sc and sc_lse bit for bit those of the draw on the
-    proc that kernel materializes; without writing sc, the same sc_lse."""
+    proc that kernel materializes."""
     from kernels.lm_head import process_ref, process_triton
 
     logits, lse, process = make_raw(L, V, seed=V, dtype=dtype, softcap=softcap, temperature=temperature)
@@ -572,18 +604,14 @@ def test_fused_draw_on_raw_logits_is_the_draw_on_their_proc(fused_interpret, L, 
     raw_sc, raw_lse = torch.full_like(sc, 7.0), torch.full_like(sc_lse, 7.0)
     got = mod.draw_fused_triton(logits, lse, seed, offset, threads, raw_sc, raw_lse, process)
     assert torch.equal(got, want) and torch.equal(raw_sc, sc) and torch.equal(raw_lse, sc_lse)
-    only_lse = torch.full_like(sc_lse, 7.0)  # sc not written: its logsumexp all the same
-    got = mod.draw_fused_triton(logits, lse, seed, offset, threads, None, only_lse, process, torch.bfloat16)
-    assert torch.equal(got, want) and torch.equal(only_lse, sc_lse)
     assert torch.equal(mod.draw_fused_triton(logits, lse, seed, offset, threads, process=process), want)
     # the reference: process_ref's proc (CPU arithmetic, rounding-level apart), then draw_fused_ref
     ref_proc = process_ref(logits, *process)
     ref_sc, ref_lse = torch.empty_like(sc), torch.empty_like(sc_lse)
     want_ref = mod.draw_fused_ref(ref_proc, lse, seed, offset, threads, ref_sc, ref_lse)
-    got_lse = torch.empty_like(sc_lse)
-    assert torch.equal(mod.draw_fused_ref(logits, lse, seed, offset, threads, None, got_lse, process, torch.bfloat16),
-                       want_ref)
-    assert torch.equal(got_lse, ref_lse)
+    got_sc, got_lse = torch.empty_like(sc), torch.empty_like(sc_lse)
+    assert torch.equal(mod.draw_fused_ref(logits, lse, seed, offset, threads, got_sc, got_lse, process), want_ref)
+    assert torch.equal(got_sc, ref_sc) and torch.equal(got_lse, ref_lse)
     torch.testing.assert_close(ref_lse, sc_lse, rtol=0, atol=2e-5)
 
 
@@ -594,11 +622,11 @@ def test_fused_draw_on_raw_logits_validates(fused_interpret):
         mod.draw_fused_triton(logits, lse, 1, 0, threads)  # bf16 without process: not proc
     with pytest.raises(ValueError, match="raw logits must be"):
         mod.draw_fused_triton(logits.to(torch.int32), lse, 1, 0, threads, process=process)
-    with pytest.raises(ValueError, match="sc_lse comes with sc or sc_dtype"):
+    with pytest.raises(ValueError, match="sc_lse comes with sc"):
         mod.draw_fused_triton(logits, lse, 1, 0, threads, None, torch.empty(2), process)
 
 
-def _sample_both(fake, monkeypatch, logits, lse, process, seed, calls, **kw):
+def _sample_both(fake, monkeypatch, logits, lse, process, seed, calls):
     """sample_sc on raw logits with `process` and on process(logits), each from a fresh check, each
     with its own generator: per call ((tokens, sc, sc_lse) raw, the same materialized), the offsets."""
     from kernels.lm_head import process as make_proc
@@ -611,7 +639,7 @@ def _sample_both(fake, monkeypatch, logits, lse, process, seed, calls, **kw):
         out = []
         for _ in range(calls):
             if raw:
-                out.append(mod.sample_sc(logits[None], lse[None], g, torch.bfloat16, process=process, **kw))
+                out.append(mod.sample_sc(logits[None], lse[None], g, torch.bfloat16, process=process))
             else:
                 out.append(mod.sample_sc(make_proc(logits, *process)[None], lse[None], g, torch.bfloat16))
             out[-1] = (*out[-1], fake.state.get(id(g), 0))
@@ -621,9 +649,7 @@ def _sample_both(fake, monkeypatch, logits, lse, process, seed, calls, **kw):
 
 def test_sample_sc_on_raw_logits_is_sample_sc_on_their_proc(fused_interpret, monkeypatch):
     """sample_sc(logits, process=...) under the interpreter (the fused kernel, process_triton): at the
-    check's step and after it, the tokens, generator offsets, sc and sc_lse of sample_sc(process(logits));
-    with write_sc=False the fused step returns sc None and the same sc_lse, the check's step its usual
-    (tokens, proc.to(dtype), None)."""
+    check's step and after it, the tokens, generator offsets, sc and sc_lse of sample_sc(process(logits))."""
     from kernels.lm_head import process
 
     monkeypatch.setenv("DG_KERNELS", "triton")
@@ -638,20 +664,13 @@ def test_sample_sc_on_raw_logits_is_sample_sc_on_their_proc(fused_interpret, mon
         assert (raw[2] is None) == (want[2] is None) == (call == 0)
     assert torch.equal(steps[1][0][2], steps[1][1][2])  # sc_lse
     assert not torch.equal(steps[0][0][0], steps[1][0][0])  # the two steps drew differently
-    for call, ((raw, want), (with_sc, _)) in enumerate(zip(_sample_both(fake, monkeypatch, logits, lse, proc_args, 4, 2,
-                                                                        write_sc=False), steps)):
-        assert torch.equal(raw[0], want[0]) and raw[3] == want[3], call
-        if call == 0:
-            assert torch.equal(raw[1], sc_want) and raw[2] is None
-        else:
-            assert raw[1] is None and torch.equal(raw[2], with_sc[2])
 
 
 @pytest.mark.parametrize("failure", ["draws", "unavailable"])
 def test_raw_fallbacks_draw_from_the_materialized_proc(monkeypatch, capsys, failure):
     """Raw logits, and the fused draw off (a failed check; the draw kernel unavailable after a passed
     one): the unfused draw on kernels.lm_head.process(logits), the same tokens and offsets as the
-    sampler on that proc, and sc = that proc in the model dtype (write_sc=False too)."""
+    sampler on that proc, and sc = that proc in the model dtype."""
     from kernels._dispatch import KernelUnavailable
     from kernels.lm_head import process
 
@@ -666,8 +685,7 @@ def test_raw_fallbacks_draw_from_the_materialized_proc(monkeypatch, capsys, fail
     proc = process(logits, *proc_args)
     g, g_ref = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
     for call in range(3):
-        tokens, sc, sc_lse = mod.sample_sc(logits[None], lse[None], g, torch.bfloat16, process=proc_args,
-                                           write_sc=call == 1)
+        tokens, sc, sc_lse = mod.sample_sc(logits[None], lse[None], g, torch.bfloat16, process=proc_args)
         assert torch.equal(tokens, draw_ref(proc, lse, fake.exponential(proc, g_ref))[None]), call
         assert fake.state[id(g)] == fake.state[id(g_ref)]
         assert sc_lse is None and torch.equal(sc, proc[None].to(torch.bfloat16))
@@ -676,8 +694,7 @@ def test_raw_fallbacks_draw_from_the_materialized_proc(monkeypatch, capsys, fail
 
 
 def test_raw_logits_off_the_fused_path(monkeypatch):
-    """On the CPU (and DG_KERNELS=ref): the unfused draw on process_ref's proc and sc = proc.to(dtype),
-    write_sc or not."""
+    """On the CPU (and DG_KERNELS=ref): the unfused draw on process_ref's proc and sc = proc.to(dtype)."""
     from kernels.lm_head import process_ref
 
     monkeypatch.delenv("DG_KERNELS", raising=False)
@@ -685,16 +702,16 @@ def test_raw_logits_off_the_fused_path(monkeypatch):
     logits, lse, proc_args = make_raw(3, 400, seed=6)
     proc = process_ref(logits, *proc_args)
     want = multinomial(torch.exp(proc - lse[:, None]), torch.Generator().manual_seed(3))
-    for write_sc in (True, False):
-        tokens, sc, sc_lse = mod.sample_sc(logits[None], lse[None], torch.Generator().manual_seed(3), torch.bfloat16,
-                                           process=proc_args, write_sc=write_sc)
-        assert torch.equal(tokens[0], want) and torch.equal(sc[0], proc.to(torch.bfloat16)) and sc_lse is None
+    tokens, sc, sc_lse = mod.sample_sc(logits[None], lse[None], torch.Generator().manual_seed(3), torch.bfloat16,
+                                       process=proc_args)
+    assert torch.equal(tokens[0], want) and torch.equal(sc[0], proc.to(torch.bfloat16)) and sc_lse is None
 
 
 def test_full_size_fused_draw_on_raw_logits_reads_them_once(monkeypatch):
-    """The step's draw on the raw head's bf16 logits, sc not written (write_sc=False), sc_lse into the
-    buffer given: one draw kernel whose only vocabulary-sized argument is the logits (134 MB read),
-    where the fp32-proc draw writing sc moved 402 MB (and the head wrote 268 MB of proc, not 134)."""
+    """The step's draw on the raw head's bf16 logits, sc and sc_lse into the graph's buffers (as
+    StepOut.sample_sc): one draw kernel whose vocabulary-sized arguments are the logits (134 MB read)
+    and sc (134 MB written), where the fp32-proc draw read 268 MB of proc (and the head wrote 268 MB
+    of proc, not 134 MB of logits)."""
     launches = record_launches(monkeypatch)
     monkeypatch.setattr(mod, "fused_device", lambda t: True)
     monkeypatch.setattr(mod, "check_status", lambda device, n: True)
@@ -703,26 +720,26 @@ def test_full_size_fused_draw_on_raw_logits_reads_them_once(monkeypatch):
     logits = torch.empty(1, L_FULL, V_FULL, dtype=torch.bfloat16, device="meta")
     lse = torch.empty(1, L_FULL, device="meta")
     temp = torch.empty(1, device="meta")
-    lse_buf = torch.empty(1, L_FULL, device="meta")
+    sc_buf, lse_buf = torch.empty_like(logits), torch.empty(1, L_FULL, device="meta")
     with Traffic() as t:
-        tokens, sc, sc_lse = mod.sample_sc(logits, lse, None, torch.bfloat16, None, lse_buf, (30.0, temp), False)
-    assert tokens.shape == (1, L_FULL) and sc is None and sc_lse is lse_buf and t.ops == []
+        tokens, sc, sc_lse = mod.sample_sc(logits, lse, None, torch.bfloat16, sc_buf, lse_buf, (30.0, temp))
+    assert tokens.shape == (1, L_FULL) and sc is sc_buf and sc_lse is lse_buf and t.ops == []
     (draw_k, _, args), (combine, _, args2) = launches
     assert draw_k is mod._fused_draw_kernel and combine is mod._fused_combine_kernel
     big = [a for a in args + args2 if a.numel() >= L_FULL * V_FULL // 16]
-    assert [a.untyped_storage()._cdata for a in big] == [logits.untyped_storage()._cdata]
+    assert [a.untyped_storage()._cdata for a in big] == [x.untyped_storage()._cdata for x in (logits, sc_buf)]
     # the temperature read on the device (no host sync)
     assert any(a.untyped_storage()._cdata == temp.untyped_storage()._cdata for a in args)
     kernel_bytes = sum(a.nbytes for a in args + args2)
-    assert kernel_bytes - logits.nbytes < 8 * 2**20  # partials (written, then read) and lse
+    assert kernel_bytes - logits.nbytes - sc_buf.nbytes < 8 * 2**20  # partials (written, then read) and lse
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("L,V", [(256, 262144), (8, 1000)])
 def test_cuda_fused_sample_on_raw_logits_is_the_sample_on_their_proc(monkeypatch, capsys, L, V):
-    """On a GPU: sample_sc on bf16 logits with process=(30, temperature), sc not written, against
-    sample_sc on lm_head.process(logits) from the same generator state: the same tokens and offsets at
-    every call (the check's included), and the same sc_lse bit for bit once fused."""
+    """On a GPU: sample_sc on bf16 logits with process=(30, temperature) (the engine's), against
+    sample_sc on lm_head.process(logits) from the same generator state: the same tokens, offsets and
+    sc at every call (the check's included), and the same sc_lse bit for bit once fused."""
     from kernels.lm_head import process
 
     monkeypatch.delenv("DG_KERNELS", raising=False)
@@ -736,7 +753,7 @@ def test_cuda_fused_sample_on_raw_logits_is_the_sample_on_their_proc(monkeypatch
         out = []
         for _ in range(3):
             if raw:
-                tokens, sc, sc_lse = mod.sample_sc(logits, lse, g, torch.bfloat16, process=args, write_sc=False)
+                tokens, sc, sc_lse = mod.sample_sc(logits, lse, g, torch.bfloat16, process=args)
             else:
                 tokens, sc, sc_lse = mod.sample_sc(proc, lse, g, torch.bfloat16)
             out.append((tokens, sc, sc_lse, g.get_offset()))
@@ -744,8 +761,8 @@ def test_cuda_fused_sample_on_raw_logits_is_the_sample_on_their_proc(monkeypatch
         runs.append(out)
     for call, (raw, want) in enumerate(zip(*runs)):
         assert torch.equal(raw[0], want[0]) and raw[3] == want[3], call
+        assert torch.equal(raw[1], proc.to(torch.bfloat16)) and torch.equal(raw[1], want[1]), call
+        assert (raw[2] is None) == (want[2] is None) == (call == 0), call
         if call:
-            assert raw[1] is None and torch.equal(raw[2], want[2])
-        else:
-            assert torch.equal(raw[1], proc.to(torch.bfloat16))
+            assert torch.equal(raw[2], want[2]), call
     assert capsys.readouterr().err == ""
