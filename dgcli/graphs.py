@@ -75,41 +75,32 @@ class GraphedStep:
     """`Engine.stats` on one static cache, replayed from captured graphs into this object's buffers."""
 
     def __init__(self, engine, cache, capture):
+        from .engine import StepOut  # the engine imports this module lazily; no cycle at import time
+
         L, V, dev = engine.config.canvas_length, engine.config.vocab_size, engine.device
         self.engine, self.cache, self.capture = engine, cache, capture
         self.canvas = torch.zeros(1, L, dtype=torch.long, device=dev)
         self.sc = torch.zeros(1, L, V, dtype=engine.dtype, device=dev)
         self.sc_lse = torch.zeros(1, L, dtype=torch.float32, device=dev)  # sc's logsumexp, when the sampler made it
         self.temperature = torch.ones((), dtype=torch.float32, device=dev)
-        # argmax, entropy, lse: shared by both kinds of output below
-        self._stats = (torch.zeros(1, L, dtype=torch.long, device=dev),
-                       torch.zeros(1, L, dtype=torch.float32, device=dev),
-                       torch.zeros(1, L, dtype=torch.float32, device=dev))
-        self._outs: dict[bool, object] = {}
+        # The outputs: the fused head's graphs write raw logits in the model dtype (134 MB at full
+        # size), the unfused ones fp32 proc (268 MB); an engine's graphs are all one kind.
+        self.fused = engine.fused_head
+        values = torch.empty(1, L, V, dtype=engine.dtype if self.fused else torch.float32, device=dev)
+        self.out = StepOut(values, torch.zeros(1, L, dtype=torch.long, device=dev),
+                           torch.zeros(1, L, dtype=torch.float32, device=dev),
+                           torch.zeros(1, L, dtype=torch.float32, device=dev),
+                           (engine.config.final_logit_softcapping, self.temperature) if self.fused else None)
         # (span, self-conditioning: 0 none, 1 sc, 2 sc with its logsumexp, fused head)
         self.graphs: dict[tuple[int, int, bool], object] = {}
         self.capture_seconds = 0.0  # warm-up and capture time, reported apart from the steps
-
-    def out(self, fused: bool):
-        """The output buffers: the fused head's graphs write raw logits in the model dtype, the
-        unfused ones fp32 proc; each made at its first use (an engine uses one kind: 134 or 268 MB
-        at full size)."""
-        from .engine import StepOut  # the engine imports this module lazily; no cycle at import time
-
-        if fused not in self._outs:
-            engine, shape, dev = self.engine, tuple(self.sc.shape), self.sc.device
-            if fused:
-                values = torch.empty(shape, dtype=engine.dtype, device=dev)
-                process = (engine.config.final_logit_softcapping, self.temperature)
-            else:
-                values, process = torch.empty(shape, dtype=torch.float32, device=dev), None
-            self._outs[fused] = StepOut(values, *self._stats, process)
-        return self._outs[fused]
 
     def __call__(self, canvas: torch.Tensor, sc: torch.Tensor | None, temperature: torch.Tensor, fused: bool,
                  sc_lse: torch.Tensor | None = None):
         """One step; sc (and sc_lse) may be this object's own buffers, which the sampler's draw wrote
         (Engine.sc_buffers): then nothing is copied."""
+        if fused != self.fused:  # the engine's steps without a processor are all one kind
+            raise ValueError(f"a {'fused' if fused else 'unfused'} head step on graphs made for the other kind")
         positions = self.cache.prepare_decode(canvas.shape[1], bucket=self.engine.bucket)
         self.canvas.copy_(canvas)
         if sc is not None and sc is not self.sc:
@@ -119,7 +110,7 @@ class GraphedStep:
         self.temperature.copy_(temperature.reshape(()))
         kind = 0 if sc is None else 1 if sc_lse is None else 2
         key = (self.cache.span, kind, fused)
-        out = self.out(fused)
+        out = self.out
         graph = self.graphs.get(key)
         if graph is None:
             sc_buf = self.sc if sc is not None else None
