@@ -63,6 +63,18 @@ def test_graph_replays_generate_what_eager_decoding_does(tiny, fused):
     assert engine.cuda_graphs  # no fallback happened
 
 
+def test_graphs_are_one_head_kind(tiny):
+    """An engine's graphs write one kind of output (raw logits with the fused head, fp32 proc without):
+    a step of the other kind is refused before anything is copied or captured."""
+    engine = Engine(tiny[0].model, static_cache=True, fused_head=False, capture=graphs.TracedCapture())
+    step = graphs.GraphedStep(engine, engine.new_cache(max_tokens=300), engine.capture)
+    assert step.out.values.dtype == torch.float32 and step.out.process is None
+    canvas = torch.zeros(1, engine.config.canvas_length, dtype=torch.long)
+    with pytest.raises(ValueError, match="other kind"):
+        step(canvas, None, torch.tensor(0.7), fused=True)
+    assert not step.graphs and not step.canvas.any()
+
+
 def test_a_failed_capture_changes_the_engines_state_only(tiny, capsys):
     model = tiny[0].model
 
@@ -164,16 +176,21 @@ def test_a_step_reads_the_host_once(tiny, monkeypatch):
     assert len(reads) <= steps + 2 * blocks + 2  # per block: the committed ids; at the end: all ids
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_real_cuda_graphs_match_eager_decoding(tiny):
-    """On a GPU: the captured graphs give the eager step's statistics at every step and bucket."""
-    config = ModelConfig.from_dict({**tiny[0].config.__dict__, "canvas_length": 64})
+def random_cuda_model(config: ModelConfig) -> DiffusionGemma:
+    """A bf16 model on the GPU with small random weights (seed 0), for the CUDA-only tests."""
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = DiffusionGemma(config)
         for p in model.parameters():
             torch.nn.init.normal_(p, std=0.05)
-    model = model.to(torch.bfloat16)
+    return model.to(torch.bfloat16)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_real_cuda_graphs_match_eager_decoding(tiny):
+    """On a GPU: the captured graphs give the eager step's statistics at every step and bucket."""
+    config = ModelConfig.from_dict({**tiny[0].config.__dict__, "canvas_length": 64})
+    model = random_cuda_model(config)
     V, L = config.vocab_size, config.canvas_length
     prompt = torch.randint(0, V, (1, 100), device="cuda")
     for fused in (False, True):  # the fused LM head (Triton) is captured too

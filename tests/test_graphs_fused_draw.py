@@ -99,16 +99,11 @@ def test_cuda_generation_draws_alike_on_every_path(tiny, monkeypatch, capsys, ch
     import kernels.cuda_rng as rng
     import kernels.sample as ks
     from dgcli.config import ModelConfig
-    from dgcli.model import DiffusionGemma
+    from test_graphs import random_cuda_model
 
     monkeypatch.delenv("DG_KERNELS", raising=False)
     config = ModelConfig.from_dict(dict(tiny[0].config.__dict__))
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = DiffusionGemma(config)
-        for p in model.parameters():
-            torch.nn.init.normal_(p, std=0.05)
-    model = model.to(torch.bfloat16)
+    model = random_cuda_model(config)
     L, V = config.canvas_length, config.vocab_size
     bias = torch.zeros(V, device="cuda", dtype=torch.bfloat16)
     bias[:V // 2] = float("-inf")

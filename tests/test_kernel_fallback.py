@@ -170,12 +170,17 @@ def test_generation_with_a_broken_head_kernel_matches_the_reference(tiny, interp
     assert got[2].token_ids == want[2].token_ids and got[1] == want[1]
 
 
-def test_fused_draw_that_cannot_load_draws_unfused_on_the_same_stream(interpret, broken, monkeypatch, capsys):
+@pytest.mark.parametrize("raw", [False, True], ids=["proc", "raw-logits"])
+def test_fused_draw_that_cannot_load_draws_unfused_on_the_same_stream(interpret, broken, monkeypatch, capsys, raw):
     """The fused draw's kernels failing to load, at the check (cuda_rng's kernel) or after it (the
     draw kernel): the unfused draw from the same generator state, the same tokens and offsets as the
-    sampler that never fused, and no mismatch line (the load failure's own line is the one)."""
+    sampler that never fused, and no mismatch line (the load failure's own line is the one). On raw
+    logits (process=(softcap, temperature)): the unfused draw on kernels.lm_head.process(logits), and
+    sc = that proc in the model dtype (the unfused answer, which the caller can use as ever)."""
+    import kernels.cuda_rng as rng
     import kernels.sample as mod
-    from test_kernels_sample import FakePhilox, make
+    from kernels.lm_head import process
+    from test_kernels_sample import FakePhilox, make, make_raw
 
     from kernels.sample import draw_ref
 
@@ -184,44 +189,16 @@ def test_fused_draw_that_cannot_load_draws_unfused_on_the_same_stream(interpret,
         D._unavailable.clear()
         tried = broken(kernel, CompilationError("def k(): ...", None, "no libdevice"))
         if kernel == "_fused_draw_kernel":  # the check passes; the draw itself cannot load
-            import kernels.cuda_rng as rng
-
             monkeypatch.setattr(rng, "count_mismatches", lambda *a: torch.zeros((), dtype=torch.int32))
-        proc, lse, _ = make(4, 700, seed=3)
+        if raw:
+            x, lse, args = make_raw(3, 500, seed=3, temperature=0.6)
+            proc = process(x, *args)
+        else:
+            (proc, lse, _), args = make(4, 700, seed=3), None
+            x = proc
         g, g_ref = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
         for call in range(3):
-            tokens, sc, sc_lse = mod.sample_sc(proc[None], lse[None], g, torch.bfloat16)
-            want = draw_ref(proc, lse, fake.exponential(proc, g_ref))[None]
-            assert torch.equal(tokens, want), (kernel, call)
-            assert fake.state[id(g)] == fake.state[id(g_ref)]
-            assert torch.equal(sc, proc[None].to(torch.bfloat16)) and sc_lse is None
-        assert tried.count(kernel) == 1 and mod.check_status(proc.device, proc.numel()) is False
-        err = capsys.readouterr().err.splitlines()
-        assert len(err) == 1 and kernel in err[0], err
-
-
-def test_fused_draw_on_raw_logits_that_cannot_load_draws_from_their_proc(interpret, broken, monkeypatch, capsys):
-    """The same on raw logits (process=(softcap, temperature)): the unfused draw
-    on kernels.lm_head.process(logits), the sampler's tokens and offsets on that proc, and sc = that
-    proc in the model dtype (the unfused answer, which the caller can use as ever)."""
-    import kernels.cuda_rng as rng
-    import kernels.sample as mod
-    from kernels.lm_head import process
-    from test_kernels_sample import FakePhilox, make_raw
-
-    from kernels.sample import draw_ref
-
-    for kernel in ("_exp_kernel", "_fused_draw_kernel"):
-        fake = FakePhilox(monkeypatch)
-        D._unavailable.clear()
-        tried = broken(kernel, CompilationError("def k(): ...", None, "no libdevice"))
-        monkeypatch.setattr(rng, "count_mismatches", rng.count_mismatches if kernel == "_exp_kernel"
-                            else lambda *a: torch.zeros((), dtype=torch.int32))
-        logits, lse, args = make_raw(3, 500, seed=3, temperature=0.6)
-        proc = process(logits, *args)
-        g, g_ref = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
-        for call in range(3):
-            tokens, sc, sc_lse = mod.sample_sc(logits[None], lse[None], g, torch.bfloat16, process=args)
+            tokens, sc, sc_lse = mod.sample_sc(x[None], lse[None], g, torch.bfloat16, process=args)
             want = draw_ref(proc, lse, fake.exponential(proc, g_ref))[None]
             assert torch.equal(tokens, want), (kernel, call)
             assert fake.state[id(g)] == fake.state[id(g_ref)]

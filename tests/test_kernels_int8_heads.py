@@ -124,6 +124,18 @@ def test_install_keeps_the_state_dict_and_plain_projections_take_the_parent(tiny
     assert torch.equal(attn.project(heads), Attention.project(attn, heads))
 
 
+def prefill_then_decode(models, tok) -> list:
+    """Each model's logits for a decode of a short canvas after a prompt's prefill, on a static cache."""
+    ids = torch.tensor([tok.encode("the water is deep and the sky is wide")], dtype=torch.long)
+    canvas = torch.tensor([[3, 17, 40, 9, 5, 8]])
+    out = []
+    for model in models:
+        cache = model.new_cache(static=True, max_tokens=256)
+        model.encode(ids, cache)
+        out.append(model.logits(model.decode(canvas, cache)))
+    return out
+
+
 @pytest.mark.usefixtures("sdpa_layout")
 def test_fused_model_is_the_unfused_model(tiny, interpret, monkeypatch):
     """The tiny model (grouped query heads: 4 over 2 or 1) with int8 o_proj on the Triton path, on
@@ -140,13 +152,7 @@ def test_fused_model_is_the_unfused_model(tiny, interpret, monkeypatch):
     launches = []
     real = I8.launch
     monkeypatch.setattr(I8, "launch", lambda kernel, *a, **k: launches.append((kernel, a[2])) or real(kernel, *a, **k))
-    ids = torch.tensor([tok.encode("the water is deep and the sky is wide")], dtype=torch.long)
-    canvas = torch.tensor([[3, 17, 40, 9, 5, 8]])
-    out = []
-    for model in (unfused, fused):
-        cache = model.new_cache(static=True, max_tokens=256)
-        model.encode(ids, cache)
-        out.append(model.logits(model.decode(canvas, cache)))
+    out = prefill_then_decode((unfused, fused), tok)
     heads = [x for k, x in launches if k is I8._int8_linear_heads_kernel]
     assert len(heads) == (L - 1) + L  # the prefill's layers (the last writes only K/V), the decoder's
     sliding = sum(dgmodel.SLIDING == t for t in unfused.config.layer_types)

@@ -29,6 +29,7 @@ Q = importlib.import_module("kernels.qkv_int8")
 I8 = importlib.import_module("kernels.int8_linear")
 R = importlib.import_module("kernels.rmsnorm")
 from kernels import fused_attention, fused_norms  # noqa: E402
+from test_kernels_int8_heads import prefill_then_decode  # noqa: E402
 
 EPS = 1e-6
 
@@ -264,13 +265,7 @@ def test_fused_model_is_the_unfused_model(tiny, interpret, exact_sums, monkeypat
     launches = []
     real = Q.launch
     monkeypatch.setattr(Q, "launch", lambda kernel, *a, **k: launches.append(kernel) or real(kernel, *a, **k))
-    ids = torch.tensor([tok.encode("the water is deep and the sky is wide")], dtype=torch.long)
-    canvas = torch.tensor([[3, 17, 40, 9, 5, 8]])
-    out = []
-    for model in (unfused, fused):
-        cache = model.new_cache(static=True, max_tokens=256)
-        model.encode(ids, cache)
-        out.append(model.logits(model.decode(canvas, cache)))
+    out = prefill_then_decode((unfused, fused), tok)
     L = unfused.config.num_hidden_layers
     assert len(launches) == L + L  # every prefill layer (the last's K/V), every decoder layer
     assert torch.equal(out[1], out[0])

@@ -27,20 +27,13 @@ pytest.importorskip("triton", reason="triton is not installed (the references ru
 
 R = importlib.import_module("kernels.router")
 from kernels.fused_router import FusedRouter, install  # noqa: E402
+from test_kernels_mix import EPS, config  # noqa: E402  (a one-layer config)
 from test_kernels_norm import _Count  # noqa: E402
-
-EPS = 1e-6
-
-
-def router_config(H=64, E=16, A=4) -> ModelConfig:
-    return ModelConfig.from_dict(dict(vocab_size=32, hidden_size=H, intermediate_size=64, num_hidden_layers=1,
-                                      num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_experts=E,
-                                      top_k_experts=A, moe_intermediate_size=64, rms_norm_eps=EPS))
 
 
 def random_router(dtype, H=64, E=16, A=4, seed=0) -> Router:
     g = torch.Generator().manual_seed(seed)
-    router = Router(router_config(H, E, A))
+    router = Router(config(H, E, A))
     with torch.no_grad():
         router.proj.weight.copy_(torch.randn(E, H, generator=g) * H**-0.5 * 8)
         router.scale.copy_(1 + 0.3 * torch.randn(H, generator=g))
