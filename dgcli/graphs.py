@@ -110,15 +110,14 @@ class GraphedStep:
         self.temperature.copy_(temperature.reshape(()))
         kind = 0 if sc is None else 1 if sc_lse is None else 2
         key = (self.cache.span, kind, fused)
-        out = self.out
         graph = self.graphs.get(key)
         if graph is None:
             sc_buf = self.sc if sc is not None else None
             lse_buf = self.sc_lse if kind == 2 else None
             t0 = time.perf_counter()
             graph = self.capture(lambda: self.engine.stats(self.canvas, self.cache, sc_buf, self.temperature,
-                                                           positions, fused, out=out, sc_lse=lse_buf))
+                                                           positions, fused, out=self.out, sc_lse=lse_buf))
             self.graphs[key] = graph
             self.capture_seconds += time.perf_counter() - t0
         graph.replay()
-        return out if fused else out._replace(lse=None)
+        return self.out if fused else self.out._replace(lse=None)
