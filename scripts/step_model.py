@@ -43,9 +43,17 @@ What is traced, and how:
   finalizer), so peaks follow Python's own lifetimes. Weights count once, as they sit. Not counted:
   kernels' workspaces (sorting, cuBLAS), allocator rounding, the CUDA context.
 Predicted time = bytes / vendor bandwidth + kernels x a per-kernel cost (`--per-kernel-us`, 2 us:
-a launch gap and the tail of a small kernel). FLOPs, overlap and cache effects beyond the L2 split
-are not modelled: the step is memory-bound (the MoE kernel at 60 FLOP/byte against ridge points of
-117-295, docs/benchmarks.md); the prefill is not, so only its memory is reported.
+a launch gap and the tail of a small kernel), as the issue defines it (`predicted_ms`). That assumes
+every kernel is bound by its bytes, and many are not: with a 256-token canvas the int8-weight
+matmuls (q/k/v/o, the dense MLP, the LM head, the soft embedding) do 2 x 256 FLOPs per weight
+byte, and the full layers' attention grows with the context. So each kernel also counts its
+tensor-core FLOPs (`kernel_flops`, `_aten_flops`, the attention's QK and PV), and
+`predicted_ms_roofline` takes for each kernel the longer of its DRAM bytes at the bandwidth and its
+FLOPs at the vendor's peak dense bf16 rate with fp32 accumulation (TENSOR_FLOPS), plus the
+per-kernel cost; `compute_bound_ms` is the part of it in kernels whose FLOPs outlast their bytes,
+`compute_floor_ms` all FLOPs at that peak. CUDA-core work (norms, the sampler's draw, dequantising
+the weights), overlap between kernels and cache effects beyond the L2 split are not modelled; the
+prefill is compute-bound, so only its memory is reported.
 """
 
 from __future__ import annotations
@@ -72,6 +80,10 @@ from dgcli import model as dgmodel  # noqa: E402
 from dgcli.config import ModelConfig  # noqa: E402
 
 GPUS = {"RTX 4090": 1008e9, "RTX 5090": 1792e9, "H100 SXM": 3350e9}  # vendor DRAM bandwidth, bytes/s
+# Vendor peak dense tensor-core throughput for bf16 inputs with fp32 accumulation, FLOP/s (the NVIDIA
+# Ada and Blackwell GeForce whitepapers, the H100 SXM datasheet): what every matmul here runs at,
+# the int8 and int4 weights being converted to bf16 in registers first.
+TENSOR_FLOPS = {"RTX 4090": 165.2e12, "RTX 5090": 209.5e12, "H100 SXM": 989.4e12}
 PER_KERNEL_US = 2.0
 CONTEXTS = (8192, 32768)
 PARTS = ("experts", "dense", "attention", "norms", "head", "self_conditioning", "sampler", "other")
@@ -130,7 +142,9 @@ class Recorder(TorchDispatchMode):
     def __init__(self, vocab: int):
         super().__init__()
         self.vocab = vocab
-        self.kernels: list[tuple[str, str, str, int, int]] = []
+        # (phase, part, name, bytes, dram bytes, FLOPs, floor bytes: weights and cache read the first time)
+        self.kernels: list[tuple[str, str, str, int, int, int, int]] = []
+        self.read_whole: dict[str, set[int]] = {}  # per phase: resident storages some kernel read whole
         self.syncs: list[str] = []  # phases of host reads (.item(), .tolist())
         self.phase = "setup"
         self.parts: list[str | None] = []  # module / function stack
@@ -203,18 +217,25 @@ class Recorder(TorchDispatchMode):
             self.live -= n
 
     # ---- kernels ----
-    def _record(self, name: str, tensors, touches) -> None:
-        total = dram = 0
+    def _record(self, name: str, tensors, touches, flops: int = 0) -> None:
+        total = dram = floor = 0
+        whole = self.read_whole.setdefault(self.phase, set())
         for t, n in touches:
             total += n
-            if n >= L2_RESIDENT or t.untyped_storage()._cdata in self.resident:
+            storage = t.untyped_storage()
+            if storage._cdata in self.resident:
+                if storage._cdata not in whole:  # the floor reads each weight (and the cache) once
+                    floor += n
+                    if n >= storage.nbytes():
+                        whole.add(storage._cdata)
+            if n >= L2_RESIDENT or storage._cdata in self.resident:
                 dram += n
-        self.kernels.append((self.phase, self._part_now(tensors), name, total, dram))
+        self.kernels.append((self.phase, self._part_now(tensors), name, total, dram, flops, floor))
 
-    def launch(self, name: str, tensors) -> None:
-        """One kernel that reads or writes each of `tensors` once."""
+    def launch(self, name: str, tensors, flops: int = 0) -> None:
+        """One kernel that reads or writes each of `tensors` once (and does `flops` of matmul)."""
         tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
-        self._record(name, tensors, _distinct(tensors))
+        self._record(name, tensors, _distinct(tensors), flops)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -237,8 +258,47 @@ class Recorder(TorchDispatchMode):
             self.syncs.append(self.phase)
         mutates = any(a.alias_info is not None and a.alias_info.is_write for a in func._schema.arguments)
         if (fresh or mutates) and func not in _NOT_KERNELS and func.namespace != "prim":
-            self._record(func.overloadpacket.__name__, ins + fresh, _op_touches(func, args, kwargs, fresh))
+            self._record(func.overloadpacket.__name__, ins + fresh, _op_touches(func, args, kwargs, fresh),
+                         _aten_flops(func, args, kwargs))
         return out
+
+
+_MATMULS = {"mm", "addmm", "bmm", "baddbmm", "linear", "matmul"}
+
+
+def _aten_flops(func, args, kwargs) -> int:
+    """Multiply-add FLOPs (2 per MAC) of an aten matmul: out elements x the contracted length."""
+    name = func.overloadpacket.__name__
+    if name not in _MATMULS:
+        return 0
+    a, b = (args[1], args[2]) if name in ("addmm", "baddbmm") else (args[0], args[1])
+    k = a.shape[-1]
+    n = b.shape[0] if name == "linear" else b.shape[-1]
+    return 2 * (a.numel() // k) * n * k
+
+
+def kernel_flops(name: str, args, kwargs) -> int:
+    """Tensor-core FLOPs of a Triton launch, from its arguments: the matmuls only (norms, routing,
+    the sampler's draw are CUDA-core work, not modelled). The rules follow each kernel's signature:
+    - int8-weight matmuls (int8_linear, int8_linear_heads, geglu_int8, qkv_int8, lm_head): the first
+      tensor is the activation, each 2-D int8 tensor a weight [N, K]: 2·M·N·K summed over weights;
+    - int8_soft: probabilities or logits [L, V] times the int8 embedding [V, H]: 2·L·V·H;
+    - the int4 experts (moe_int4's gate_up / down): 2·rows·N·K over the rows the tiles compute: the
+      real (token, slot) pairs and their experts' padding to BLOCK_M, expected (BLOCK_M-1)/2 a
+      routed expert (an assumption: each expert's count is as likely any remainder mod BLOCK_M)."""
+    tensors = _tensors((args, kwargs))
+    if name in ("gate_up_kernel", "down_kernel"):
+        q, cap, pairs = tensors[1], tensors[-2].numel(), args[6] if name == "gate_up_kernel" else args[7]
+        experts, block = q.shape[0], kwargs["BLOCK_M"]
+        rows = min(cap, pairs + min(experts, pairs) * (block - 1) / 2)
+        return int(2 * rows * q.shape[1] * q.shape[2] * 2)  # two 4-bit codes a byte
+    weights = [t for t in tensors if t.dtype == torch.int8 and t.dim() == 2]
+    if not weights:
+        return 0
+    x = tensors[0]
+    if name == "int8_soft_kernel":
+        return 2 * x.numel() * weights[0].shape[1]
+    return sum(2 * (x.numel() // w.shape[1]) * w.shape[0] * w.shape[1] for w in weights)
 
 
 def _on_gpu(t: torch.Tensor) -> bool:
@@ -289,7 +349,8 @@ class _Launcher:
         self.name = getattr(getattr(kernel, "fn", kernel), "__name__", "triton_kernel").strip("_")
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.rec.launch(self.name, _tensors((args, kwargs)))
+        return lambda *args, **kwargs: self.rec.launch(self.name, _tensors((args, kwargs)),
+                                                       kernel_flops(self.name, args, kwargs))
 
 
 def _fake_sdpa(rec: Recorder):
@@ -306,7 +367,9 @@ def _fake_sdpa(rec: Recorder):
             S = bias.shape[-1]
             bias = F.pad(bias, (0, MEM_EFF_ALIGN - S % MEM_EFF_ALIGN))[..., :S]
         out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
-        rec.launch("attention", [q, k, v, out] + ([bias] if bias is not None else []))
+        scores = q.numel() // q.shape[-1] * k.shape[-2]  # every query against every key (no skipping)
+        rec.launch("attention", [q, k, v, out] + ([bias] if bias is not None else []),
+                   2 * scores * (q.shape[-1] + v.shape[-1]))
         return out
 
     return sdpa
@@ -441,14 +504,15 @@ def build(config: ModelConfig):
 def _summary(kernels, phase: str, per_kernel_us: float) -> dict:
     """Kernels and bytes of one phase, in total and by part, and the predicted times."""
     rows = [k for k in kernels if k[0] == phase]
-    by_part = {p: {"kernels": 0, "bytes": 0, "dram_bytes": 0} for p in PARTS}
-    for _, part, _, nbytes, dram in rows:
+    by_part = {p: {"kernels": 0, "bytes": 0, "dram_bytes": 0, "flops": 0} for p in PARTS}
+    for _, part, _, nbytes, dram, flops, _ in rows:
         by_part[part]["kernels"] += 1
         by_part[part]["bytes"] += nbytes
         by_part[part]["dram_bytes"] += dram
-    n, nbytes, dram = len(rows), sum(r[3] for r in rows), sum(r[4] for r in rows)
+        by_part[part]["flops"] += flops
+    n, nbytes, dram, flops = len(rows), sum(r[3] for r in rows), sum(r[4] for r in rows), sum(r[5] for r in rows)
     agg: dict[tuple[str, str], list[int]] = {}
-    for _, part, name, b, _ in rows:
+    for _, part, name, b, *_ in rows:
         a = agg.setdefault((part, name), [0, 0])
         a[0] += 1
         a[1] += b
@@ -456,12 +520,28 @@ def _summary(kernels, phase: str, per_kernel_us: float) -> dict:
     ops = {p: {op: c for (q, op), (c, _) in sorted(agg.items(), key=lambda kv: -kv[1][0]) if q == p} for p in PARTS}
     return {"kernels_per_step": n, "bytes_per_step": nbytes, "dram_bytes_per_step": dram, "by_part": by_part,
             "predicted_ms": _ms(nbytes, n, per_kernel_us), "predicted_ms_small_in_l2": _ms(dram, n, per_kernel_us),
+            "flops_per_step": flops, "compute_floor_ms": {g: round(flops / f * 1e3, 2) for g, f in TENSOR_FLOPS.items()},
+            "predicted_ms_roofline": _roofline_ms(rows, per_kernel_us),
+            # the same kernels moving only the floor's bytes (weights and cache, each read once)
+            # with their FLOPs, and no per-kernel cost: the time this step's work cannot go below
+            "roofline_floor_ms": {g: round(sum(max(r[6] / bw, r[5] / TENSOR_FLOPS[g]) for r in rows) * 1e3, 2)
+                                  for g, bw in GPUS.items()},
+            # the part of predicted_ms_roofline spent in kernels whose FLOPs outlast their bytes
+            "compute_bound_ms": {g: _roofline_ms([r for r in rows if r[5] / TENSOR_FLOPS[g] > r[4] / GPUS[g]], 0)[g]
+                                 for g in GPUS},
             "top_ops": [{"part": p, "op": op, "calls": c, "bytes": b} for (p, op), (c, b) in top],
             "calls_by_part": ops}
 
 
 def _ms(nbytes: int, kernels: int, per_kernel_us: float) -> dict:
     return {gpu: round(nbytes / bw * 1e3 + kernels * per_kernel_us * 1e-3, 2) for gpu, bw in GPUS.items()}
+
+
+def _roofline_ms(rows, per_kernel_us: float) -> dict:
+    """Each kernel takes the longer of its DRAM bytes at the bandwidth and its FLOPs at the tensor
+    cores' peak (no overlap between kernels), plus the per-kernel cost."""
+    return {g: round(sum(max(r[4] / bw, r[5] / TENSOR_FLOPS[g]) for r in rows) * 1e3
+                     + len(rows) * per_kernel_us * 1e-3, 2) for g, bw in GPUS.items()}
 
 
 def _steps(engine, cache, rec: Recorder, phase: str) -> None:
@@ -575,11 +655,13 @@ def _table(report: dict) -> str:
                      f"step ({r['dram_bytes_per_step'] / gb:.2f} GB without small activations; floor "
                      f"{r['floor_bytes'] / gb:.2f} GB); peak live {r['peak_live_bytes_decode'] / gb:.2f} GB decoding, "
                      f"{r['peak_live_bytes_prefill'] / gb:.2f} GB prefilling")
-        lines.append(f"  {'part':<18}{'kernels':>7} {'all GB':>9} {'DRAM GB':>9}")
+        lines.append(f"  {'part':<18}{'kernels':>7} {'all GB':>9} {'DRAM GB':>9} {'GFLOP':>9}")
         for part, v in r["by_part"].items():
-            lines.append(f"  {part:<18}{v['kernels']:>7} {v['bytes'] / gb:>9.3f} {v['dram_bytes'] / gb:>9.3f}")
+            lines.append(f"  {part:<18}{v['kernels']:>7} {v['bytes'] / gb:>9.3f} {v['dram_bytes'] / gb:>9.3f} "
+                         f"{v['flops'] / 1e9:>9.0f}")
         for label, key in (("predicted ms", "predicted_ms"), ("  small in L2", "predicted_ms_small_in_l2"),
-                           ("floor ms", "floor_ms")):
+                           ("  roofline", "predicted_ms_roofline"), ("  of which compute-bound", "compute_bound_ms"),
+                           ("floor ms (bytes)", "floor_ms"), ("floor ms (FLOPs)", "compute_floor_ms")):
             lines.append(f"  {label}: " + ", ".join(f"{g} {ms}" for g, ms in r[key].items()))
         if "eager" in r:
             e = r["eager"]

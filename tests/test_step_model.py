@@ -133,6 +133,52 @@ def test_last_chunk_shortcut_keeps_the_prefill_peak(sm):
 
 
 @pytest.mark.slow
+def test_flops_are_the_matmuls_of_the_config(sm, reduced):
+    """Tensor-core FLOPs per part, from the reduced config's shapes: each rule of kernel_flops (the
+    int8 matmuls, the soft embedding, the int4 experts with their expected padding, the router's
+    aten linear, attention's QK and PV) against the arithmetic. A rule that stops matching its
+    kernel's arguments (0 FLOPs, or the wrong tensor taken as the weight) fails here."""
+    c = sm.CONFIGS["reduced"]
+    L, V, H, I, layers = c["canvas_length"], c["vocab_size"], c["hidden_size"], c["intermediate_size"], 6
+    E, A, Im, D, Dg = c["num_experts"], c["top_k_experts"], c["moe_intermediate_size"], c["head_dim"], c["global_head_dim"]
+    Hq, Hkv, Hkv_full = c["num_attention_heads"], c["num_key_value_heads"], c["num_global_key_value_heads"]
+    sliding, full = 5, 1
+    P, block = L * A, 16  # the experts' (token, slot) pairs; moe_int4's default BLOCK_M
+    rows = P + E * (block - 1) / 2
+    for ctx in CONTEXTS:
+        r = reduced["contexts"][str(ctx)]
+        part = {p: v["flops"] for p, v in r["by_part"].items()}
+        assert part["head"] == 2 * L * V * H
+        assert part["self_conditioning"] == 2 * L * V * H + 3 * 2 * L * H * I  # soft embedding, its MLP
+        assert part["dense"] == layers * 3 * 2 * L * H * I
+        assert part["experts"] == layers * (2 * L * E * H + int(2 * rows * 2 * Im * H) + int(2 * rows * H * Im))
+        projections = 2 * L * H * (sliding * (2 * Hq * D + 2 * Hkv * D) + full * (2 * Hq * Dg + Hkv_full * Dg))
+        ring = c["sliding_window"] - 1 + L
+        sdpa_sliding = sliding * 2 * (Hq * L) * ring * 2 * D
+        span, rest = divmod(part["attention"] - projections - sdpa_sliding, full * 2 * (Hq * L) * 2 * Dg)
+        assert rest == 0 and ctx + L <= span < ctx + L + 1024  # the full layer's keys: the span read
+        assert part["norms"] == part["sampler"] == part["other"] == 0
+        assert r["flops_per_step"] == sum(part.values())
+
+
+def test_roofline_is_at_least_each_bound(sm, reduced):
+    """The roofline takes each kernel's slower bound: never below the DRAM bytes at the bandwidth,
+    nor below the FLOPs at the tensor peak, both plus the per-kernel cost; and its floor (weights
+    and cache read once, the same FLOPs) lies between the two floors and the roofline."""
+    for r in reduced["contexts"].values():
+        cost = r["kernels_per_step"] * reduced["per_kernel_us"] * 1e-3
+        for gpu in sm.GPUS:
+            roof = r["predicted_ms_roofline"][gpu]
+            assert roof >= r["predicted_ms_small_in_l2"][gpu] - 0.01
+            assert roof >= r["compute_floor_ms"][gpu] + cost - 0.01
+            assert 0 < r["compute_bound_ms"][gpu] <= roof
+            # the floor's roofline: the same FLOPs, only weights and cache moved (once), no kernel cost
+            floor = r["roofline_floor_ms"][gpu]
+            assert max(r["compute_floor_ms"][gpu], 0.98 * r["floor_ms"][gpu]) <= floor + 0.01 <= roof - cost + 0.02
+            assert r["compute_floor_ms"][gpu] == pytest.approx(r["flops_per_step"] / sm.TENSOR_FLOPS[gpu] * 1e3,
+                                                               abs=0.01)
+
+
 def test_command_line_prints_json(sm, capsys):
     import json
 
@@ -152,3 +198,7 @@ def test_full_size_step(sm):
         assert max(r["by_part"], key=lambda p: r["by_part"][p]["dram_bytes"]) == "experts"
         assert r["by_part"]["experts"]["dram_bytes"] > 30 * 404.4e6
         assert 14.5e9 < r["floor_bytes"] < r["bytes_per_step"]
+        # With a 256-token canvas the int8 matmuls are compute-bound on the GeForce cards: there the
+        # FLOPs at the tensor peak take longer than the floor's bytes at the bandwidth.
+        assert r["compute_floor_ms"]["RTX 4090"] > r["floor_ms"]["RTX 4090"]
+        assert r["compute_floor_ms"]["H100 SXM"] < r["floor_ms"]["H100 SXM"]
