@@ -17,6 +17,10 @@ The Triton path (the design of vLLM's fused_moe / exllama, re-implemented):
    the gate and up tiles together and writes h = gelu_tanh(g)·u once, in x's dtype.
 3. `_down_kernel`: same tiling over H. It multiplies by the routing weight in the epilogue and writes
    y[pair], which is summed over the A slots in a fixed order (deterministic, no atomics).
+h [cap, I] is laid out in sorted order, cap = P + E·(BLOCK_M-1) rounded up (3968 rows for 2048 pairs at
+the full size), but only the P real pairs' rows of it are ever touched: gate_up stores and down loads
+under the row mask (pair < P), so padding rows are never written nor read and h is left uninitialised.
+Row blocks past the padded end (block_expert -1) return at once.
 K is tiled by one scale group, split into its even (low-nibble) and odd (high-nibble) columns. So a
 tile is two `tl.dot`s of the small integers (q - 8), exact in fp16/bf16, and the group's fp16 scale
 multiplies the fp32 partial product per output column (the Marlin/exllama order). That is both
@@ -338,7 +342,8 @@ if HAS_TRITON:
         th = tl.where(y >= 0, th, -th)
         h = 0.5 * acc_g * (1.0 + th) * acc_u
         h_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hm + offs_n[None, :]
-        tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=n_ok[None, :])
+        # real pairs' rows only: padding rows of h are never written (nor read by _down_kernel)
+        tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
     @triton.jit
     def _down_kernel(
@@ -361,13 +366,14 @@ if HAS_TRITON:
         n_ok = offs_n < N
         offs_j = tl.arange(0, HALF)
 
-        a_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hm + 2 * offs_j[None, :]  # padding rows hold 0
+        # padding rows of h were never written: masked, they load as 0 (their products are not stored either)
+        a_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hm + 2 * offs_j[None, :]
         b_ptrs = q_ptr + e * stride_qe + offs_n[None, :] * stride_qn + offs_j[:, None]
         s_ptrs = s_ptr + e * stride_se + offs_n * stride_sn
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for _ in range(0, K, GROUP):
-            ae = tl.load(a_ptrs)
-            ao = tl.load(a_ptrs + 1)
+            ae = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+            ao = tl.load(a_ptrs + 1, mask=row_ok[:, None], other=0.0)
             if EVEN_N:
                 b = tl.load(b_ptrs)
                 s = tl.load(s_ptrs).to(tl.float32)
@@ -510,7 +516,7 @@ def _autotune(x, index, weights, gate_up_q, gate_up_s, down_q, down_s, group_siz
         if bm > 16 and bm > 2 * pairs_per_expert:  # mostly padding: never faster
             continue
         sorted_ids, block_expert = moe_align(index, E, bm)
-        h = torch.zeros(sorted_ids.numel(), I, dtype=x.dtype, device=x.device)
+        h = torch.empty(sorted_ids.numel(), I, dtype=x.dtype, device=x.device)
         y = torch.empty(T * A, H, dtype=x.dtype, device=x.device)
         d = DEFAULT_CONFIG
         tiles = tuple(t[1:] for t in candidates(tuple((bm, *t) for t in _TILES), _LARGE, limit))
