@@ -84,7 +84,7 @@ OWNING = ("sampler", "head", "self_conditioning")  # these own every op made ins
 MEM_EFF_ALIGN = 8  # keys: the memory-efficient attention kernel pads its bias to this multiple
 L2_RESIDENT = 16 * 2**20  # an activation this small stays in L2 (50-96 MB on these GPUs) between kernels
 # Triton kernels that touch only some rows of a tensor argument: kernel -> {tensor argument: the
-# argument giving how many of its rows}. kernels/moe_int4.py stores / loads h under the row mask.
+# argument giving how many of its rows}. kernels/moe_int4.py: gate_up and down touch h's P real rows.
 ROWS_TOUCHED = {"gate_up_kernel": {"h_ptr": "num_pairs"}, "down_kernel": {"h_ptr": "num_pairs"}}
 NOTE = ("a model, not a measurement: kernels and bytes traced on meta tensors taking the CUDA paths "
         "(scripts/step_model.py); time = bytes / vendor bandwidth + kernels x per-kernel cost")

@@ -170,6 +170,7 @@ def test_moe_align(T, E, A, block_m, impl, monkeypatch):
     flat = index.reshape(-1)
     for b, e in enumerate(block_expert.tolist()):
         ids = sorted_ids[b * block_m:(b + 1) * block_m]
+        assert torch.equal(ids < P, torch.arange(block_m) < (ids < P).sum())  # real pairs first: a prefix
         ids = ids[ids < P]
         if e < 0:
             assert ids.numel() == 0  # blocks past the end are idle
@@ -282,22 +283,23 @@ def test_triton_skewed_routing_and_group_32(interpret):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_padding_rows_of_h_are_never_written_nor_read(interpret, monkeypatch, dtype):
+@pytest.mark.parametrize("bm,bn", [(16, 64), (32, 128)])  # 32 x 128: masked column tails (I 192, H 128)
+def test_padding_rows_of_h_are_never_written_nor_read(interpret, monkeypatch, bm, bn, dtype):
     """h [cap, I] has a row per sorted slot, routing padding included (here 7 tokens x 2 slots on 4
-    experts: 14 real rows of 64). gate_up writes only the real pairs' rows and down reads only those:
+    experts: 14 real rows of 64 or 128). gate_up writes only the real pairs' rows, down reads only those:
     padding rows filled with NaN stay NaN, every load of down's is outside them, and y is bit for bit
     what it is with zeros there (the old layout), and the reference within tolerance."""
     import numpy as np
     from triton.runtime import interpreter
 
-    T, H, I, E, A, bm = 7, 128, 192, 4, 2, 16
+    T, H, I, E, A = 7, 128, 192, 4, 2
     x, index, weights, q1, s1, q2, s2 = make_case(T, H, I, E, A, seed=3)
     x, P = x.to(dtype), T * A
     sorted_ids, block_expert = moe_align(index, E, bm)
     pad = sorted_ids >= P
     assert pad.sum() > 2 * P  # mostly padding at this size: the test bites
     h = torch.full((sorted_ids.numel(), I), float("nan"), dtype=dtype)
-    M._launch_gate_up(x, index, q1, s1, sorted_ids, block_expert, h, 64, 64, 4, 3, bm)
+    M._launch_gate_up(x, index, q1, s1, sorted_ids, block_expert, h, 64, bn, 4, 3, bm)
     assert h[pad].isnan().all() and not h[~pad].isnan().any()
 
     loads = []  # every address down loads (mask on), from the interpreter
@@ -309,7 +311,7 @@ def test_padding_rows_of_h_are_never_written_nor_read(interpret, monkeypatch, dt
 
     def down(h):
         y = torch.empty(P, H, dtype=dtype)
-        M._launch_down(h, weights.float(), q2, s2, sorted_ids, block_expert, y, 64, 64, 4, 3, bm)
+        M._launch_down(h, weights.float(), q2, s2, sorted_ids, block_expert, y, 64, bn, 4, 3, bm)
         return y
 
     with monkeypatch.context() as m:
