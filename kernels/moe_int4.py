@@ -17,6 +17,11 @@ The Triton path (the design of vLLM's fused_moe / exllama, re-implemented):
    the gate and up tiles together and writes h = gelu_tanh(g)·u once, in x's dtype.
 3. `_down_kernel`: same tiling over H. It multiplies by the routing weight in the epilogue and writes
    y[pair], which is summed over the A slots in a fixed order (deterministic, no atomics).
+h [cap, I] is laid out in sorted order, cap = P + E·(BLOCK_M-1) rounded up (3968 rows for 2048 pairs at
+the full size), but only the P real pairs' rows of it are ever touched: gate_up stores only those (a
+block's real pairs come first, so they are a prefix of it), and down reads the block's first row in
+place of each padding row, so padding rows are never written nor read and h is left uninitialised.
+Row blocks past the padded end (block_expert -1) return at once.
 K is tiled by one scale group, split into its even (low-nibble) and odd (high-nibble) columns. So a
 tile is two `tl.dot`s of the small integers (q - 8), exact in fp16/bf16, and the group's fp16 scale
 multiplies the fp32 partial product per output column (the Marlin/exllama order). That is both
@@ -133,7 +138,8 @@ def moe_int4_ref(x, index, weights, gate_up_q, gate_up_s, down_q, down_s, group_
 
 def moe_align_ref(index: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Sort (token, slot) pairs by expert, each expert's run padded to a multiple of block_m
-    (stable: an expert's pairs in their original order).
+    (stable: an expert's pairs in their original order, then its padding; so in every row block the
+    real pairs come first, which the kernels rely on).
 
     Returns sorted_ids int32 [cap] (pair id t·A+j, or P for padding) and block_expert int32
     [cap / block_m] (the expert of each row block, -1 for blocks past the end). cap is a static
@@ -285,7 +291,11 @@ if HAS_TRITON:
         HALF: tl.constexpr = GROUP // 2
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         pair = tl.load(sorted_ptr + offs_m)
-        row_ok = pair < num_pairs
+        # A block's real pairs come first (moe_align), so its real rows are a prefix: a test against
+        # one scalar, which the epilogue redoes in its own layout (per-row flags carried across the
+        # loop to the h store cost registers: spills in the 64-row tiles).
+        n_real = tl.sum((pair < num_pairs).to(tl.int32), axis=0)
+        row_ok = tl.arange(0, BLOCK_M) < n_real
         token = (pair // top_k).to(tl.int64)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < I
@@ -338,7 +348,8 @@ if HAS_TRITON:
         th = tl.where(y >= 0, th, -th)
         h = 0.5 * acc_g * (1.0 + th) * acc_u
         h_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hm + offs_n[None, :]
-        tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=n_ok[None, :])
+        # the real pairs' rows only: padding rows of h are never written (nor read by _down_kernel)
+        tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
     @triton.jit
     def _down_kernel(
@@ -361,7 +372,11 @@ if HAS_TRITON:
         n_ok = offs_n < N
         offs_j = tl.arange(0, HALF)
 
-        a_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hm + 2 * offs_j[None, :]  # padding rows hold 0
+        # Padding rows of h are never written: each reads the block's first row (always a real pair's,
+        # and loaded anyway) in its place, so the main loop needs no mask (a masked load costs ~8
+        # instructions an iteration and spills in the 128-column tiles); their products are not stored.
+        a_rows = tl.where(row_ok, offs_m, pid_m * BLOCK_M)
+        a_ptrs = h_ptr + a_rows[:, None].to(tl.int64) * stride_hm + 2 * offs_j[None, :]
         b_ptrs = q_ptr + e * stride_qe + offs_n[None, :] * stride_qn + offs_j[:, None]
         s_ptrs = s_ptr + e * stride_se + offs_n * stride_sn
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -510,7 +525,7 @@ def _autotune(x, index, weights, gate_up_q, gate_up_s, down_q, down_s, group_siz
         if bm > 16 and bm > 2 * pairs_per_expert:  # mostly padding: never faster
             continue
         sorted_ids, block_expert = moe_align(index, E, bm)
-        h = torch.zeros(sorted_ids.numel(), I, dtype=x.dtype, device=x.device)
+        h = torch.empty(sorted_ids.numel(), I, dtype=x.dtype, device=x.device)
         y = torch.empty(T * A, H, dtype=x.dtype, device=x.device)
         d = DEFAULT_CONFIG
         tiles = tuple(t[1:] for t in candidates(tuple((bm, *t) for t in _TILES), _LARGE, limit))

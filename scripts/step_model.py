@@ -13,11 +13,15 @@ What is traced, and how:
 - the CUDA paths: while tracing, `Tensor.is_cuda` answers True for meta tensors, so every CUDA-only
   branch (the Triton kernels' dispatch, the int4 experts) is taken. Each Triton launch (the
   kernels' `launchable`) is replaced by a recorder: ONE kernel whose bytes are its tensor arguments
-  (weights read, activations in, outputs written); the torch glue around it (routing sort, slot sum,
-  partial combine) is traced as it runs. `F.scaled_dot_product_attention` is modelled as CUDA runs
-  it with a mask (memory-efficient attention; an assumption: flash attention takes no mask, and the
-  full layers' head dim 512 is over its limit): the bool mask negated and made an additive bias in
-  q's dtype, padded (a copy) to a multiple of 8 keys, then ONE fused kernel reading q, k, v, bias;
+  (weights read, activations in, outputs written), each whole, except where ROWS_TOUCHED says a
+  kernel touches only some rows of one: the routed experts' h [cap, I] has a row per sorted slot,
+  routing padding included (3968 rows for 2048 pairs at the full size), but gate_up writes and down
+  reads only the P real pairs' rows, so h counts P·I·itemsize there. The torch glue around the
+  kernels (routing sort, slot sum, partial combine) is traced as it runs.
+  `F.scaled_dot_product_attention` is modelled as CUDA runs it with a mask (memory-efficient
+  attention; an assumption: flash attention takes no mask, and the full layers' head dim 512 is over
+  its limit): the bool mask negated and made an additive bias in q's dtype, padded (a copy) to a
+  multiple of 8 keys, then ONE fused kernel reading q, k, v, bias;
 - the engine as CUDA runs it by default (dgcli/engine.py: static cache, fused LM head, CUDA graphs,
   RMSNorms, routers, layers' glue, MLPs and attentions swapped for kernels.fused_norms / fused_router /
   fused_mix / fused_mlp / fused_attention (`kernels.install_fused`): the Engine swaps them on CUDA
@@ -61,6 +65,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import inspect
 import json
 import os
 import sys
@@ -90,6 +95,9 @@ PARTS = ("experts", "dense", "attention", "norms", "head", "self_conditioning", 
 OWNING = ("sampler", "head", "self_conditioning")  # these own every op made inside them
 MEM_EFF_ALIGN = 8  # keys: the memory-efficient attention kernel pads its bias to this multiple
 L2_RESIDENT = 16 * 2**20  # an activation this small stays in L2 (50-96 MB on these GPUs) between kernels
+# Triton kernels that touch only some rows of a tensor argument: kernel -> {tensor argument: the
+# argument giving how many of its rows}. kernels/moe_int4.py: gate_up and down touch h's P real rows.
+ROWS_TOUCHED = {"gate_up_kernel": {"h_ptr": "num_pairs"}, "down_kernel": {"h_ptr": "num_pairs"}}
 NOTE = ("a model, not a measurement: kernels and bytes traced on meta tensors taking the CUDA paths "
         "(scripts/step_model.py); time = bytes / vendor bandwidth + kernels x per-kernel cost")
 
@@ -232,10 +240,13 @@ class Recorder(TorchDispatchMode):
                 dram += n
         self.kernels.append((self.phase, self._part_now(tensors), name, total, dram, flops, floor))
 
-    def launch(self, name: str, tensors, flops: int = 0) -> None:
-        """One kernel that reads or writes each of `tensors` once (and does `flops` of matmul)."""
+    def launch(self, name: str, tensors, flops: int = 0, rows: dict[int, int] | None = None) -> None:
+        """One kernel that reads or writes each of `tensors` once (and does `flops` of matmul);
+        `rows` {id(tensor): n}: only n rows (along dim 0) of that tensor."""
         tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
-        self._record(name, tensors, _distinct(tensors), flops)
+        rows = rows or {}
+        touches = [(t, n * rows[id(t)] // t.shape[0] if id(t) in rows else n) for t, n in _distinct(tensors)]
+        self._record(name, tensors, touches, flops)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -346,11 +357,20 @@ class _Launcher:
 
     def __init__(self, rec: Recorder, kernel):
         self.rec = rec
-        self.name = getattr(getattr(kernel, "fn", kernel), "__name__", "triton_kernel").strip("_")
+        self.fn = getattr(kernel, "fn", kernel)
+        self.name = getattr(self.fn, "__name__", "triton_kernel").strip("_")
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: self.rec.launch(self.name, _tensors((args, kwargs)),
-                                                       kernel_flops(self.name, args, kwargs))
+                                                       kernel_flops(self.name, args, kwargs), self._rows(args, kwargs))
+
+    def _rows(self, args, kwargs) -> dict[int, int]:
+        """ROWS_TOUCHED for this launch: {id(tensor argument): rows the kernel touches}."""
+        rule = ROWS_TOUCHED.get(self.name)
+        if not rule:
+            return {}
+        bound = dict(zip(inspect.signature(self.fn).parameters, args), **kwargs)
+        return {id(bound[t]): int(bound[n]) for t, n in rule.items()}
 
 
 def _fake_sdpa(rec: Recorder):

@@ -170,6 +170,7 @@ def test_moe_align(T, E, A, block_m, impl, monkeypatch):
     flat = index.reshape(-1)
     for b, e in enumerate(block_expert.tolist()):
         ids = sorted_ids[b * block_m:(b + 1) * block_m]
+        assert torch.equal(ids < P, torch.arange(block_m) < (ids < P).sum())  # real pairs first: a prefix
         ids = ids[ids < P]
         if e < 0:
             assert ids.numel() == 0  # blocks past the end are idle
@@ -279,6 +280,49 @@ def test_triton_skewed_routing_and_group_32(interpret):
     x, *rest = make_case(33, 64, 128, 8, 2, seed=5, group_size=32, skew=True)
     got = moe_int4_triton(x, *rest, group_size=32, config=MoeConfig())
     torch.testing.assert_close(got, moe_int4_ref(x, *rest, group_size=32), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bm,bn", [(16, 64), (32, 128)])  # 32 x 128: masked column tails (I 192, H 128)
+def test_padding_rows_of_h_are_never_written_nor_read(interpret, monkeypatch, bm, bn, dtype):
+    """h [cap, I] has a row per sorted slot, routing padding included (here 7 tokens x 2 slots on 4
+    experts: 14 real rows of 64 or 128). gate_up writes only the real pairs' rows, down reads only those:
+    padding rows filled with NaN stay NaN, every load of down's is outside them, and y is bit for bit
+    what it is with zeros there (the old layout), and the reference within tolerance."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    T, H, I, E, A = 7, 128, 192, 4, 2
+    x, index, weights, q1, s1, q2, s2 = make_case(T, H, I, E, A, seed=3)
+    x, P = x.to(dtype), T * A
+    sorted_ids, block_expert = moe_align(index, E, bm)
+    pad = sorted_ids >= P
+    assert pad.sum() > 2 * P  # mostly padding at this size: the test bites
+    h = torch.full((sorted_ids.numel(), I), float("nan"), dtype=dtype)
+    M._launch_gate_up(x, index, q1, s1, sorted_ids, block_expert, h, 64, bn, 4, 3, bm)
+    assert h[pad].isnan().all() and not h[~pad].isnan().any()
+
+    loads = []  # every address down loads (mask on), from the interpreter
+    real_load = interpreter.interpreter_builder.create_masked_load
+
+    def recording_load(ptrs, mask, *args):
+        loads.append(np.broadcast_to(ptrs.data, mask.data.shape)[mask.data].copy())
+        return real_load(ptrs, mask, *args)
+
+    def down(h):
+        y = torch.empty(P, H, dtype=dtype)
+        M._launch_down(h, weights.float(), q2, s2, sorted_ids, block_expert, y, 64, bn, 4, 3, bm)
+        return y
+
+    with monkeypatch.context() as m:
+        m.setattr(interpreter.interpreter_builder, "create_masked_load", recording_load)
+        y = down(h)
+    addr = np.concatenate(loads).astype(np.int64) - h.data_ptr()
+    rows = addr[(addr >= 0) & (addr < h.numel() * h.element_size())] // (I * h.element_size())
+    assert rows.size and not pad[torch.from_numpy(np.unique(rows))].any()
+    assert torch.equal(y, down(h.masked_fill(pad[:, None], 0.0)))
+    got = y.view(T, A, H).sum(1, dtype=torch.float32).to(dtype)
+    torch.testing.assert_close(got.float(), moe_int4_ref(x, index, weights, q1, s1, q2, s2).float(), **TOL[dtype])
 
 
 def test_triton_no_tokens(interpret):

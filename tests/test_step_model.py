@@ -88,6 +88,27 @@ def test_substituted_kernels_count_once_per_call(reduced):
     assert logits < head < logits + 4 * 2**20  # and h, the partials written and combined
 
 
+def test_experts_count_only_the_real_pairs_rows_of_h(sm, reduced, monkeypatch):
+    """The routed experts' h [cap, I] has a row per sorted slot, routing padding included, but gate_up
+    writes and down reads only the P real (token, slot) pairs' rows (kernels/moe_int4.py): counted
+    whole, the experts' bytes grow by exactly the padding rows, twice a layer, and nothing else does."""
+    from kernels.moe_int4 import DEFAULT_CONFIG
+
+    c = sm.CONFIGS["reduced"]
+    E, bm, I = c["num_experts"], DEFAULT_CONFIG.block_m, c["moe_intermediate_size"]
+    P = c["canvas_length"] * c["top_k_experts"]
+    cap = -(-(P + min(E, P) * (bm - 1)) // bm) * bm
+    padding = (cap - P) * I * 2  # bf16 rows
+    assert padding > 0
+    monkeypatch.setattr(sm, "ROWS_TOUCHED", {})
+    whole = sm.run("reduced", [1024], eager=False)["contexts"]["1024"]
+    now = reduced["contexts"]["1024"]
+    assert whole["by_part"]["experts"]["bytes"] - now["by_part"]["experts"]["bytes"] == 2 * 6 * padding
+    assert whole["bytes_per_step"] - now["bytes_per_step"] == 2 * 6 * padding
+    assert whole["kernels_per_step"] == now["kernels_per_step"]
+    assert whole["dram_bytes_per_step"] == now["dram_bytes_per_step"]  # h is under L2_RESIDENT here
+
+
 def test_bytes_grow_with_context_in_attention_only(reduced):
     """Shapes decide the kernels, so a longer context adds no kernel; it adds bytes, all in
     attention (the full layer reads more of the cache), and the cache itself."""
