@@ -13,7 +13,8 @@ What is traced, and how:
 - the CUDA paths: while tracing, `Tensor.is_cuda` answers True for meta tensors, so every CUDA-only
   branch (the Triton kernels' dispatch, the int4 experts) is taken. Each Triton launch (the
   kernels' `launchable`) is replaced by a recorder: ONE kernel whose bytes are its tensor arguments
-  (weights read, activations in, outputs written); the torch glue around it (routing sort, slot sum,
+  (weights read, activations in, outputs written; of a KV-cache buffer, as the fused q/k/v writes the
+  canvas into its slots, only the rows written); the torch glue around it (routing sort, slot sum,
   partial combine) is traced as it runs. `F.scaled_dot_product_attention` is modelled as CUDA runs
   it with a mask (memory-efficient attention; an assumption: flash attention takes no mask, and the
   full layers' head dim 512 is over its limit): the bool mask negated and made an additive bias in
@@ -135,6 +136,7 @@ class Recorder(TorchDispatchMode):
         self.phase = "setup"
         self.parts: list[str | None] = []  # module / function stack
         self.resident: set[int] = set()  # storages always read from DRAM: weights, KV cache
+        self.kv_cache: set[int] = set()  # the KV cache's K/V buffers, which a Triton kernel writes rows of
         self.live = 0  # bytes in the default pool
         self.pool_live = 0  # bytes the graph pool holds now, and the most it has held (kept reserved)
         self.pool_reserved = 0
@@ -289,7 +291,19 @@ class _Launcher:
         self.name = getattr(getattr(kernel, "fn", kernel), "__name__", "triton_kernel").strip("_")
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.rec.launch(self.name, _tensors((args, kwargs)))
+        return self._launch
+
+    def _launch(self, *args, **kwargs):
+        """A KV-cache buffer among the arguments is written only in the rows of the launch's slot
+        index (the fused q/k/v's canvas K/V, row t to slot slots[t]), not read or written whole."""
+        tensors = _tensors((args, kwargs))
+        if not any(t.untyped_storage()._cdata in self.rec.kv_cache for t in tensors):
+            self.rec.launch(self.name, tensors)
+            return
+        slots, = [t for t in tensors if t.dtype == torch.int64 and t.dim() == 1]
+        touches = [(t, n // t.shape[-2] * slots.numel() if t.untyped_storage()._cdata in self.rec.kv_cache else n)
+                   for t, n in _distinct(tensors)]
+        self.rec._record(self.name, tensors, touches)
 
 
 def _fake_sdpa(rec: Recorder):
@@ -498,6 +512,7 @@ def model_context(model, ctx: int, weights: int, rec: Recorder, per_kernel_us: f
     with rec.phase_as("prefill"):
         cache = engine.new_cache(max_tokens=ctx)
         rec.keep_resident([t for t in cache.keys + cache.values + cache.slot_pos if t is not None])
+        rec.kv_cache.update(t.untyped_storage()._cdata for t in cache.keys + cache.values)
         ids = torch.zeros(1, ctx, dtype=torch.long, device=engine.device)
         start = 0
         if not full_prefill:
