@@ -3,7 +3,10 @@ them; decoder passes read them and attend to the canvas as well, leaving them un
 
 Both caches answer the same two questions for attention layer i:
 - `encode_kv(i, k, v, window)`: store the new K/V; return (keys, values, is_causal, mask) to attend;
-- `decode_kv(i, k, v, window)`: return (keys, values, mask) for the canvas: the cache + the canvas.
+- `decode_kv(i, k, v, window)`: return (keys, values, mask) for the canvas: the cache + the canvas;
+- `canvas_dest(i)`: None, or where the canvas K/V of layer i go in this decode pass (keys, values,
+  slots), for a q/k/v kernel that writes them there itself (kernels.fused_attention on CUDA): it
+  then passes k = v = None to `decode_kv`.
 `window` is the sliding window W for sliding layers, None for full layers. Tensors are
 [B, kv_heads, T, head_dim]: K after k_norm and RoPE, V after v_norm. Masks are bool, True = visible.
 
@@ -12,9 +15,10 @@ sliding layers: the last W-1) and concatenates, so it matches the reference bit 
 `StaticKVCache` preallocates: sliding layers are a ring of W-1+L+R slots (the last W-1 tokens, one
 canvas, and R more so that `truncate` can take back R tokens; R=0 by default, as every slot costs
 attention time), full layers a buffer of max_tokens+L; the decoder writes the canvas K/V into the
-free slots instead of concatenating. Key order in the ring differs from the reference, so results
-agree to rounding (~1e-6), not bit for bit. The decoder reads the canvas positions from a device
-tensor (`prepare_decode` sets it), so one captured CUDA graph serves every position (dgcli/graphs.py).
+free slots instead of concatenating (on CUDA the fused q/k/v kernel writes them there itself). Key
+order in the ring differs from the reference, so results agree to rounding (~1e-6), not bit for bit.
+The decoder reads the canvas positions and their ring slots from device tensors (`prepare_decode`
+sets them), so one captured CUDA graph serves every position (dgcli/graphs.py).
 
 One rollback protocol on both (as mlx-lm's `trim` on every cache), so a chat session has one path:
 - `truncate(n) -> bool`: forget every token from position n on; False, and nothing changed, when a
@@ -76,6 +80,10 @@ class KVCache:
     def prepare_decode(self, L: int, device=None, bucket: int | None = None) -> torch.Tensor:
         """The canvas positions [L] (`bucket` is the static cache's; here every span is exact)."""
         return torch.arange(self.length, self.length + L, device=device)
+
+    def canvas_dest(self, i: int) -> None:
+        """None: this cache concatenates, so the canvas K/V have no slots to be written into."""
+        return None
 
     def decode_kv(self, i, k, v, window):
         if self.keys[i] is None:
@@ -148,6 +156,7 @@ class StaticKVCache:
         self.lowest_kept = 0  # sliding rings still hold every position from here to length
         # Decoder state on the device, so a captured graph reads it instead of baking it in:
         self.canvas_pos = torch.arange(L, device=device)  # positions of the canvas being decoded
+        self.ring_slots = self.canvas_pos % self.ring if sliding else None  # their slots in the rings
         self.slots = torch.arange(max_tokens + L, device=device)
         self.span, self.span_masked = None, False  # full layers attend over slots [:span] (prepare_decode)
         self.marked = None  # (length, lowest_kept, copies of the rings) saved by mark()
@@ -163,6 +172,10 @@ class StaticKVCache:
         self._check_room(L, canvas=True)
         end = self.length + L
         torch.arange(self.length, end, out=self.canvas_pos)
+        if self.ring:  # made here, before the pass: a fused q/k/v writes into them before decode_kv runs
+            if self.ring_slots.shape != self.canvas_pos.shape:  # a canvas of another length (tests)
+                self.ring_slots.resize_(self.canvas_pos.shape)
+            torch.remainder(self.canvas_pos, self.ring, out=self.ring_slots)
         self.span = end if bucket is None else min(-(-end // bucket) * bucket, self.capacity)
         self.span_masked = bucket is not None  # a bucket's graph must mask its slack even when there is none
         if self.ring:  # the canvas took the L ring slots of the oldest positions kept
@@ -238,11 +251,21 @@ class StaticKVCache:
             self.lowest_kept = max(self.lowest_kept, start + T - size)
         return keys, values, False, mask
 
+    def canvas_dest(self, i: int):
+        """Where layer i's canvas K/V go in this decode pass: (keys, values, slots), the buffers
+        [1, Hk, S, D] and the slots [L] of the canvas's rows (a device tensor that prepare_decode
+        sets: full layers the canvas positions, sliding layers their ring slots). A q/k/v kernel that
+        writes them there passes None to `decode_kv`, which then copies nothing."""
+        slots = self.canvas_pos if self.slot_pos[i] is None else self.ring_slots
+        return self.keys[i], self.values[i], slots
+
     def decode_kv(self, i, k, v, window):
+        """k, v None: already in their slots (`canvas_dest`)."""
         pos = self.canvas_pos  # set by prepare_decode; device-side, so graph replays see new values
         if self.slot_pos[i] is None:  # the canvas goes into the slack after the valid tokens
-            self.keys[i].index_copy_(2, pos, k)
-            self.values[i].index_copy_(2, pos, v)
+            if k is not None:
+                self.keys[i].index_copy_(2, pos, k)
+                self.values[i].index_copy_(2, pos, v)
             keys, values = self.keys[i][:, :, :self.span], self.values[i][:, :, :self.span]
             if not self.span_masked:
                 return keys, values, None
@@ -252,14 +275,13 @@ class StaticKVCache:
         # The ring holds the last W-1 tokens; the canvas takes L other slots. The next commit
         # rewrites those slots with the committed canvas, so nothing of it leaks into the cache.
         if i == self.first_sliding:
-            slots = pos % self.ring
-            self.ring_pos.index_copy_(0, slots, pos)
+            self.ring_pos.index_copy_(0, self.ring_slots, pos)
             visible = (self.ring_pos >= 0) & (self.ring_pos > pos[0] - window)  # the last W-1 tokens + the canvas
-            self._sliding_pass = (slots, self._bias(visible))
-        slots, mask = self._sliding_pass
-        self.keys[i].index_copy_(2, slots, k)
-        self.values[i].index_copy_(2, slots, v)
-        return self.keys[i], self.values[i], mask
+            self._sliding_pass = self._bias(visible)
+        if k is not None:
+            self.keys[i].index_copy_(2, self.ring_slots, k)
+            self.values[i].index_copy_(2, self.ring_slots, v)
+        return self.keys[i], self.values[i], self._sliding_pass
 
     def _bias(self, visible: torch.Tensor) -> torch.Tensor:
         """A key mask as SDPA's additive bias [1, S] (0 or -inf), made once a pass: SDPA would

@@ -1,6 +1,6 @@
 """CUDA graphs for the denoising step, applied from outside the model (the engine wraps its step).
 
-A full-size step is about 510 GPU kernels on CUDA (scripts/step_model.py, a model: projections,
+A full-size step is about 450 GPU kernels on CUDA (scripts/step_model.py, a model: projections,
 norms, each layer's glue, router and soft embedding fused by dg's kernels; ~5,600 before those). Launched one by one from Python,
 at a few microseconds each, that is milliseconds per step, the order of the step's memory-bound
 floor on an H100 (an estimate: not yet timed on a GPU). So the step is captured once as a CUDA

@@ -97,7 +97,10 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(D, config.rms_norm_eps)
         self.v_norm = RMSNorm(D, config.rms_norm_eps, with_scale=False)
 
-    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_into=None):
+        """q, k, v (B, Hx, T, D). kv_into: the decoder's (keys, values, slots) from
+        `cache.canvas_dest`, where a fused replacement may write K/V itself (returning them as None,
+        see kernels.fused_attention); this one leaves them to the cache."""
         B, T, _ = x.shape
         D = self.head_dim
         q = self.q_norm.rope(self.q_proj(x).view(B, T, -1, D), cos, sin)
@@ -109,7 +112,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, cache: KVCache, i: int, encode: bool, kv_only: bool = False, blocks=None):
         B, T, _ = x.shape
-        q, k, v = self.qkv(x, cos, sin)
+        q, k, v = self.qkv(x, cos, sin, kv_into=None if encode else cache.canvas_dest(i))
         window = self.window if self.sliding else None
         if encode:  # the cache stores the new K/V and says what this pass attends to
             k, v, causal, mask = cache.encode_kv(i, k, v, window)
@@ -118,7 +121,7 @@ class Attention(nn.Module):
             if kv_only:  # the last encoder layer's output is never used, only its K/V
                 return None
         else:  # the canvas attends to the cache and itself; the cache keeps nothing of it
-            k, v, mask = cache.decode_kv(i, k, v, window)
+            k, v, mask = cache.decode_kv(i, k, v, window)  # k, v None: qkv wrote them into their slots
             causal = False
         return self.project(self.attend(q, k, v, mask, causal))
 

@@ -12,6 +12,10 @@ The same K blocks in the same order as int8_linear on the copy: the same output,
 Its `qkv` runs kernels.qkv_int8 (one launch a layer for the three projections, the q/k norms with
 RoPE and the weightless v norm, head-major outputs) when q/k/v_proj are int8-per-row QuantLinears
 on the Triton path, the head dim is at most 512 and cos/sin are in x's dtype; otherwise the parent's.
+On the static cache's decoder (`kv_into`, from StaticKVCache.canvas_dest) that kernel writes the
+canvas K/V straight into their cache slots (full layers: the canvas positions; sliding layers: the
+ring slots) and returns them as None, so `decode_kv` copies nothing: two index_copy_ launches a
+layer fewer, and no K/V tensors between them.
 The Engine installs it on CUDA.
 """
 
@@ -29,7 +33,7 @@ from .qkv_int8 import MAX_HEAD_DIM, qkv_int8
 
 
 class FusedAttention(Attention):
-    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_into=None):
         qp, kp, vp, D = self.q_proj, self.k_proj, self.v_proj, self.head_dim
         qn, kn, vn = self.q_norm, self.k_norm, self.v_norm
         if (int8_rows(qp) and int8_rows(kp) and (vp is None or int8_rows(vp)) and use_triton(x)
@@ -37,9 +41,11 @@ class FusedAttention(Attention):
                 and cos.dtype == sin.dtype == x.dtype and qn.eps == kn.eps == vn.eps
                 and qn.weight is not None and kn.weight is not None and vn.weight is None):
             v = (vp.weight.qweight, vp.weight.scales) if vp is not None else (None, None)
+            if kv_into is not None and (x.shape[0] != 1 or kv_into[0].dtype != x.dtype):
+                kv_into = None  # the scatter writes one sequence in the cache's dtype: the cache copies
             return qkv_int8(x, qp.weight.qweight, qp.weight.scales, kp.weight.qweight, kp.weight.scales, *v,
-                            qn.weight, kn.weight, qn.eps, cos, sin, D)
-        return super().qkv(x, cos, sin)
+                            qn.weight, kn.weight, qn.eps, cos, sin, D, kv_into=kv_into)
+        return super().qkv(x, cos, sin, kv_into)
 
     def project(self, heads: torch.Tensor) -> torch.Tensor:
         o = self.o_proj

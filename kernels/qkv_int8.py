@@ -8,6 +8,10 @@ launch does it all: a program computes one whole head for BLOCK_M rows, as two [
 writes it head-major, (B, Hx, T, D), the layout attention reads. The grid's second axis walks the
 query heads, then the key heads, then (sliding layers) the value heads; on the full layers each key
 head also writes its value head (K=V: the same projection, normed again without weight).
+On the static cache's decoder (`kv_into` = the cache's (keys, values, slots), one sequence) the key
+and value heads are written straight into the cache instead, row t of head h to [0, h, slots[t]]
+(SCATTER): the canvas's K/V need no copy into the cache after, and no (B, Hk, T, D) tensors. Only
+the store addresses change, not a value.
 
 Rounding is the unfused CUDA path's, step by step (x's dtype `dt`, bf16 in the model):
     p = (acc · s).to(dt)                                 int8_linear's output
@@ -54,10 +58,28 @@ def _check(x, wq, sq, wk, sk, wv, sv, q_weight, k_weight, cos, sin, head_dim):
             raise ValueError(f"{name} norm weight {tuple(w.shape)} must be [{D}]")
 
 
-def qkv_int8_ref(x, wq, sq, wk, sk, wv, sv, q_weight, k_weight, eps: float, cos, sin, head_dim: int):
+def _check_into(kv_into, x, Hk: int, D: int):
+    """kv_into = (keys, values, slots): two (1, Hk, S, D) buffers in x's dtype and [T] int64 slots."""
+    keys, values, slots = kv_into
+    B, T, _ = x.shape
+    want = (1, Hk, keys.shape[2] if keys.dim() == 4 else -1, D)
+    for name, buf in (("keys", keys), ("values", values)):
+        if (B != 1 or tuple(buf.shape) != want or buf.dtype != x.dtype or not buf.is_contiguous()
+                or buf.device != x.device):
+            raise ValueError(f"kv_into {name} {tuple(buf.shape)} {buf.dtype}: want a contiguous {want} buffer in "
+                             f"{x.dtype} for one sequence (x {tuple(x.shape)})")
+    if slots.shape != (T,) or slots.dtype != torch.int64 or slots.device != x.device:
+        raise ValueError(f"kv_into slots {tuple(slots.shape)} {slots.dtype}: want [{T}] int64")
+
+
+def qkv_int8_ref(x, wq, sq, wk, sk, wv, sv, q_weight, k_weight, eps: float, cos, sin, head_dim: int,
+                 kv_into=None):
     """The unfused arithmetic (Attention.qkv on int8 linears, their references): q, k, v as (B, Hx, T, D).
-    wv/sv None: V is the raw k projection (the full layers)."""
+    wv/sv None: V is the raw k projection (the full layers). kv_into = (keys, values, slots): K/V
+    copied into those cache slots (as StaticKVCache.decode_kv would) and returned as None."""
     _check(x, wq, sq, wk, sk, wv, sv, q_weight, k_weight, cos, sin, head_dim)
+    if kv_into is not None:
+        _check_into(kv_into, x, wk.shape[0] // head_dim, head_dim)
     B, T, K = x.shape
     flat = x.reshape(B * T, K)
 
@@ -68,7 +90,13 @@ def qkv_int8_ref(x, wq, sq, wk, sk, wv, sv, q_weight, k_weight, eps: float, cos,
     k_raw = proj(wk, sk)
     v = rmsnorm_ref(proj(wv, sv) if wv is not None else k_raw, None, eps)
     k = rmsnorm_rope_ref(k_raw, k_weight, eps, cos, sin)
-    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if kv_into is None:
+        return q, k, v
+    keys, values, slots = kv_into
+    keys.index_copy_(2, slots, k)
+    values.index_copy_(2, slots, v)
+    return q, None, None
 
 
 if HAS_TRITON:
@@ -79,12 +107,14 @@ if HAS_TRITON:
     from .rmsnorm import _inv_rms
 
     @triton.jit
-    def _head(x_ptr, w_ptr, s_ptr, nw_ptr, cos_ptr, sin_ptr, out_ptr, v_ptr, head, H, rows, row_ok,
-              M, T, K, D, eps, stride_xm, stride_w, stride_cos, stride_sin,
-              ROPE: tl.constexpr, ALSO_V: tl.constexpr, EVEN_K: tl.constexpr,
+    def _head(x_ptr, w_ptr, s_ptr, nw_ptr, cos_ptr, sin_ptr, out_ptr, v_ptr, slot_ptr, head, H, rows, row_ok,
+              M, T, K, D, eps, stride_xm, stride_w, stride_cos, stride_sin, stride_kvh,
+              ROPE: tl.constexpr, ALSO_V: tl.constexpr, SCATTER: tl.constexpr, EVEN_K: tl.constexpr,
               FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
         """Head `head` of H (one projection's) for `rows`, stored head-major: ROPE, the q/k norm with
-        its weight and RoPE to out (and, ALSO_V, the weightless v norm to v_ptr); else the v norm to v_ptr."""
+        its weight and RoPE to out (and, ALSO_V, the weightless v norm to v_ptr); else the v norm to v_ptr.
+        SCATTER (one sequence): row t goes to slot slot_ptr[t] of a buffer whose heads are
+        stride_kvh elements apart, not to row t of a (B, H, T, D) tensor (only k/v heads scatter)."""
         half = D // 2
         offs = tl.arange(0, BLOCK_H)
         ok = offs < half
@@ -96,8 +126,12 @@ if HAS_TRITON:
         p2 = (acc2 * tl.load(s_ptr + cols + half, mask=ok, other=0.0).to(tl.float32)[None, :]).to(dt).to(tl.float32)
         b = rows // T
         t = rows % T
-        dst = ((b.to(tl.int64) * H + head) * T + t)[:, None] * D + offs[None, :]  # (B, H, T, D)
         mask = row_ok[:, None] & ok[None, :]
+        if SCATTER:  # into the KV cache's slots for these rows: buffer[0, head, slot[t], :]
+            slot = tl.load(slot_ptr + t, mask=row_ok, other=0).to(tl.int64)
+            dst = (head.to(tl.int64) * stride_kvh + slot * D)[:, None] + offs[None, :]
+        else:
+            dst = ((b.to(tl.int64) * H + head) * T + t)[:, None] * D + offs[None, :]  # (B, H, T, D)
         if ALSO_V or not ROPE:  # a v norm (no weight): the row's squares in one sum, as rmsnorm's kernel
             sq = tl.reshape(tl.permute(tl.join(p1 * p1, p2 * p2), (0, 2, 1)), (BLOCK_M, 2 * BLOCK_H))
             rv = _inv_rms(tl.sum(sq, axis=1), D, eps)[:, None]
@@ -128,28 +162,29 @@ if HAS_TRITON:
     @triton.jit
     def _qkv_int8_kernel(
         x_ptr, wq_ptr, sq_ptr, wk_ptr, sk_ptr, wv_ptr, sv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr,
-        q_ptr, k_ptr, v_ptr, M, T, K, D, Hq, Hk, eps,
-        stride_xm, stride_wq, stride_wk, stride_wv, stride_cos, stride_sin,
-        K_IS_V: tl.constexpr, EVEN_K: tl.constexpr, FP32: tl.constexpr,
+        q_ptr, k_ptr, v_ptr, slot_ptr, M, T, K, D, Hq, Hk, eps,
+        stride_xm, stride_wq, stride_wk, stride_wv, stride_cos, stride_sin, stride_kvh,
+        K_IS_V: tl.constexpr, SCATTER: tl.constexpr, EVEN_K: tl.constexpr, FP32: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        """Grid (row tiles, Hq + Hk [+ Hk]): query heads, key heads, then value heads (unless K_IS_V)."""
+        """Grid (row tiles, Hq + Hk [+ Hk]): query heads, key heads, then value heads (unless K_IS_V).
+        SCATTER: k_ptr/v_ptr are KV-cache buffers and the key/value heads' rows go to their slots."""
         pid_m = tl.program_id(0)  # fastest: the row tiles sharing a head's weights run together
         h = tl.program_id(1)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < M
         if h < Hq:
-            _head(x_ptr, wq_ptr, sq_ptr, qw_ptr, cos_ptr, sin_ptr, q_ptr, v_ptr, h, Hq, rows, row_ok,
-                  M, T, K, D, eps, stride_xm, stride_wq, stride_cos, stride_sin,
-                  True, False, EVEN_K, FP32, BLOCK_M, BLOCK_H, BLOCK_K)
+            _head(x_ptr, wq_ptr, sq_ptr, qw_ptr, cos_ptr, sin_ptr, q_ptr, v_ptr, slot_ptr, h, Hq, rows, row_ok,
+                  M, T, K, D, eps, stride_xm, stride_wq, stride_cos, stride_sin, stride_kvh,
+                  True, False, False, EVEN_K, FP32, BLOCK_M, BLOCK_H, BLOCK_K)
         elif h < Hq + Hk:
-            _head(x_ptr, wk_ptr, sk_ptr, kw_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, h - Hq, Hk, rows, row_ok,
-                  M, T, K, D, eps, stride_xm, stride_wk, stride_cos, stride_sin,
-                  True, K_IS_V, EVEN_K, FP32, BLOCK_M, BLOCK_H, BLOCK_K)
+            _head(x_ptr, wk_ptr, sk_ptr, kw_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, slot_ptr, h - Hq, Hk, rows, row_ok,
+                  M, T, K, D, eps, stride_xm, stride_wk, stride_cos, stride_sin, stride_kvh,
+                  True, K_IS_V, SCATTER, EVEN_K, FP32, BLOCK_M, BLOCK_H, BLOCK_K)
         else:
-            _head(x_ptr, wv_ptr, sv_ptr, kw_ptr, cos_ptr, sin_ptr, v_ptr, v_ptr, h - Hq - Hk, Hk, rows, row_ok,
-                  M, T, K, D, eps, stride_xm, stride_wv, stride_cos, stride_sin,
-                  False, False, EVEN_K, FP32, BLOCK_M, BLOCK_H, BLOCK_K)
+            _head(x_ptr, wv_ptr, sv_ptr, kw_ptr, cos_ptr, sin_ptr, v_ptr, v_ptr, slot_ptr, h - Hq - Hk, Hk, rows,
+                  row_ok, M, T, K, D, eps, stride_xm, stride_wv, stride_cos, stride_sin, stride_kvh,
+                  False, False, SCATTER, EVEN_K, FP32, BLOCK_M, BLOCK_H, BLOCK_K)
 
 
 # (BLOCK_M, BLOCK_K, warps, stages) by head dim; BLOCK_H is half the head dim (at least 16). Two
@@ -169,15 +204,20 @@ _LARGE = frozenset()
 
 
 def qkv_int8_triton(x, wq, sq, wk, sk, wv, sv, q_weight, k_weight, eps: float, cos, sin, head_dim: int,
-                    tile: tuple | None = None):
+                    tile: tuple | None = None, kv_into=None):
     """The Triton path: q, k, v as (B, Hx, T, D), each contiguous; `tile` = (BLOCK_M, BLOCK_K, warps,
-    stages), else autotuned on CUDA. cos/sin in x's dtype."""
+    stages), else autotuned on CUDA. cos/sin in x's dtype. kv_into = (keys, values, slots), one
+    sequence: K and V go straight into the cache buffers keys/values (1, Hk, S, D), row t of head h to
+    [0, h, slots[t]] (the decoder's canvas slots, no copy after), and come back as None."""
     _check(x, wq, sq, wk, sk, wv, sv, q_weight, k_weight, cos, sin, head_dim)
     if cos.dtype != x.dtype or sin.dtype != x.dtype:
         raise ValueError(f"cos/sin {cos.dtype}/{sin.dtype} must be x's dtype {x.dtype}")
     B, T, K = x.shape
     D = head_dim
     Hq, Hk = wq.shape[0] // D, wk.shape[0] // D
+    scatter = kv_into is not None
+    if scatter:
+        _check_into(kv_into, x, Hk, D)
     flat = x.reshape(B * T, K).contiguous()
     wq, sq, wk, sk, q_weight, k_weight = (t.contiguous() for t in (wq, sq, wk, sk, q_weight, k_weight))
     k_is_v = wv is None
@@ -185,11 +225,15 @@ def qkv_int8_triton(x, wq, sq, wk, sk, wv, sv, q_weight, k_weight, eps: float, c
     cos = cos if cos.stride(-1) == 1 else cos.contiguous()
     sin = sin if sin.stride(-1) == 1 else sin.contiguous()
     q = torch.empty(B, Hq, T, D, dtype=x.dtype, device=x.device)
-    k = torch.empty(B, Hk, T, D, dtype=x.dtype, device=x.device)
-    v = torch.empty(B, Hk, T, D, dtype=x.dtype, device=x.device)
+    if scatter:
+        k, v, slots = kv_into
+    else:
+        k = torch.empty(B, Hk, T, D, dtype=x.dtype, device=x.device)
+        v = torch.empty(B, Hk, T, D, dtype=x.dtype, device=x.device)
+        slots = k  # any pointer: not read with SCATTER off
     M = B * T
     if M == 0:
-        return q, k, v
+        return (q, None, None) if scatter else (q, k, v)
     heads = Hq + Hk + (0 if k_is_v else Hk)
     block_h = _block(D // 2)
 
@@ -197,44 +241,52 @@ def qkv_int8_triton(x, wq, sq, wk, sk, wv, sv, q_weight, k_weight, eps: float, c
         bm, bk, warps, stages = cfg
         return launch(
             _qkv_int8_kernel, x.device, (triton.cdiv(M, bm), heads),
-            flat, wq, sq, wk, sk, wv, sv, q_weight, k_weight, cos, sin, q, k, v, M, T, K, D, Hq, Hk, float(eps),
-            flat.stride(0), wq.stride(0), wk.stride(0), wv.stride(0), cos.stride(0), sin.stride(0),
-            K_IS_V=k_is_v, EVEN_K=K % bk == 0, FP32=x.dtype == torch.float32,
+            flat, wq, sq, wk, sk, wv, sv, q_weight, k_weight, cos, sin, q, k, v, slots, M, T, K, D, Hq, Hk,
+            float(eps), flat.stride(0), wq.stride(0), wk.stride(0), wv.stride(0), cos.stride(0), sin.stride(0),
+            k.stride(1), K_IS_V=k_is_v, SCATTER=scatter, EVEN_K=K % bk == 0, FP32=x.dtype == torch.float32,
             BLOCK_M=bm, BLOCK_H=block_h, BLOCK_K=bk, num_warps=warps, num_stages=stages, warmup=warmup,
         )
 
-    if tile is None:
-        key = (x.dtype, rows_bucket(M), K, D, Hq, Hk, k_is_v)
+    if tile is None:  # (a scatter's timing runs write the same rows again: harmless)
+        key = (x.dtype, rows_bucket(M), K, D, Hq, Hk, k_is_v, scatter)
         tile = tuned_tile("qkv_int8", key, tiles(D), _LARGE, run, tiles(D)[0], x.device)
     run(tile)
-    return q, k, v
+    return (q, None, None) if scatter else (q, k, v)
 
 
-def qkv_int8(x, wq, sq, wk, sk, wv, sv, q_weight, k_weight, eps: float, cos, sin, head_dim: int):
+def qkv_int8(x, wq, sq, wk, sk, wv, sv, q_weight, k_weight, eps: float, cos, sin, head_dim: int, kv_into=None):
     """Attention.qkv on int8-per-row projections: x (B, T, K) -> q, k, v (B, Hx, T, D); Triton on CUDA
-    (head-major buffers), else the reference."""
+    (head-major buffers), else the reference. kv_into = (keys, values, slots): K/V written into those
+    cache slots instead (by the kernel, or the reference's index_copy_), returned as None."""
     fn = pick(qkv_int8_triton, qkv_int8_ref, x)
-    return fn(x, wq, sq, wk, sk, wv, sv, q_weight, k_weight, eps, cos, sin, head_dim)
+    return fn(x, wq, sq, wk, sk, wv, sv, q_weight, k_weight, eps, cos, sin, head_dim, kv_into=kv_into)
 
 
 def _aot():
     """Compile specs for `python -m kernels.aot`: bf16 activations, fp16 scales, hidden 2816; the
-    sliding layers (D 256, separate V) and the full layers (D 512, K=V), every candidate tile."""
+    sliding layers (D 256, separate V) and the full layers (D 512, K=V), every candidate tile, as the
+    decoder launches them (SCATTER: K/V into the cache's slots); `.prefill`: as the encoder does
+    (fresh K/V; no slot index, k in its place)."""
     sig = {"x_ptr": "*bf16", "wq_ptr": "*i8", "sq_ptr": "*fp16", "wk_ptr": "*i8", "sk_ptr": "*fp16",
            "wv_ptr": "*i8", "sv_ptr": "*fp16", "qw_ptr": "*bf16", "kw_ptr": "*bf16", "cos_ptr": "*bf16",
-           "sin_ptr": "*bf16", "q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "M": "i32", "T": "i32",
-           "K": "i32", "D": "i32", "Hq": "i32", "Hk": "i32", "eps": "fp32", "stride_xm": "i32",
-           "stride_wq": "i32", "stride_wk": "i32", "stride_wv": "i32", "stride_cos": "i32", "stride_sin": "i32"}
+           "sin_ptr": "*bf16", "q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "slot_ptr": "*i64",
+           "M": "i32", "T": "i32", "K": "i32", "D": "i32", "Hq": "i32", "Hk": "i32", "eps": "fp32",
+           "stride_xm": "i32", "stride_wq": "i32", "stride_wk": "i32", "stride_wv": "i32", "stride_cos": "i32",
+           "stride_sin": "i32", "stride_kvh": "i32"}
+    divisible = ("M", "T", "K", "D", "stride_xm", "stride_wq", "stride_wk", "stride_wv", "stride_cos",
+                 "stride_sin", "stride_kvh")
     for head_dim, k_is_v in ((256, False), (512, True)):
-        for tile in tiles(head_dim):
-            bm, bk, warps, stages = tile
-            yield AotSpec(f"qkv_int8.d{head_dim}", _qkv_int8_kernel, sig,
-                          dict(K_IS_V=k_is_v, EVEN_K=True, FP32=False, BLOCK_M=bm, BLOCK_H=_block(head_dim // 2),
-                               BLOCK_K=bk),
-                          warps, stages, dict(BLOCK_M=bm, BLOCK_K=bk, num_warps=warps, num_stages=stages),
-                          default=tile == tiles(head_dim)[0], large=tile in _LARGE,
-                          divisible=("M", "T", "K", "D", "stride_xm", "stride_wq", "stride_wk", "stride_wv",
-                                     "stride_cos", "stride_sin"))
+        for scatter in (True, False):
+            name = f"qkv_int8.d{head_dim}" + ("" if scatter else ".prefill")
+            signature = sig if scatter else dict(sig, slot_ptr="*bf16")  # the prefill passes k, unread
+            for tile in tiles(head_dim):
+                bm, bk, warps, stages = tile
+                yield AotSpec(name, _qkv_int8_kernel, signature,
+                              dict(K_IS_V=k_is_v, SCATTER=scatter, EVEN_K=True, FP32=False, BLOCK_M=bm,
+                                   BLOCK_H=_block(head_dim // 2), BLOCK_K=bk),
+                              warps, stages, dict(BLOCK_M=bm, BLOCK_K=bk, num_warps=warps, num_stages=stages),
+                              default=tile == tiles(head_dim)[0], large=tile in _LARGE,
+                              divisible=divisible)
 
 
 AOT = list(_aot()) if HAS_TRITON else []

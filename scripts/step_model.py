@@ -13,11 +13,12 @@ What is traced, and how:
 - the CUDA paths: while tracing, `Tensor.is_cuda` answers True for meta tensors, so every CUDA-only
   branch (the Triton kernels' dispatch, the int4 experts) is taken. Each Triton launch (the
   kernels' `launchable`) is replaced by a recorder: ONE kernel whose bytes are its tensor arguments
-  (weights read, activations in, outputs written), each whole, except where ROWS_TOUCHED says a
-  kernel touches only some rows of one: the routed experts' h [cap, I] has a row per sorted slot,
-  routing padding included (3968 rows for 2048 pairs at the full size), but gate_up writes and down
-  reads only the P real pairs' rows, so h counts P·I·itemsize there. The torch glue around the
-  kernels (routing sort, slot sum, partial combine) is traced as it runs.
+  (weights read, activations in, outputs written), each whole, except where a kernel touches only
+  some rows of one: ROWS_TOUCHED (the routed experts' h [cap, I] has a row per sorted slot, routing
+  padding included (3968 rows for 2048 pairs at the full size), but gate_up writes and down reads
+  only the P real pairs' rows, so h counts P·I·itemsize there), and a KV-cache buffer, of which the
+  fused q/k/v writes only the canvas's slots. The torch glue around the kernels (routing sort, slot
+  sum, partial combine) is traced as it runs.
   `F.scaled_dot_product_attention` is modelled as CUDA runs it with a mask (memory-efficient
   attention; an assumption: flash attention takes no mask, and the full layers' head dim 512 is over
   its limit): the bool mask negated and made an additive bias in q's dtype, padded (a copy) to a
@@ -157,6 +158,7 @@ class Recorder(TorchDispatchMode):
         self.phase = "setup"
         self.parts: list[str | None] = []  # module / function stack
         self.resident: set[int] = set()  # storages always read from DRAM: weights, KV cache
+        self.kv_cache: set[int] = set()  # the KV cache's K/V buffers, which a Triton kernel writes rows of
         self.live = 0  # bytes in the default pool
         self.pool_live = 0  # bytes the graph pool holds now, and the most it has held (kept reserved)
         self.pool_reserved = 0
@@ -240,13 +242,10 @@ class Recorder(TorchDispatchMode):
                 dram += n
         self.kernels.append((self.phase, self._part_now(tensors), name, total, dram, flops, floor))
 
-    def launch(self, name: str, tensors, flops: int = 0, rows: dict[int, int] | None = None) -> None:
-        """One kernel that reads or writes each of `tensors` once (and does `flops` of matmul);
-        `rows` {id(tensor): n}: only n rows (along dim 0) of that tensor."""
+    def launch(self, name: str, tensors, flops: int = 0) -> None:
+        """One kernel that reads or writes each of `tensors` once (and does `flops` of matmul)."""
         tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
-        rows = rows or {}
-        touches = [(t, n * rows[id(t)] // t.shape[0] if id(t) in rows else n) for t, n in _distinct(tensors)]
-        self._record(name, tensors, touches, flops)
+        self._record(name, tensors, _distinct(tensors), flops)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -361,16 +360,32 @@ class _Launcher:
         self.name = getattr(self.fn, "__name__", "triton_kernel").strip("_")
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.rec.launch(self.name, _tensors((args, kwargs)),
-                                                       kernel_flops(self.name, args, kwargs), self._rows(args, kwargs))
+        return self._launch
 
-    def _rows(self, args, kwargs) -> dict[int, int]:
-        """ROWS_TOUCHED for this launch: {id(tensor argument): rows the kernel touches}."""
-        rule = ROWS_TOUCHED.get(self.name)
-        if not rule:
-            return {}
-        bound = dict(zip(inspect.signature(self.fn).parameters, args), **kwargs)
-        return {id(bound[t]): int(bound[n]) for t, n in rule.items()}
+    def _launch(self, *args, **kwargs):
+        """One kernel: its tensor arguments' bytes (see _touches) and its FLOPs (kernel_flops)."""
+        tensors = _tensors((args, kwargs))
+        self.rec._record(self.name, tensors, self._touches(tensors, args, kwargs), kernel_flops(self.name, args, kwargs))
+
+    def _touches(self, tensors, args, kwargs) -> list[tuple[torch.Tensor, int]]:
+        """Each distinct tensor argument whole, except: ROWS_TOUCHED's (only so many rows along dim 0),
+        and a KV-cache buffer, written only in the rows of the launch's slot index (the fused q/k/v's
+        canvas K/V, row t to slot slots[t])."""
+        rows = {}
+        if self.name in ROWS_TOUCHED:
+            bound = dict(zip(inspect.signature(self.fn).parameters, args), **kwargs)
+            rows = {id(bound[t]): int(bound[n]) for t, n in ROWS_TOUCHED[self.name].items()}
+        slots = None
+        if any(t.untyped_storage()._cdata in self.rec.kv_cache for t in tensors):
+            slots, = [t for t in tensors if t.dtype == torch.int64 and t.dim() == 1]
+        touches = []
+        for t, n in _distinct(tensors):
+            if id(t) in rows:
+                n = n * rows[id(t)] // t.shape[0]
+            elif slots is not None and t.untyped_storage()._cdata in self.rec.kv_cache:
+                n = n // t.shape[-2] * slots.numel()
+            touches.append((t, n))
+        return touches
 
 
 def _fake_sdpa(rec: Recorder):
@@ -598,6 +613,7 @@ def model_context(model, ctx: int, weights: int, rec: Recorder, per_kernel_us: f
     with rec.phase_as("prefill"):
         cache = engine.new_cache(max_tokens=ctx)
         rec.keep_resident([t for t in cache.keys + cache.values + cache.slot_pos if t is not None])
+        rec.kv_cache.update(t.untyped_storage()._cdata for t in cache.keys + cache.values)
         ids = torch.zeros(1, ctx, dtype=torch.long, device=engine.device)
         start = 0
         if not full_prefill:

@@ -18,6 +18,7 @@ import importlib
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dgcli.model import Attention, rope_cos_sin
 from quant.formats import quantize_int8_row
@@ -174,11 +175,73 @@ def test_dispatcher_takes_the_reference_on_cpu(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(Q.qkv_int8(*args), Q.qkv_int8_ref(*args)))
 
 
+@pytest.mark.parametrize("layer", ["sliding", "full"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_kv_into_writes_each_row_into_its_cache_slot(interpret, layer, dtype):
+    """kv_into = (keys, values, slots): row t of K/V head h lands in buffer[0, h, slots[t]] (the
+    decoder's canvas slots, here wrapping round a ring), exactly the rows the plain launch returns,
+    every other slot untouched; q is the plain launch's. The reference does the same with copies."""
+    Hq, Hk, D, separate_v, partial = SHAPES[layer]
+    args = list(exact_case(1, 5, 96, Hq, Hk, D, dtype, separate_v, seed=D))
+    args[10:12] = tables(5, D, dtype, partial)
+    q, k, v = Q.qkv_int8_triton(*args, tile=(16, 32, 4, 2))
+    slots = torch.tensor([9, 10, 11, 0, 1])
+    filler = torch.randn(2, 1, Hk, 12, D).to(dtype)
+    want = [f.clone().index_copy_(2, slots, t) for f, t in zip(filler, (k, v))]
+    for fn in (lambda *a, **kw: Q.qkv_int8_triton(*a, tile=(16, 32, 4, 2), **kw), Q.qkv_int8_ref, Q.qkv_int8):
+        keys, values = filler.clone()
+        got = fn(*args, kv_into=(keys, values, slots))
+        assert got[1] is None and got[2] is None and torch.equal(got[0], q)
+        assert torch.equal(keys, want[0]) and torch.equal(values, want[1])
+    with pytest.raises(ValueError, match="kv_into keys"):  # one sequence only
+        two = [torch.cat([args[0], args[0]])] + args[1:]
+        Q.qkv_int8_triton(*two, kv_into=(keys, values, slots))
+    with pytest.raises(ValueError, match="kv_into slots"):
+        Q.qkv_int8_ref(*args, kv_into=(keys, values, slots[:4]))
+
+
 def test_aot_specs():
     for D, k_is_v in ((256, False), (512, True)):
-        specs = [s for s in Q.AOT if s.kernel == f"qkv_int8.d{D}"]
-        assert sum(s.default for s in specs) == 1 and len(specs) == len(Q.tiles(D))
-        assert all(s.constexprs["BLOCK_H"] == D // 2 and s.constexprs["K_IS_V"] == k_is_v for s in specs)
+        for name, scatter in ((f"qkv_int8.d{D}", True), (f"qkv_int8.d{D}.prefill", False)):
+            specs = [s for s in Q.AOT if s.kernel == name]
+            assert sum(s.default for s in specs) == 1 and len(specs) == len(Q.tiles(D))
+            assert all(s.constexprs["BLOCK_H"] == D // 2 and s.constexprs["K_IS_V"] == k_is_v
+                       and s.constexprs["SCATTER"] == scatter for s in specs)
+
+
+@pytest.mark.parametrize("scatter", [True, False], ids=["decode", "prefill"])
+@pytest.mark.parametrize("Hk,D,separate_v", [(8, 256, True), (2, 512, False)])  # sliding and full layers
+def test_aot_compiles_the_qkv_the_engine_launches(monkeypatch, scatter, Hk, D, separate_v):
+    """The kernel as the released model launches it (hidden 2816, 16 query heads, bf16, fp16 scales;
+    the decoder's 256-row canvas into the cache's slots, or a prefill chunk's fresh K/V) is an AOT
+    spec: its constexprs and pointer dtypes, so the compile test checks what runs."""
+    launched = []
+    monkeypatch.setenv("DG_KERNELS", "triton")
+    monkeypatch.setattr(Q, "launch", lambda kernel, device, grid, *args, **kw: launched.append((args, kw)))
+    meta = dict(device="meta")
+    T, K, Hq = 256, 2816, 16
+    x = torch.empty(1, T, K, dtype=torch.bfloat16, **meta)
+
+    def proj(H):
+        return torch.empty(H * D, K, dtype=torch.int8, **meta), torch.empty(H * D, dtype=torch.float16, **meta)
+
+    v = proj(Hk) if separate_v else (None, None)
+    norm = torch.empty(D, dtype=torch.bfloat16, **meta)
+    cos = torch.empty(T, D, dtype=torch.bfloat16, **meta)
+    kv_into = None
+    if scatter:
+        kv_into = (*(torch.empty(1, Hk, 8448, D, dtype=torch.bfloat16, **meta) for _ in range(2)),
+                   torch.empty(T, dtype=torch.int64, **meta))
+    Q.qkv_int8_triton(x, *proj(Hq), *proj(Hk), *v, norm, norm, EPS, cos, cos, D, kv_into=kv_into)
+    (args, kw), = launched
+    names = Q._qkv_int8_kernel.arg_names
+    dtypes = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.int8: "*i8", torch.int64: "*i64"}
+    pointers = {n: dtypes[a.dtype] for n, a in zip(names, args) if isinstance(a, torch.Tensor)}
+    constexprs = {k: v for k, v in kw.items() if k in names}
+    specs = [s for s in Q.AOT if s.kernel == f"qkv_int8.d{D}" + ("" if scatter else ".prefill")]
+    assert any(s.constexprs == constexprs and pointers.keys() == {n for n, t in s.signature.items() if t[0] == "*"}
+               and all(s.signature[n] == t for n, t in pointers.items()) for s in specs), (constexprs, pointers)
+    assert constexprs["SCATTER"] == scatter and constexprs["K_IS_V"] == (not separate_v)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -271,10 +334,67 @@ def test_fused_model_is_the_unfused_model(tiny, interpret, exact_sums, monkeypat
     assert torch.equal(out[1], out[0])
 
 
+class _CacheCopies(TorchDispatchMode):
+    """Records the target shape of every index_copy_ (the static cache's copies of the canvas K/V into
+    its [1, Hk, S, D] buffers, and of the canvas positions into the rings' [S] position map)."""
+
+    def __init__(self):
+        super().__init__()
+        self.targets = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket is torch.ops.aten.index_copy_:
+            self.targets.append(tuple(args[0].shape))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.usefixtures("sdpa_layout")
+def test_decoder_writes_the_canvas_kv_straight_into_the_cache(tiny, interpret, exact_sums, monkeypatch):
+    """On the static cache's decoder the fused kernel writes the canvas K/V into their cache slots
+    itself (full layers: the canvas positions; sliding layers: the ring slots, here wrapping past the
+    ring's end), so `decode_kv` launches no copy into a K/V buffer; the cache then holds, bit for bit,
+    what the copies wrote (the same model with `canvas_dest` None: the path before), and the logits
+    and, after the canvas's commit, the whole cache are the same too."""
+    monkeypatch.setattr(I8, "DEFAULT_TILE", (64, 64, 32, 4, 3))
+    monkeypatch.setattr(Q, "_TILES", {256: ((32, 32, 4, 3),), 512: ((32, 32, 4, 3),)})
+    _, fused = fused_pair(tiny, torch.bfloat16)
+    config = fused.config
+    ring = config.sliding_window - 1 + config.canvas_length
+    prompt = torch.randint(5, 200, (1, ring - 3), generator=torch.Generator().manual_seed(0))
+    canvas = torch.tensor([[3, 17, 40, 9, 5, 8]])  # positions ring-3.., ring slots ring-3, -2, -1, 0, 1, 2
+    out = {}
+    for direct in (False, True):
+        cache = fused.new_cache(static=True, max_tokens=512)
+        monkeypatch.setenv("DG_KERNELS", "ref")  # the prompt's prefill on PyTorch: the same for both, and fast
+        fused.encode(prompt, cache)
+        monkeypatch.setenv("DG_KERNELS", "triton")
+        before = [t.clone() for t in cache.keys + cache.values]
+        if not direct:  # the copies, as before the kernel wrote into the cache
+            monkeypatch.setattr(cache, "canvas_dest", lambda i: None, raising=False)
+        with _CacheCopies() as copies:
+            logits = fused.logits(fused.decode(canvas, cache))
+        decoded = [t.clone() for t in cache.keys + cache.values]
+        fused.encode(canvas, cache)  # the commit rewrites the canvas's slots
+        out[direct] = logits, before, decoded, [t.clone() for t in cache.keys + cache.values], copies.targets
+    (logits, before, decoded, committed, copies), old = out[True], out[False]
+    n = config.num_hidden_layers
+    assert sorted(copies) == [(ring,)]  # the rings' position map, once a pass; no K/V copy
+    assert len(old[4]) == 2 * n + 1 and sorted(old[4])[-1] == (ring,)  # before: K and V every layer
+    assert torch.equal(logits, old[0])
+    assert all(torch.equal(a, b) for a, b in zip(before, old[1]))
+    assert all(torch.equal(a, b) for a, b in zip(decoded, old[2]))  # the canvas slots hold the copies' K/V
+    assert all(torch.equal(a, b) for a, b in zip(committed, old[3]))
+    pos = torch.arange(ring - 3, ring + 3)
+    for i, (b, d) in enumerate(zip(before, decoded)):  # the check has teeth: the decoder did write them
+        slots = pos % ring if config.is_sliding(i % n) else pos
+        assert not torch.equal(b[:, :, slots], d[:, :, slots]), i
+
+
 def _as_custom_op(monkeypatch):
     """qkv_int8_triton as one torch op, so make_fx (graphs.TracedCapture) records the launch and its
     replays re-run it, as a CUDA graph replays a recorded kernel (the interpreter itself is numpy,
-    invisible to a trace)."""
+    invisible to a trace). With kv_into (the decoder's scatter into the cache) an op that mutates
+    the cache's buffers and returns q. -> the kinds of call made ("plain", "into"), in order."""
     real = Q.qkv_int8_triton
 
     @torch.library.custom_op("dgtest::qkv_int8", mutates_args=())
@@ -288,8 +408,25 @@ def _as_custom_op(monkeypatch):
         B, T, _ = x.shape
         return tuple(x.new_empty(B, w.shape[0] // head_dim, T, head_dim) for w in (wq, wk, wk))
 
-    monkeypatch.setattr(Q, "qkv_int8_triton", lambda *a, **k: op(*a, **k))
-    return real
+    @torch.library.custom_op("dgtest::qkv_int8_into", mutates_args=("keys", "values"))
+    def op_into(x: torch.Tensor, wq: torch.Tensor, sq: torch.Tensor, wk: torch.Tensor, sk: torch.Tensor,
+                wv: torch.Tensor | None, sv: torch.Tensor | None, qw: torch.Tensor, kw: torch.Tensor, eps: float,
+                cos: torch.Tensor, sin: torch.Tensor, head_dim: int, keys: torch.Tensor, values: torch.Tensor,
+                slots: torch.Tensor) -> torch.Tensor:
+        return real(x, wq, sq, wk, sk, wv, sv, qw, kw, eps, cos, sin, head_dim, kv_into=(keys, values, slots))[0]
+
+    @op_into.register_fake
+    def _(x, wq, sq, wk, sk, wv, sv, qw, kw, eps, cos, sin, head_dim, keys, values, slots):
+        B, T, _ = x.shape
+        return x.new_empty(B, wq.shape[0] // head_dim, T, head_dim)
+
+    def traced(*a, kv_into=None, **k):
+        kinds.append("plain" if kv_into is None else "into")
+        return op(*a, **k) if kv_into is None else (op_into(*a, *kv_into, **k), None, None)
+
+    kinds = []
+    monkeypatch.setattr(Q, "qkv_int8_triton", traced)
+    return kinds
 
 
 @pytest.mark.usefixtures("sdpa_layout")
@@ -297,15 +434,18 @@ def test_traced_capture_generates_what_the_unfused_model_does(tiny, interpret, m
     """graphs.TracedCapture (a CUDA graph's semantics on the CPU: a frozen trace replayed on reused
     buffers) over several blocks with the swap: the same steps and blocks as eager decoding without it.
     The norms stay PyTorch's (kernels.rmsnorm's interpreted launches would not be traced), so the
-    unfused q/k/v norms sum in torch's order: the tokens agree, not necessarily every logit's last bit."""
+    unfused q/k/v norms sum in torch's order: the tokens agree, not necessarily every logit's last bit.
+    The decoder's kernel writes the canvas K/V into the cache's slots (the ring wraps in the second
+    block): the same steps, blocks and cache, bit for bit, as the graphs of the copies it replaced."""
     from dgcli import graphs
+    from dgcli.cache import StaticKVCache
     from dgcli.config import SamplerSettings
     from dgcli.engine import Engine
     from test_graphs import run
 
     monkeypatch.setattr(I8, "DEFAULT_TILE", (64, 64, 32, 4, 3))
     monkeypatch.setattr(Q, "_TILES", {256: ((64, 32, 4, 3),), 512: ((64, 32, 4, 3),)})
-    _as_custom_op(monkeypatch)
+    kinds = _as_custom_op(monkeypatch)
     unfused, fused = fused_pair(tiny, torch.float32, norms=False)
     calls = []
     real = Q.launch
@@ -314,9 +454,19 @@ def test_traced_capture_generates_what_the_unfused_model_does(tiny, interpret, m
     settings = SamplerSettings(max_new_tokens=2 * L, max_denoising_steps=2, seed=3, eos_token_id=None)
     prompt = list(range(5, 45))
     eager = run(Engine(unfused, static_cache=True, cuda_graphs=False, fused_head=False, bucket=256), prompt, settings)
-    graphed = run(Engine(fused, static_cache=True, fused_head=False, capture=graphs.TracedCapture(), bucket=256),
-                  prompt, settings)
+    engine = Engine(fused, static_cache=True, fused_head=False, capture=graphs.TracedCapture(), bucket=256)
+    graphed = run(engine, prompt, settings)
     assert calls  # the fused kernel ran
+    assert engine.cuda_graphs and "into" in kinds  # captured, the decoder's K/V written into the cache
     assert graphed[0] == eager[0] and graphed[1] == eager[1] and len(graphed[1]) == 2
     assert graphed[2].token_ids == eager[2].token_ids
+    kinds.clear()
+    with monkeypatch.context() as m:  # the path before: K/V returned, then copied by decode_kv
+        m.setattr(StaticKVCache, "canvas_dest", lambda self, i: None, raising=False)
+        engine = Engine(fused, static_cache=True, fused_head=False, capture=graphs.TracedCapture(), bucket=256)
+        copied = run(engine, prompt, settings)
+    assert engine.cuda_graphs and "into" not in kinds
+    assert graphed[:2] == copied[:2] and graphed[2].token_ids == copied[2].token_ids
+    for a, b in zip(graphed[3].keys + graphed[3].values, copied[3].keys + copied[3].values):
+        assert torch.equal(a, b)
 

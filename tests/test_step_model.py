@@ -60,6 +60,9 @@ def test_substituted_kernels_count_once_per_call(reduced):
     # kernels.qkv_int8: a layer's q/k/v projections, their norms and RoPE in one kernel (5 sliding
     # layers' 3 int8_linear launches and the full layer's 2, and their 3 norms, before)
     assert calls["attention"]["qkv_int8_kernel"] == layers and "int8_linear_kernel" not in calls["attention"]
+    # ... and writes the canvas K/V straight into their cache slots: no copies after it (two a layer
+    # before), only the rings' position map's once a step
+    assert calls["attention"]["index_copy_"] == 1
     # The decoder folds grouped query heads into the query length without a copy: q comes head-major
     # from the qkv kernel (the fold is a view), and o_proj reads the output heads in place.
     assert calls["attention"]["int8_linear_heads_kernel"] == layers
