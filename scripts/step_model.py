@@ -697,7 +697,8 @@ def _table(report: dict) -> str:
                          f"{v['flops'] / 1e9:>9.0f}")
         for label, key in (("predicted ms", "predicted_ms"), ("  small in L2", "predicted_ms_small_in_l2"),
                            ("  roofline", "predicted_ms_roofline"), ("  of which compute-bound", "compute_bound_ms"),
-                           ("floor ms (bytes)", "floor_ms"), ("floor ms (FLOPs)", "compute_floor_ms")):
+                           ("floor ms (bytes)", "floor_ms"), ("floor ms (FLOPs)", "compute_floor_ms"),
+                           ("floor ms (roofline)", "roofline_floor_ms")):
             lines.append(f"  {label}: " + ", ".join(f"{g} {ms}" for g, ms in r[key].items()))
         if "eager" in r:
             e = r["eager"]
