@@ -31,8 +31,10 @@ dot. The logits are read twice, the codes once, and no [L, V] tensor is written.
 Cost: FROM_LOGITS makes exp(logits - lse) again for each H tile (22 at full size: ~1.48e9 exps a
 step, one special-function and ~5 other fp32 instructions per element in the sm_90 SASS). At 16
 special-function results per clock per SM, that is ~0.4 ms of an H100's throughput against ~0.26 ms
-for the kernel's ~0.88 GB at 3.35 TB/s: an estimate from the SASS, not a measurement; the RTX
-4090/5090 stay memory-bound. A raw-logits mode (proc made in the kernel from the head's raw logits,
+for the kernel's ~0.88 GB at 3.35 TB/s: an estimate from the SASS, not a measurement. Its matmul
+takes longer still at the tensor cores' peak (2·L·V·H = 378 GFLOP: ~0.38 ms on an H100, ~2.3 ms on an
+RTX 4090; scripts/step_model.py's roofline), so on every target the kernel is bound by its FLOPs, not
+by its bytes. A raw-logits mode (proc made in the kernel from the head's raw logits,
 softcap and temperature) would remake proc per H tile too, ~3 special-function and ~26 other fp32
 instructions per element: it would cost more than the 134 MB of proc it saves, so there is none.
 
