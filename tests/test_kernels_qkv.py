@@ -265,6 +265,17 @@ def test_gpu_real_shapes(monkeypatch, Hk, D, separate_v):
     for got, want in zip(Q.qkv_int8_triton(*args), unfused_triton(*args)):
         torch.testing.assert_close(got, want, atol=1 / 32, rtol=1 / 64)
         assert (got == want).float().mean() > 0.99
+    # the decoder's launch: K/V written into a cache's rows (slots wrapping a ring), the same values
+    q, k, v = Q.qkv_int8_triton(*args)
+    keys = torch.full((1, Hk, 1279, D), float("nan"), dtype=torch.bfloat16, device="cuda")
+    values = keys.clone()
+    slots = (torch.arange(256, device="cuda") + 1279 - 100) % 1279
+    q2, k2, v2 = Q.qkv_int8_triton(*args, kv_into=(keys, values, slots))
+    assert k2 is None and v2 is None and torch.equal(q2, q)
+    assert torch.equal(keys[:, :, slots], k) and torch.equal(values[:, :, slots], v)
+    untouched = torch.ones(1279, dtype=torch.bool, device="cuda")
+    untouched[slots] = False
+    assert keys[:, :, untouched].isnan().all() and values[:, :, untouched].isnan().all()
 
 
 # --------------------------------------------------------------------------------------- the module swap
