@@ -73,6 +73,7 @@ import sys
 import time
 import weakref
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -143,6 +144,18 @@ def _tensors(x) -> list[torch.Tensor]:
     return [t for t in tree_flatten(x)[0] if isinstance(t, torch.Tensor)]
 
 
+class Kernel(NamedTuple):
+    """One recorded GPU kernel."""
+
+    phase: str
+    part: str
+    name: str
+    bytes: int  # read + written, every byte
+    dram: int  # the same without activations under L2_RESIDENT
+    flops: int  # tensor-core FLOPs
+    floor: int  # weights and cache it reads that no earlier kernel of the phase read whole
+
+
 class Recorder(TorchDispatchMode):
     """Records GPU kernels and live memory while active (see the module docstring). A kernel is
     (phase, part, name, bytes, dram bytes): dram bytes leave out activations small enough to stay
@@ -151,8 +164,7 @@ class Recorder(TorchDispatchMode):
     def __init__(self, vocab: int):
         super().__init__()
         self.vocab = vocab
-        # (phase, part, name, bytes, dram bytes, FLOPs, floor bytes: weights and cache read the first time)
-        self.kernels: list[tuple[str, str, str, int, int, int, int]] = []
+        self.kernels: list[Kernel] = []
         self.read_whole: dict[str, set[int]] = {}  # per phase: resident storages some kernel read whole
         self.syncs: list[str] = []  # phases of host reads (.item(), .tolist())
         self.phase = "setup"
@@ -240,7 +252,7 @@ class Recorder(TorchDispatchMode):
                         whole.add(storage._cdata)
             if n >= L2_RESIDENT or storage._cdata in self.resident:
                 dram += n
-        self.kernels.append((self.phase, self._part_now(tensors), name, total, dram, flops, floor))
+        self.kernels.append(Kernel(self.phase, self._part_now(tensors), name, total, dram, flops, floor))
 
     def launch(self, name: str, tensors, flops: int = 0) -> None:
         """One kernel that reads or writes each of `tensors` once (and does `flops` of matmul)."""
@@ -287,7 +299,7 @@ def _aten_flops(func, args, kwargs) -> int:
     return 2 * (a.numel() // k) * n * k
 
 
-def kernel_flops(name: str, args, kwargs) -> int:
+def kernel_flops(name: str, bound: dict) -> int:
     """Tensor-core FLOPs of a Triton launch, from its arguments: the matmuls only (norms, routing,
     the sampler's draw are CUDA-core work, not modelled). The rules follow each kernel's signature:
     - int8-weight matmuls (int8_linear, int8_linear_heads, geglu_int8, qkv_int8, lm_head): the first
@@ -295,11 +307,12 @@ def kernel_flops(name: str, args, kwargs) -> int:
     - int8_soft: probabilities or logits [L, V] times the int8 embedding [V, H]: 2·L·V·H;
     - the int4 experts (moe_int4's gate_up / down): 2·rows·N·K over the rows the tiles compute: the
       real (token, slot) pairs and their experts' padding to BLOCK_M, expected (BLOCK_M-1)/2 a
-      routed expert (an assumption: each expert's count is as likely any remainder mod BLOCK_M)."""
-    tensors = _tensors((args, kwargs))
+      routed expert (an assumption: each expert's count is as likely any remainder mod BLOCK_M).
+    `bound`: the launch's arguments by the kernel's parameter names."""
+    tensors = _tensors(list(bound.values()))
     if name in ("gate_up_kernel", "down_kernel"):
-        q, cap, pairs = tensors[1], tensors[-2].numel(), args[6] if name == "gate_up_kernel" else args[7]
-        experts, block = q.shape[0], kwargs["BLOCK_M"]
+        q, cap, pairs = bound["q_ptr"], bound["sorted_ptr"].numel(), bound["num_pairs"]
+        experts, block = q.shape[0], bound["BLOCK_M"]
         rows = min(cap, pairs + min(experts, pairs) * (block - 1) / 2)
         return int(2 * rows * q.shape[1] * q.shape[2] * 2)  # two 4-bit codes a byte
     weights = [t for t in tensors if t.dtype == torch.int8 and t.dim() == 2]
@@ -364,17 +377,15 @@ class _Launcher:
 
     def _launch(self, *args, **kwargs):
         """One kernel: its tensor arguments' bytes (see _touches) and its FLOPs (kernel_flops)."""
+        bound = dict(zip(inspect.signature(self.fn).parameters, args), **kwargs)
         tensors = _tensors((args, kwargs))
-        self.rec._record(self.name, tensors, self._touches(tensors, args, kwargs), kernel_flops(self.name, args, kwargs))
+        self.rec._record(self.name, tensors, self._touches(tensors, bound), kernel_flops(self.name, bound))
 
-    def _touches(self, tensors, args, kwargs) -> list[tuple[torch.Tensor, int]]:
+    def _touches(self, tensors, bound: dict) -> list[tuple[torch.Tensor, int]]:
         """Each distinct tensor argument whole, except: ROWS_TOUCHED's (only so many rows along dim 0),
         and a KV-cache buffer, written only in the rows of the launch's slot index (the fused q/k/v's
         canvas K/V, row t to slot slots[t])."""
-        rows = {}
-        if self.name in ROWS_TOUCHED:
-            bound = dict(zip(inspect.signature(self.fn).parameters, args), **kwargs)
-            rows = {id(bound[t]): int(bound[n]) for t, n in ROWS_TOUCHED[self.name].items()}
+        rows = {id(bound[t]): int(bound[n]) for t, n in ROWS_TOUCHED.get(self.name, {}).items()}
         slots = None
         if any(t.untyped_storage()._cdata in self.rec.kv_cache for t in tensors):
             slots, = [t for t in tensors if t.dtype == torch.int64 and t.dim() == 1]
@@ -538,19 +549,19 @@ def build(config: ModelConfig):
 
 def _summary(kernels, phase: str, per_kernel_us: float) -> dict:
     """Kernels and bytes of one phase, in total and by part, and the predicted times."""
-    rows = [k for k in kernels if k[0] == phase]
+    rows = [k for k in kernels if k.phase == phase]
     by_part = {p: {"kernels": 0, "bytes": 0, "dram_bytes": 0, "flops": 0} for p in PARTS}
-    for _, part, _, nbytes, dram, flops, _ in rows:
-        by_part[part]["kernels"] += 1
-        by_part[part]["bytes"] += nbytes
-        by_part[part]["dram_bytes"] += dram
-        by_part[part]["flops"] += flops
-    n, nbytes, dram, flops = len(rows), sum(r[3] for r in rows), sum(r[4] for r in rows), sum(r[5] for r in rows)
+    for r in rows:
+        by_part[r.part]["kernels"] += 1
+        by_part[r.part]["bytes"] += r.bytes
+        by_part[r.part]["dram_bytes"] += r.dram
+        by_part[r.part]["flops"] += r.flops
+    n, nbytes, dram, flops = len(rows), sum(r.bytes for r in rows), sum(r.dram for r in rows), sum(r.flops for r in rows)
     agg: dict[tuple[str, str], list[int]] = {}
-    for _, part, name, b, *_ in rows:
-        a = agg.setdefault((part, name), [0, 0])
+    for r in rows:
+        a = agg.setdefault((r.part, r.name), [0, 0])
         a[0] += 1
-        a[1] += b
+        a[1] += r.bytes
     top = sorted(agg.items(), key=lambda kv: -kv[1][1])[:10]
     ops = {p: {op: c for (q, op), (c, _) in sorted(agg.items(), key=lambda kv: -kv[1][0]) if q == p} for p in PARTS}
     return {"kernels_per_step": n, "bytes_per_step": nbytes, "dram_bytes_per_step": dram, "by_part": by_part,
@@ -559,11 +570,9 @@ def _summary(kernels, phase: str, per_kernel_us: float) -> dict:
             "predicted_ms_roofline": _roofline_ms(rows, per_kernel_us),
             # the same kernels moving only the floor's bytes (weights and cache, each read once)
             # with their FLOPs, and no per-kernel cost: the time this step's work cannot go below
-            "roofline_floor_ms": {g: round(sum(max(r[6] / bw, r[5] / TENSOR_FLOPS[g]) for r in rows) * 1e3, 2)
-                                  for g, bw in GPUS.items()},
+            "roofline_floor_ms": _roofline_ms(rows, 0, moved=lambda r: r.floor),
             # the part of predicted_ms_roofline spent in kernels whose FLOPs outlast their bytes
-            "compute_bound_ms": {g: _roofline_ms([r for r in rows if r[5] / TENSOR_FLOPS[g] > r[4] / GPUS[g]], 0)[g]
-                                 for g in GPUS},
+            "compute_bound_ms": _roofline_ms(rows, 0, compute_bound_only=True),
             "top_ops": [{"part": p, "op": op, "calls": c, "bytes": b} for (p, op), (c, b) in top],
             "calls_by_part": ops}
 
@@ -572,11 +581,17 @@ def _ms(nbytes: int, kernels: int, per_kernel_us: float) -> dict:
     return {gpu: round(nbytes / bw * 1e3 + kernels * per_kernel_us * 1e-3, 2) for gpu, bw in GPUS.items()}
 
 
-def _roofline_ms(rows, per_kernel_us: float) -> dict:
-    """Each kernel takes the longer of its DRAM bytes at the bandwidth and its FLOPs at the tensor
-    cores' peak (no overlap between kernels), plus the per-kernel cost."""
-    return {g: round(sum(max(r[4] / bw, r[5] / TENSOR_FLOPS[g]) for r in rows) * 1e3
-                     + len(rows) * per_kernel_us * 1e-3, 2) for g, bw in GPUS.items()}
+def _roofline_ms(rows, per_kernel_us: float, moved=lambda r: r.dram, compute_bound_only: bool = False) -> dict:
+    """Per GPU: each kernel takes the longer of its `moved` bytes (DRAM by default) at the bandwidth
+    and its FLOPs at the tensor cores' peak (no overlap between kernels), plus the per-kernel cost;
+    compute_bound_only: only the kernels whose FLOPs take the longer."""
+    result = {}
+    for g, bw in GPUS.items():
+        times = [(moved(r) / bw, r.flops / TENSOR_FLOPS[g]) for r in rows]
+        if compute_bound_only:
+            times = [t for t in times if t[1] > t[0]]
+        result[g] = round((sum(max(t) for t in times) + len(times) * per_kernel_us * 1e-6) * 1e3, 2)
+    return result
 
 
 def _steps(engine, cache, rec: Recorder, phase: str) -> None:
@@ -638,7 +653,7 @@ def model_context(model, ctx: int, weights: int, rec: Recorder, per_kernel_us: f
         "graph_pool_bytes": rec.pool_reserved,
         "host_syncs_per_step": rec.syncs.count("step"),
         "prefill": {"tokens": ctx, "chunk": PREFILL_CHUNK, "traced_from": start,
-                    "kernels_traced": sum(1 for k in rec.kernels if k[0] == "prefill")},
+                    "kernels_traced": sum(1 for k in rec.kernels if k.phase == "prefill")},
     })
     del engine  # and its graphs: their pool goes back
     gc.collect()
