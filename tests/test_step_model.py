@@ -156,7 +156,6 @@ def test_last_chunk_shortcut_keeps_the_prefill_peak(sm):
     assert cut["peak_live_bytes_decode"] == full["peak_live_bytes_decode"]
 
 
-@pytest.mark.slow
 def test_flops_are_the_matmuls_of_the_config(sm, reduced):
     """Tensor-core FLOPs per part, from the reduced config's shapes: each rule of kernel_flops (the
     int8 matmuls, the soft embedding, the int4 experts with their expected padding, the router's
@@ -203,6 +202,7 @@ def test_roofline_is_at_least_each_bound(sm, reduced):
                                                                abs=0.01)
 
 
+@pytest.mark.slow
 def test_command_line_prints_json(sm, capsys):
     import json
 
